@@ -1,0 +1,377 @@
+"""Attend, Infer, Repeat (Eslami et al., NIPS 2016) for 2D scenes of glyphs.
+
+Generative model, for steps t = 1..T (Sec. 2 of the paper):
+    z_pres_t  ~ Bernoulli(rho) if z_pres_{t-1} = 1 else 0          (a geometric prior on the count)
+    z_where_t ~ N(mu_where, sd_where) over (log s, x, y)              (docs/conventions.md; the paper: over s)
+    z_what_t  ~ N(0, I_D)
+    x         ~ N(sum_t z_pres_t * place(decode(z_what_t), z_where_t), sigma^2 I),  sigma = 0.3.
+Inference network: a recurrent network that, per step, outputs q(z_pres_t), q(z_where_t), reads the attention
+window at z_where_t and encodes it into q(z_what_t); the next step sees the previous latents. Deviation, flagged:
+the image enters the recurrence through an embedding computed once per image and projected onto the LSTM's gates
+once (the paper and Pyro feed raw pixels to the LSTM at every step); the model is the same, it is just cheaper.
+
+Objective: the ELBO, reparameterised for z_where and z_what (KLs in closed form), REINFORCE for z_pres with
+per-step learned baselines (NVIL, Mnih & Gregor 2014): the learning signal of z_pres_t is everything downstream of
+it (the likelihood, and the KL terms of steps >= t), centred by a running mean and an input-dependent baseline,
+and scaled by a running standard deviation. Steps after the first z_pres = 0 are masked out of every term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from inverse_graphics.modules import Baseline, GatedRecurrence, GlyphDecoder, ImageEncoder, WhatEncoder, WhereHead
+from renderers.spatial_transformer import canvas_to_window, window_to_canvas, z_where_to_boxes
+
+PROB_EPS = 1e-5  # z_pres probabilities are kept inside [eps, 1 - eps]: no log(0) in the count terms
+
+
+@dataclass
+class AIRConfig:
+    """Architecture and prior of an AIR model; saved with every checkpoint."""
+
+    canvas_size: int = 50  # side of the square input image, pixels
+    max_steps: int = 3  # T: the most objects a scene can hold
+    window_size: int = 20  # side of the decoder's glyph window and of the encoder's attention read, pixels
+    z_what_dim: int = 50  # D, as in the paper
+    embed_dim: int = 256  # image embedding fed to the recurrence
+    rnn_hidden: int = 256  # LSTM state size (the paper: 256)
+    encoder_hidden: int = 200  # z_what encoder MLP width
+    decoder_hidden: int = 200  # glyph decoder MLP width
+    baseline_hidden: int = 128  # NVIL baseline network width
+    likelihood_sd: float = 0.3  # sigma of the Gaussian pixel likelihood (the paper: 0.3)
+    decoder_bias: float = -2.0  # initial decoder output bias: start by drawing nothing
+    z_pres_prior: float = 0.01  # rho: the prior probability of one more object (can be annealed in training)
+    where_prior_loc: tuple[float, float, float] = (math.log(0.45), 0.0, 0.0)  # prior mean of (log s, x, y)
+    where_prior_scale: tuple[float, float, float] = (0.2, 0.5, 0.5)  # prior sd of (log s, x, y)
+    difference_input: bool = False  # DAIR: the recurrence sees x minus the reconstruction so far
+    model_name: str = field(default="air")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AIRConfig:
+        d = dict(d)
+        for k in ("where_prior_loc", "where_prior_scale"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class GuideStep:
+    """One step of the inference network. B = batch.
+
+    z_pres: FloatTensor (B,) of 0/1; z_where: (B, 3) as (s, x, y); z_what: (B, D);
+    pres_prob: (B,) q(z_pres = 1) (not yet masked by the previous step); where_loc, where_scale: (B, 3), the
+    Gaussian over (log s, x, y); what_loc, what_scale: (B, D); state: the LSTM's (h, c) after this step.
+    """
+
+    z_pres: torch.Tensor
+    z_where: torch.Tensor
+    z_what: torch.Tensor
+    pres_prob: torch.Tensor
+    where_loc: torch.Tensor
+    where_scale: torch.Tensor
+    what_loc: torch.Tensor
+    what_scale: torch.Tensor
+    state: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Guide:
+    """All T steps stacked: every field (B, T, ...) as in GuideStep; `recon` (B, H, W) is the reconstruction."""
+
+    z_pres: torch.Tensor
+    z_where: torch.Tensor
+    z_what: torch.Tensor
+    pres_prob: torch.Tensor
+    where_loc: torch.Tensor
+    where_scale: torch.Tensor
+    what_loc: torch.Tensor
+    what_scale: torch.Tensor
+    step_inputs: torch.Tensor  # (B, T, 3 + D + 1): what each step's recurrence saw of the previous step
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """What `AIR.infer` returns (DESIGN.md's public interface).
+
+    counts: LongTensor (B,), objects found; z_pres: FloatTensor (B, T) of 0/1; z_where: FloatTensor (B, T, 3) as
+    (s, x, y) (docs/conventions.md); z_what: FloatTensor (B, T, D); pres_prob: FloatTensor (B, T);
+    boxes: list of B FloatTensors (n_i, 4), x0, y0, x1, y1 in input pixels of the present objects;
+    recon: FloatTensor (B, H, W), the decoded scene.
+    """
+
+    counts: torch.Tensor
+    z_pres: torch.Tensor
+    z_where: torch.Tensor
+    z_what: torch.Tensor
+    pres_prob: torch.Tensor
+    boxes: list[torch.Tensor]
+    recon: torch.Tensor
+
+
+def normal_kl(loc: torch.Tensor, scale: torch.Tensor, p_loc, p_scale) -> torch.Tensor:
+    """KL(N(loc, scale) || N(p_loc, p_scale)) elementwise."""
+    var_ratio = (scale / p_scale) ** 2
+    return 0.5 * (var_ratio + ((loc - p_loc) / p_scale) ** 2 - 1 - torch.log(var_ratio))
+
+
+def bernoulli_kl(q: torch.Tensor, p: float) -> torch.Tensor:
+    """KL(Bernoulli(q) || Bernoulli(p)) elementwise; q already clamped away from 0 and 1."""
+    return q * (torch.log(q) - math.log(p)) + (1 - q) * (torch.log1p(-q) - math.log1p(-p))
+
+
+def reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T) with out[:, t] = sum_{t' >= t} x[:, t']."""
+    return x.flip(1).cumsum(1).flip(1)
+
+
+class AIR(nn.Module):
+    """AIR (or DAIR with `config.difference_input`). See the module docstring for the model."""
+
+    def __init__(self, config: AIRConfig | None = None):
+        super().__init__()
+        cfg = self.config = config or AIRConfig()
+        n_pixels = cfg.canvas_size**2
+        step_dim = 3 + cfg.z_what_dim + 1  # previous z_where, z_what, z_pres
+        self.encoder = ImageEncoder(n_pixels, cfg.embed_dim)
+        self.rnn = GatedRecurrence(cfg.embed_dim, step_dim, cfg.rnn_hidden)
+        self.where_head = WhereHead(cfg.rnn_hidden)
+        self.what_encoder = WhatEncoder(cfg.window_size**2, cfg.encoder_hidden, cfg.z_what_dim)
+        self.decoder = GlyphDecoder(cfg.z_what_dim, cfg.decoder_hidden, cfg.window_size, cfg.decoder_bias)
+        self.baseline = Baseline(n_pixels, step_dim, cfg.baseline_hidden)
+        self.register_buffer("where_prior_loc", torch.tensor(cfg.where_prior_loc))
+        self.register_buffer("where_prior_scale", torch.tensor(cfg.where_prior_scale))
+        # NVIL's input-independent baseline (per step) and signal variance, as running averages.
+        self.register_buffer("signal_mean", torch.zeros(cfg.max_steps))
+        self.register_buffer("signal_var", torch.ones(()))
+        self._init_where_head()
+
+    def _init_where_head(self) -> None:
+        # Start every window near the prior's mean with a small spread (a known AIR pitfall: wide initial
+        # z_where makes the first glyphs land anywhere and the count collapse).
+        with torch.no_grad():
+            fc = self.where_head.fc
+            fc.weight[1:].mul_(0.1)
+            fc.bias[1:4].copy_(self.where_prior_loc)
+            fc.bias[4:7].fill_(-3.0)  # softplus(-3) = 0.05
+
+    # ----------------------------------------------------------------------------------------------- guide
+    def guide_step(
+        self,
+        images: torch.Tensor,
+        image_gates: torch.Tensor,
+        prev: torch.Tensor,
+        prev_pres: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor],
+        sample: bool,
+    ) -> GuideStep:
+        """One step of the inference network.
+
+        images (B, H, W); image_gates (B, 4 hidden) from the image embedding; prev (B, 3 + D + 1) the previous
+        step's [z_where, z_what, z_pres]; prev_pres (B,) the previous z_pres; sample: draw latents (training) or
+        take the most probable z_pres and the means (inference).
+        """
+        h, c = self.rnn(image_gates, prev, state)
+        pres_logit, where_loc, where_scale = self.where_head(h)
+        pres_prob = torch.sigmoid(pres_logit).clamp(PROB_EPS, 1 - PROB_EPS)
+        if sample:
+            z_pres = torch.bernoulli(pres_prob.detach()) * prev_pres
+            where_latent = where_loc + where_scale * torch.randn_like(where_loc)
+        else:
+            z_pres = (pres_prob > 0.5).to(images.dtype) * prev_pres
+            where_latent = where_loc
+        z_where = torch.cat([where_latent[:, :1].exp(), where_latent[:, 1:]], dim=1)  # (log s, x, y) -> (s, x, y)
+        window = canvas_to_window(images, z_where, (self.config.window_size,) * 2)  # (B, h, w)
+        what_loc, what_scale = self.what_encoder(window)
+        z_what = what_loc + what_scale * torch.randn_like(what_loc) if sample else what_loc
+        return GuideStep(z_pres, z_where, z_what, pres_prob, where_loc, where_scale, what_loc, what_scale, (h, c))
+
+    def guide(self, images: torch.Tensor, sample: bool = True) -> Guide:
+        """Run all T steps on images (B, H, W); returns the stacked latents (see `Guide`)."""
+        B = images.shape[0]
+        cfg = self.config
+        image_gates = self.rnn.image_gates(self.encoder(images))  # (B, 4 hidden), once per image
+        zeros = images.new_zeros(B, cfg.rnn_hidden)
+        state = (zeros, zeros)
+        prev = torch.cat([images.new_zeros(B, 3 + cfg.z_what_dim), images.new_ones(B, 1)], dim=1)
+        prev_pres = images.new_ones(B)
+        steps, inputs = [], []
+        recon = images.new_zeros(images.shape) if cfg.difference_input else None
+        for _ in range(cfg.max_steps):
+            inputs.append(prev)
+            if cfg.difference_input and steps:  # DAIR: the recurrence sees what is left to explain
+                image_gates = self.rnn.image_gates(self.encoder(images - recon))
+            step = self.guide_step(images, image_gates, prev, prev_pres, state, sample)
+            if recon is not None:
+                recon = recon + self.render_step(step.z_pres, step.z_where, step.z_what)
+            steps.append(step)
+            state, prev_pres = step.state, step.z_pres
+            prev = torch.cat([step.z_where, step.z_what, step.z_pres[:, None]], dim=1)
+        stack = lambda name: torch.stack([getattr(s, name) for s in steps], dim=1)  # noqa: E731
+        return Guide(
+            z_pres=stack("z_pres"),
+            z_where=stack("z_where"),
+            z_what=stack("z_what"),
+            pres_prob=stack("pres_prob"),
+            where_loc=stack("where_loc"),
+            where_scale=stack("where_scale"),
+            what_loc=stack("what_loc"),
+            what_scale=stack("what_scale"),
+            step_inputs=torch.stack(inputs, dim=1),
+        )
+
+    # ------------------------------------------------------------------------------------------ generative
+    def render_step(self, z_pres: torch.Tensor, z_where: torch.Tensor, z_what: torch.Tensor) -> torch.Tensor:
+        """One object per scene: z_pres (N,), z_where (N, 3), z_what (N, D) -> canvas (N, H, W)."""
+        size = (self.config.canvas_size,) * 2
+        return z_pres[:, None, None] * window_to_canvas(self.decoder(z_what), z_where, size)
+
+    def render(self, z_pres: torch.Tensor, z_where: torch.Tensor, z_what: torch.Tensor) -> torch.Tensor:
+        """Decode and place all objects: z_pres (B, T), z_where (B, T, 3), z_what (B, T, D) -> (B, H, W)."""
+        B, T = z_pres.shape
+        canvases = self.render_step(z_pres.reshape(B * T), z_where.reshape(B * T, 3), z_what.flatten(0, 1))
+        return canvases.view(B, T, *canvases.shape[1:]).sum(1)  # (B, H, W)
+
+    def prior_step(self, n: int, prev_pres: torch.Tensor, z_pres_prior: float | None = None):
+        """Sample one step of the generative model for n scenes: returns (z_pres, z_where, z_what)."""
+        rho = self.config.z_pres_prior if z_pres_prior is None else z_pres_prior
+        z_pres = torch.bernoulli(torch.full_like(prev_pres, rho)) * prev_pres
+        latent = self.where_prior_loc + self.where_prior_scale * torch.randn(n, 3, device=prev_pres.device)
+        z_where = torch.cat([latent[:, :1].exp(), latent[:, 1:]], dim=1)
+        z_what = torch.randn(n, self.config.z_what_dim, device=prev_pres.device)
+        return z_pres, z_where, z_what
+
+    def sample(self, n: int, z_pres_prior: float | None = None) -> torch.Tensor:
+        """Scenes from the generative model: (n, H, W) means of the likelihood."""
+        pres = torch.ones(n, device=self.where_prior_loc.device)
+        canvas = torch.zeros(n, self.config.canvas_size, self.config.canvas_size, device=pres.device)
+        for _ in range(self.config.max_steps):
+            pres, where, what = self.prior_step(n, pres, z_pres_prior)
+            canvas = canvas + self.render_step(pres, where, what)
+        return canvas.clamp(0, 1)
+
+    # ----------------------------------------------------------------------------------------- objective
+    def baseline_step(self, images: torch.Tensor, step_inputs: torch.Tensor) -> torch.Tensor:
+        """NVIL baselines for every step: images (B, H, W), step_inputs (B, T, 3 + D + 1) -> (B, T).
+
+        Inputs are detached here: the baseline is fit to the learning signal and must not shape the guide.
+        """
+        net = self.baseline
+        gates = net.rnn.image_gates(net.encoder(images.detach()))
+        zeros = images.new_zeros(images.shape[0], net.rnn.hidden)
+        state, outs = (zeros, zeros), []
+        for t in range(step_inputs.shape[1]):
+            state = net.rnn(gates, step_inputs[:, t].detach(), state)
+            outs.append(net.out(state[0]).squeeze(1))
+        return torch.stack(outs, dim=1)
+
+    def loss(self, images: torch.Tensor, z_pres_prior: float | None = None) -> tuple[torch.Tensor, dict]:
+        """The training loss for a batch images (B, H, W): -surrogate ELBO + baseline regression loss.
+
+        Returns the scalar loss and detached per-batch statistics (elbo per image, mean count, ...).
+        """
+        rho = self.config.z_pres_prior if z_pres_prior is None else z_pres_prior
+        g = self.guide(images, sample=True)
+        B, T = g.z_pres.shape
+        prev = torch.cat([g.z_pres.new_ones(B, 1), g.z_pres[:, :-1]], dim=1)  # step t is active iff prev[:, t]
+        recon = self.render(g.z_pres, g.z_where, g.z_what)
+        sd = self.config.likelihood_sd
+        log_lik = (-0.5 * ((images - recon) / sd) ** 2 - math.log(sd * math.sqrt(2 * math.pi))).sum((1, 2))
+        kl_where = normal_kl(g.where_loc, g.where_scale, self.where_prior_loc, self.where_prior_scale).sum(-1)
+        kl_what = normal_kl(g.what_loc, g.what_scale, 0.0, 1.0).sum(-1)
+        kl_obj = g.z_pres * (kl_where + kl_what)  # (B, T): continuous latents of present objects only
+        kl_pres = prev * bernoulli_kl(g.pres_prob, rho)  # (B, T): z_pres of active steps only (analytic)
+        elbo = log_lik - kl_obj.sum(1) - kl_pres.sum(1)  # (B,)
+
+        # REINFORCE for z_pres_t: the signal is every term downstream of it (the likelihood, the object KLs of
+        # steps >= t, the z_pres KLs of steps > t); its own KL is differentiated analytically above.
+        signal = log_lik[:, None] - reverse_cumsum(kl_obj) - (reverse_cumsum(kl_pres) - kl_pres)  # (B, T)
+        signal = signal.detach()  # a learning signal, not a path for gradients
+        baseline = self.baseline_step(images, g.step_inputs)  # (B, T)
+        centred = signal - self.signal_mean  # input-independent part of the baseline
+        advantage = (centred - baseline.detach()) / self.signal_var.sqrt().clamp(min=1.0)
+        log_q = g.z_pres * torch.log(g.pres_prob) + (1 - g.z_pres) * torch.log1p(-g.pres_prob)
+        surrogate = elbo + (prev * advantage * log_q).sum(1)
+        baseline_loss = (prev * (baseline - centred) ** 2).sum(1).mean()
+        if self.training:
+            self._update_signal_stats(centred, baseline.detach(), prev)
+        loss = -surrogate.mean() + baseline_loss
+        stats = {
+            "elbo": elbo.mean().item(),
+            "log_lik": log_lik.mean().item(),
+            "count": g.z_pres.sum(1).mean().item(),
+            "baseline_loss": baseline_loss.item(),
+        }
+        return loss, stats
+
+    @torch.no_grad()
+    def _update_signal_stats(self, centred: torch.Tensor, baseline: torch.Tensor, active: torch.Tensor) -> None:
+        n = active.sum(0).clamp(min=1)  # (T,)
+        self.signal_mean += 0.1 * (centred * active).sum(0) / n  # running mean of the signal, per step
+        resid = (centred - baseline) * active
+        self.signal_var.lerp_((resid**2).sum() / active.sum().clamp(min=1), 0.1)
+
+    # ----------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def infer(self, images: torch.Tensor) -> InferenceResult:
+        """Amortised inference: the most probable count and the posterior means.
+
+        Args:
+            images: FloatTensor (B, H, W) (or (B, 1, H, W)) in [0, 1], H = W = config.canvas_size.
+        Returns:
+            InferenceResult (counts, z_pres, z_where, z_what, pres_prob, boxes in pixels, recon).
+        Raises:
+            ValueError / TypeError with a clear message for a wrong shape, dtype, NaN or values outside [0, 1].
+        """
+        images = self.check_images(images)
+        was_training = self.training
+        self.eval()
+        try:
+            g = self.guide(images, sample=False)
+            recon = self.render(g.z_pres, g.z_where, g.z_what)
+        finally:
+            self.train(was_training)
+        boxes_all = z_where_to_boxes(g.z_where, (self.config.canvas_size,) * 2)  # (B, T, 4)
+        present = g.z_pres > 0.5
+        boxes = [b[m] for b, m in zip(boxes_all, present)]
+        return InferenceResult(
+            counts=present.sum(1),
+            z_pres=g.z_pres,
+            z_where=g.z_where,
+            z_what=g.z_what,
+            pres_prob=g.pres_prob,
+            boxes=boxes,
+            recon=recon,
+        )
+
+    def check_images(self, images) -> torch.Tensor:
+        """Validate and normalise an input batch; see `infer`."""
+        size = self.config.canvas_size
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor of shape (B, {size}, {size}), got {type(images).__name__}")
+        if not images.is_floating_point():
+            hint = " (uint8 images: divide by 255 first)" if images.dtype == torch.uint8 else ""
+            raise TypeError(f"images must be a floating-point tensor in [0, 1], got dtype {images.dtype}{hint}")
+        if images.dim() == 4 and images.shape[1] == 1:
+            images = images[:, 0]
+        if images.dim() != 3 or tuple(images.shape[1:]) != (size, size):
+            raise ValueError(
+                f"images must have shape (B, {size}, {size}) (or (B, 1, {size}, {size})), got {tuple(images.shape)}"
+            )
+        if images.numel() and not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
+        if images.numel() and (images.min() < 0 or images.max() > 1):
+            raise ValueError(
+                f"images must lie in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]"
+            )
+        param = self.where_prior_loc
+        return images.to(device=param.device, dtype=param.dtype)

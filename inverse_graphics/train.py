@@ -1,0 +1,237 @@
+"""Training for the 2D models: `inverse-graphics train air|dair`.
+
+A run directory holds `config.json`, `checkpoint.pt` (written atomically every `checkpoint_every_s` and at the
+end, and on SIGINT/SIGTERM), `metrics.jsonl` (one JSON record per log or evaluation) and `figures/`. `--resume`
+continues exactly: batch order is a function of (seed, step), and the RNG state, optimiser and step are restored,
+while evaluation runs under a forked RNG so that its timing does not change training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from inverse_graphics.air import AIR, AIRConfig
+from inverse_graphics.checkpoint import load_checkpoint, save_atomic
+from scenes import mnist, multi_mnist
+
+EVAL_SEED = 2016  # held-out scenes are the same for every run: MNIST test digits, this seed
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as config.json and inside every checkpoint."""
+
+    model: str = "air"  # "air" or "dair"
+    out_dir: str = "runs/air"  # run directory
+    seed: int = 0  # seeds data order, initialisation and sampling
+    minutes: float | None = 10.0  # training wall-clock budget (evaluation time excluded); None: use `steps`
+    steps: int | None = None  # step budget; training stops at whichever budget ends first
+    batch_size: int = 64
+    lr: float = 1e-4  # Adam, inference network and decoder
+    baseline_lr: float = 1e-2  # Adam, NVIL baseline (10-1000x the main rate; see the paper's appendix / Pyro)
+    n_train: int = 60_000  # training scenes, composed from MNIST train digits
+    train_counts: tuple[int, ...] = (0, 1, 2)  # digit counts of training scenes
+    eval_counts: tuple[int, ...] = (0, 1, 2)  # digit counts of held-out scenes
+    eval_n: int = 1000  # held-out scenes for periodic evaluation (benchmarks use 10,000)
+    eval_every_s: float = 30.0  # seconds of training between evaluations
+    log_every: int = 100  # steps between training-statistics records
+    checkpoint_every_s: float = 60.0  # seconds between checkpoints
+    z_pres_prior: float = 0.01  # final per-step prior probability of one more object
+    z_pres_prior_start: float | None = None  # if set, anneal geometrically from this to z_pres_prior
+    anneal_steps: int = 100_000  # steps of that annealing
+    max_steps: int = 3  # T, the most objects per scene
+    data_dir: str | None = None  # MNIST location (else $INVERSE_GRAPHICS_DATA, else the cache)
+    device: str = "cpu"
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    model_overrides: dict = field(default_factory=dict)  # extra AIRConfig fields
+
+    def model_config(self) -> AIRConfig:
+        return AIRConfig(
+            max_steps=self.max_steps,
+            z_pres_prior=self.z_pres_prior,
+            difference_input=self.model == "dair",
+            model_name=self.model,
+            **self.model_overrides,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        for k in ("train_counts", "eval_counts"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def z_pres_prior_at(cfg: TrainConfig, step: int) -> float:
+    if cfg.z_pres_prior_start is None:
+        return cfg.z_pres_prior
+    frac = min(step / max(cfg.anneal_steps, 1), 1.0)
+    return math.exp((1 - frac) * math.log(cfg.z_pres_prior_start) + frac * math.log(cfg.z_pres_prior))
+
+
+def batch_indices(seed: int, step: int, batch_size: int, n: int) -> torch.Tensor:
+    """The training scenes of one step: epochs are seeded permutations, so any step's batch can be recomputed."""
+    per_epoch = n // batch_size
+    epoch, i = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)[i * batch_size : (i + 1) * batch_size]
+
+
+def make_data(cfg: TrainConfig) -> tuple[multi_mnist.MultiMnist, multi_mnist.MultiMnist]:
+    train_digits = mnist.load_digits("train", cfg.data_dir)
+    test_digits = mnist.load_digits("test", cfg.data_dir)
+    train = multi_mnist.generate(train_digits, cfg.n_train, np.random.default_rng(cfg.seed), cfg.train_counts)
+    held_out = multi_mnist.generate(test_digits, cfg.eval_n, np.random.default_rng(EVAL_SEED), cfg.eval_counts)
+    return train, held_out
+
+
+@torch.no_grad()
+def evaluate(model: AIR, data: multi_mnist.MultiMnist, device: str, batch_size: int = 500) -> dict:
+    """Count accuracy (the most probable count) and a one-sample ELBO per image on held-out scenes."""
+    correct, elbo, n = 0, 0.0, len(data)
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):  # do not disturb the training RNG stream
+        torch.manual_seed(0)
+        for start in range(0, n, batch_size):
+            x = torch.from_numpy(data.float_images(start, start + batch_size)).to(device)
+            out = model.infer(x)
+            correct += (out.counts.cpu().numpy() == data.counts[start : start + batch_size]).sum()
+            elbo += model.loss(x)[1]["elbo"] * len(x)
+    model.train(was_training)
+    return {"count_acc": float(correct / n), "elbo": elbo / n}
+
+
+def build_optimizer(model: AIR, cfg: TrainConfig) -> torch.optim.Optimizer:
+    baseline = [p for n, p in model.named_parameters() if n.startswith("baseline.")]
+    main = [p for n, p in model.named_parameters() if not n.startswith("baseline.")]
+    return torch.optim.Adam([{"params": main, "lr": cfg.lr}, {"params": baseline, "lr": cfg.baseline_lr}])
+
+
+class _StopFlag:
+    """Turns SIGINT / SIGTERM into a graceful stop: the loop saves a checkpoint and exits."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a run; returns the final evaluation record."""
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "checkpoint.pt"
+    state = None
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, expect_model=("air", "dair"))
+        cfg = TrainConfig.from_dict({**state["train_config"], "out_dir": cfg.out_dir})
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    train_data, held_out = make_data(cfg)
+    model = AIR(cfg.model_config()).to(cfg.device)
+    opt = build_optimizer(model, cfg)
+    step, train_time = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        step, train_time = state["step"], state["train_time_s"]
+        torch.set_rng_state(state["rng"])
+    budget_steps = cfg.steps if cfg.steps is not None else math.inf
+    budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf
+    log = open(out / "metrics.jsonl", "a")
+
+    def write(record: dict) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+    def checkpoint() -> None:
+        save_atomic(
+            {
+                "model": cfg.model,
+                "config": model.config.to_dict(),
+                "state_dict": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "train_time_s": train_time,
+                "rng": torch.get_rng_state(),
+                "train_config": asdict(cfg),
+            },
+            ckpt_path,
+        )
+
+    def run_eval() -> dict:
+        rec = {"kind": "eval", "step": step, "train_time_s": round(train_time, 2), **evaluate(model, held_out, cfg.device)}
+        write(rec)
+        return rec
+
+    from inverse_graphics.figures import attention_figure  # matplotlib only when training
+
+    model.train()
+    last_eval = last_ckpt = train_time
+    bar = tqdm(total=None if budget_steps == math.inf else budget_steps, initial=step, disable=not progress,
+               desc=f"train {cfg.model}", unit="step", dynamic_ncols=True)
+    rec = {}
+    acc = {"elbo": 0.0, "count": 0.0, "n": 0}
+    with _StopFlag() as flag:
+        while step < budget_steps and train_time < budget_s and not flag.stop:
+            t0 = time.perf_counter()
+            idx = batch_indices(cfg.seed, step, cfg.batch_size, len(train_data)).numpy()
+            x = torch.from_numpy(train_data.images[idx].astype(np.float32) / 255.0).to(cfg.device)
+            loss, stats = model.loss(x, z_pres_prior_at(cfg, step))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            train_time += time.perf_counter() - t0
+            acc["elbo"] += stats["elbo"]
+            acc["count"] += stats["count"]
+            acc["n"] += 1
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                write({"kind": "train", "step": step, "train_time_s": round(train_time, 2),
+                       "elbo": acc["elbo"] / acc["n"], "count": acc["count"] / acc["n"]})
+                acc = {"elbo": 0.0, "count": 0.0, "n": 0}
+            if train_time - last_eval >= cfg.eval_every_s:
+                rec = run_eval()
+                last_eval = train_time
+                bar.set_postfix(acc=f"{rec['count_acc']:.3f}", elbo=f"{rec['elbo']:.0f}")
+            if train_time - last_ckpt >= cfg.checkpoint_every_s:
+                checkpoint()
+                last_ckpt = train_time
+    bar.close()
+    checkpoint()
+    rec = run_eval()
+    x = torch.from_numpy(held_out.float_images(0, 8)).to(cfg.device)
+    attention_figure(x.cpu(), model.infer(x), out / "figures" / "attention.png", truth=held_out.counts[:8])
+    log.close()
+    if flag.stop:
+        print(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
+    return rec

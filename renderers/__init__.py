@@ -1,0 +1,1 @@
+"""Lowest layer: tensors in, images out. Imports nothing else from the project."""
