@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from inverse_graphics.estimators import score_function_surrogate
 from inverse_graphics.modules import Baseline, GatedRecurrence, GlyphDecoder, ImageEncoder, WhatEncoder, WhereHead
 from renderers.spatial_transformer import canvas_to_window, window_to_canvas, z_where_to_boxes
 
@@ -182,7 +183,7 @@ class AIR(nn.Module):
         """
         h, c = self.rnn(image_gates, prev, state)
         pres_logit, where_loc, where_scale = self.where_head(h)
-        pres_prob = torch.sigmoid(pres_logit).clamp(PROB_EPS, 1 - PROB_EPS)
+        pres_prob = PROB_EPS + (1 - 2 * PROB_EPS) * torch.sigmoid(pres_logit)  # squashed, not clamped: keeps gradient
         if sample:
             z_pres = torch.bernoulli(pres_prob.detach()) * prev_pres
             where_latent = where_loc + where_scale * torch.randn_like(where_loc)
@@ -298,9 +299,10 @@ class AIR(nn.Module):
         signal = signal.detach()  # a learning signal, not a path for gradients
         baseline = self.baseline_step(images, g.step_inputs)  # (B, T)
         centred = signal - self.signal_mean  # input-independent part of the baseline
-        advantage = (centred - baseline.detach()) / self.signal_var.sqrt().clamp(min=1.0)
+        # No division by the signal's spread (NVIL does it when every gradient is a score-function one): here it
+        # would shrink REINFORCE against the analytic terms and tilt the balance towards z_pres = 0.
         log_q = g.z_pres * torch.log(g.pres_prob) + (1 - g.z_pres) * torch.log1p(-g.pres_prob)
-        surrogate = elbo + (prev * advantage * log_q).sum(1)
+        surrogate = elbo + score_function_surrogate(log_q, centred, baseline, active=prev)
         baseline_loss = (prev * (baseline - centred) ** 2).sum(1).mean()
         if self.training:
             self._update_signal_stats(centred, baseline.detach(), prev)

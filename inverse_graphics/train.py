@@ -37,7 +37,7 @@ class TrainConfig:
     minutes: float | None = 10.0  # training wall-clock budget (evaluation time excluded); None: use `steps`
     steps: int | None = None  # step budget; training stops at whichever budget ends first
     batch_size: int = 64
-    lr: float = 1e-4  # Adam, inference network and decoder
+    lr: float = 1e-3  # Adam, inference network and decoder (Pyro: 1e-4; 1e-3 learns ~10x faster here)
     baseline_lr: float = 1e-2  # Adam, NVIL baseline (10-1000x the main rate; see the paper's appendix / Pyro)
     n_train: int = 60_000  # training scenes, composed from MNIST train digits
     train_counts: tuple[int, ...] = (0, 1, 2)  # digit counts of training scenes

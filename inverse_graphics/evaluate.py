@@ -1,0 +1,64 @@
+"""`inverse-graphics eval`: count accuracy of a 2D model on held-out multi-MNIST scenes (MNIST test digits)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from inverse_graphics.air import AIR
+from inverse_graphics.pretrained import WEIGHTS, load, load_pretrained
+from scenes import mnist, multi_mnist
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and on which scenes."""
+
+    model: str = "air-multi-mnist"  # a pretrained name or a checkpoint path
+    n: int = 10_000  # held-out scenes
+    counts: tuple[int, ...] = (0, 1, 2)  # digit counts, drawn uniformly
+    seed: int = 2016  # scene seed (the training runs' periodic evaluation uses the same one)
+    data_dir: str | None = None  # MNIST location
+    device: str = "cpu"
+    batch_size: int = 1000
+
+
+def load_model(name_or_path: str, device: str = "cpu") -> AIR:
+    """A pretrained name (see inverse_graphics.pretrained.WEIGHTS) or a checkpoint path."""
+    if name_or_path in WEIGHTS:
+        return load_pretrained(name_or_path, device=device)
+    if not os.path.exists(name_or_path):
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a pretrained model ({', '.join(sorted(WEIGHTS))}) nor a checkpoint file"
+        )
+    return load(name_or_path, device=device)
+
+
+@torch.no_grad()
+def count_accuracy(model: AIR, data: multi_mnist.MultiMnist, device: str = "cpu", batch_size: int = 1000) -> dict:
+    """Fraction of scenes whose inferred count equals the true count, overall and per true count."""
+    predicted = []
+    for start in range(0, len(data), batch_size):
+        x = torch.from_numpy(data.float_images(start, start + batch_size)).to(device)
+        predicted.append(model.infer(x).counts.cpu().numpy())
+    pred = np.concatenate(predicted)
+    per_count = {int(c): float((pred[data.counts == c] == c).mean()) for c in np.unique(data.counts)}
+    confusion = {f"{int(t)}->{int(p)}": int(((data.counts == t) & (pred == p)).sum())
+                 for t in np.unique(data.counts) for p in np.unique(pred)}
+    return {"count_acc": float((pred == data.counts).mean()), "per_count": per_count, "confusion": confusion,
+            "n": len(data)}
+
+
+def main(cfg: EvalConfig) -> dict:
+    model = load_model(cfg.model, cfg.device)
+    digits = mnist.load_digits("test", cfg.data_dir)
+    data = multi_mnist.generate(digits, cfg.n, np.random.default_rng(cfg.seed), cfg.counts)
+    t0 = time.perf_counter()
+    rec = count_accuracy(model, data, cfg.device, cfg.batch_size)
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    rec["model"] = cfg.model
+    return rec

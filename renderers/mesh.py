@@ -1,0 +1,328 @@
+"""Batched mesh rendering through PyTorch3D: rigid objects posed on a static stage (camera, light, table).
+
+Tensors in, images out; this module knows nothing about what a shape *means* (that lives in `scenes/tabletop.py`).
+
+Frames and units
+- World frame = the table frame of `scenes/tabletop.py`: metres, z up, the table top is the plane z = 0.
+- Object frame: metres, z up, origin at the centre of the object's footprint on the table. An object with pose
+  (x, y, yaw) maps an object-frame point v to the world point `Rz(yaw) v + (x, y, 0)`; yaw is in radians,
+  counter-clockwise seen from above (right-handed about +z).
+- Camera: a pinhole looking from `Camera.eye` at `Camera.at`; PyTorch3D's view frame (+X left, +Y up, +Z into the
+  scene) and its NDC, so image row 0 is the top of the picture and column 0 its left.
+
+Letters: B scenes, N object slots per scene (empty slots have shape id -1), K shapes in the library,
+V vertices, F faces, H = W = image size.
+
+Modes
+- "hard": one face per pixel, no blur. For data and figures. Autograd through it is wrong at silhouettes (a
+  pixel's colour jumps from object to table as the object moves, and hard rasterization has no gradient for that
+  jump); only shading inside objects is differentiated.
+- "soft": SoftRasterizer-style blending (Liu et al. 2019) through PyTorch3D's `SoftPhongShader`, differentiable
+  with respect to object poses at silhouettes as well. See `MeshRenderSettings` for the chosen constants and why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from pytorch3d.renderer import (
+    BlendParams,
+    DirectionalLights,
+    FoVPerspectiveCameras,
+    HardPhongShader,
+    Materials,
+    MeshRasterizer,
+    MeshRenderer,
+    RasterizationSettings,
+    SoftPhongShader,
+    TexturesVertex,
+    look_at_view_transform,
+)
+from pytorch3d.structures import Meshes
+
+__all__ = [
+    "Camera",
+    "Light",
+    "Stage",
+    "MeshLibrary",
+    "MeshRenderSettings",
+    "RenderOutput",
+    "MeshRenderer3D",
+    "yaw_matrices",
+    "place_vertices",
+    "vertex_normals",
+]
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A pinhole camera in the world frame (metres)."""
+
+    eye: tuple[float, float, float]  # camera centre
+    at: tuple[float, float, float]  # point the optical axis passes through
+    up: tuple[float, float, float] = (0.0, 0.0, 1.0)  # world direction that appears upwards in the image
+    fov_degrees: float = 40.0  # full vertical (= horizontal, square images) field of view
+    znear: float = 0.3  # near clipping depth; also bounds the soft mode's depth normalisation
+    zfar: float = 2.5  # far clipping depth; keep tight: soft blending divides depth gaps by (zfar - znear)
+
+
+@dataclass(frozen=True)
+class Light:
+    """One directional light plus ambient light, Lambertian surfaces (no specular, so backends agree exactly)."""
+
+    direction: tuple[float, float, float]  # world direction from a surface *towards* the light
+    ambient: float = 0.35  # ambient intensity (all channels)
+    diffuse: float = 0.65  # directional intensity; colour = albedo * (ambient + diffuse * max(0, n . l))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Everything that does not move: camera, light, the table mesh and the colours."""
+
+    camera: Camera
+    light: Light
+    table_verts: torch.Tensor  # FloatTensor (Vt, 3) world-frame vertices of the table
+    table_faces: torch.Tensor  # LongTensor (Ft, 3) triangles of the table, counter-clockwise seen from outside
+    table_color: tuple[float, float, float] = (0.45, 0.45, 0.45)  # table albedo, RGB in [0, 1]
+    object_color: tuple[float, float, float] = (0.95, 0.95, 0.95)  # default object albedo, RGB in [0, 1]
+    background_color: tuple[float, float, float] = (0.0, 0.0, 0.0)  # where no surface is seen
+
+
+@dataclass(frozen=True)
+class MeshLibrary:
+    """The K shapes objects are instances of, as tensors in the object frame."""
+
+    verts: tuple[torch.Tensor, ...]  # K FloatTensors (V_k, 3): object-frame vertices, metres
+    faces: tuple[torch.Tensor, ...]  # K LongTensors (F_k, 3): triangles, counter-clockwise seen from outside
+
+    def __len__(self) -> int:
+        return len(self.verts)
+
+
+@dataclass(frozen=True)
+class MeshRenderSettings:
+    """How to rasterize. The soft-mode constants were measured on tabletop scenes (benchmarks/bench_gradients.py):
+
+    - `sigma` is the width of the sigmoid that turns a pixel's squared distance to a face edge (in NDC units) into
+      coverage. 1e-4 at 64 px is about 0.1 pixel^2: images stay sharp (close to the hard render), yet the blur
+      radius `sigma * log(1 / 1e-4 - 1)` (about one pixel) reaches the neighbouring pixels an edge is about to
+      cross, which is where the silhouette gradient comes from. It is rescaled by (64 / image_size)^2 so the blur
+      is the same in pixels at every size.
+    - `gamma` is the temperature of the soft z-buffer, on depth normalised by (zfar - znear). Small values make
+      the nearest surface win (an object hides the table behind it); see the module's tests for the check.
+    - `faces_per_pixel = 20` keeps every face within the blur radius of a pixel, including the table behind.
+    - `perspective_correct = False`: with blur, PyTorch3D's perspective-corrected barycentrics of faces *near*
+      (not covering) a pixel divide by small numbers and give spurious huge gradients (a known open PyTorch3D
+      issue); screen-space barycentrics are smooth and at 64 px indistinguishable in the image.
+    """
+
+    image_size: int = 64  # H = W in pixels
+    mode: str = "hard"  # "hard" (data, figures) or "soft" (differentiable at silhouettes)
+    sigma: float = 1e-4  # soft mode: edge sharpness at 64 px, squared NDC distance (scaled with image size)
+    gamma: float = 1e-4  # soft mode: depth-blending temperature on depth normalised to [0, 1]
+    faces_per_pixel: int = 20  # soft mode: faces blended per pixel (hard mode always uses 1)
+    perspective_correct: bool = False  # barycentrics in screen space (see above); both modes, so they agree
+    bin_size: int = 0  # 0 = naive rasterization: exact, no bin overflow, fast enough at these image sizes
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("hard", "soft"):
+            raise ValueError(f"mode must be 'hard' or 'soft', got {self.mode!r}")
+
+    @property
+    def scaled_sigma(self) -> float:
+        """`sigma` rescaled from 64 px to `image_size`, so the blur covers the same number of pixels."""
+        return self.sigma * (64.0 / self.image_size) ** 2
+
+
+@dataclass(frozen=True)
+class RenderOutput:
+    """What every renderer returns (PyTorch3D-like frozen output)."""
+
+    images: torch.Tensor  # FloatTensor (B, 3, H, W) RGB in [0, 1]
+    object_mask: torch.Tensor  # BoolTensor (B, H, W): the nearest surface at the pixel centre is an object
+    extras: dict = field(default_factory=dict)  # backend-specific tensors (e.g. PyTorch3D fragments)
+
+
+def yaw_matrices(yaws: torch.Tensor) -> torch.Tensor:
+    """Rotations about +z.
+
+    Args:
+        yaws: FloatTensor (...,) of angles in radians, counter-clockwise seen from above.
+    Returns:
+        FloatTensor (..., 3, 3) R with world = R @ object.
+    """
+    c, s = torch.cos(yaws), torch.sin(yaws)
+    zero, one = torch.zeros_like(yaws), torch.ones_like(yaws)
+    rows = [c, -s, zero, s, c, zero, zero, zero, one]
+    return torch.stack(rows, dim=-1).reshape(*yaws.shape, 3, 3)
+
+
+def place_vertices(verts: torch.Tensor, position: torch.Tensor, yaw: torch.Tensor) -> torch.Tensor:
+    """Pose one object: world = Rz(yaw) v + (x, y, 0).
+
+    Args:
+        verts: FloatTensor (V, 3) object-frame vertices.
+        position: FloatTensor (2,) table-frame (x, y) in metres.
+        yaw: FloatTensor () radians.
+    Returns:
+        FloatTensor (V, 3) world-frame vertices, differentiable in position and yaw.
+    """
+    offset = torch.cat([position, position.new_zeros(1)])  # (3,)
+    return verts @ yaw_matrices(yaw).T + offset
+
+
+def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted unit vertex normals, the same formula as `pytorch3d.structures.Meshes` (for other backends).
+
+    Args:
+        verts: FloatTensor (V, 3); faces: LongTensor (F, 3).
+    Returns:
+        FloatTensor (V, 3) unit normals.
+    """
+    v0, v1, v2 = verts[faces].unbind(1)  # each (F, 3)
+    face_normals = torch.cross(v2 - v1, v0 - v1, dim=1)  # (F, 3), length = twice the area
+    normals = torch.zeros_like(verts)
+    for corner in range(3):
+        normals = normals.index_add(0, faces[:, corner], face_normals)
+    return torch.nn.functional.normalize(normals, eps=1e-6, dim=1)
+
+
+def pytorch3d_cameras(camera: Camera, batch: int, device: torch.device) -> FoVPerspectiveCameras:
+    """PyTorch3D cameras (one per scene) for a `Camera`."""
+    R, T = look_at_view_transform(eye=(camera.eye,), at=(camera.at,), up=(camera.up,), device=device)
+    return FoVPerspectiveCameras(
+        R=R.expand(batch, 3, 3),
+        T=T.expand(batch, 3),
+        fov=camera.fov_degrees,
+        znear=camera.znear,
+        zfar=camera.zfar,
+        device=device,
+    )
+
+
+class MeshRenderer3D(torch.nn.Module):
+    """Renders B scenes of posed library objects on the stage, in hard or soft mode.
+
+    Call shape shared by every tabletop renderer (this one, `renderers.opengl.OpenGLRenderer`,
+    `renderers.finite_difference.FiniteDifferenceRenderer`):
+        renderer(shape_ids, positions, yaws, colors=None) -> RenderOutput
+    """
+
+    def __init__(self, library: MeshLibrary, stage: Stage, settings: MeshRenderSettings | None = None):
+        super().__init__()
+        self.library = library
+        self.stage = stage
+        self.settings = settings or MeshRenderSettings()
+        self._table_cache: dict = {}
+
+    def forward(
+        self,
+        shape_ids: torch.Tensor,
+        positions: torch.Tensor,
+        yaws: torch.Tensor,
+        colors: torch.Tensor | None = None,
+    ) -> RenderOutput:
+        """Render a batch of scenes.
+
+        Args:
+            shape_ids: LongTensor (B, N): index into the library, -1 for an empty slot.
+            positions: FloatTensor (B, N, 2): (x, y) on the table in metres.
+            yaws: FloatTensor (B, N): yaw in radians.
+            colors: optional FloatTensor (B, N, 3) per-object albedo; default `stage.object_color`.
+        Returns:
+            RenderOutput with images (B, 3, H, W) differentiable in positions and yaws (at silhouettes in soft
+            mode only) and object_mask (B, H, W).
+        """
+        B = shape_ids.shape[0]
+        soft = self.settings.mode == "soft"
+        meshes, is_object_face = self._build_meshes(shape_ids, positions, yaws, colors, with_table=not soft)
+        renderer = self._pytorch3d_renderer(B, positions.device)
+        fragments = renderer.rasterizer(meshes)
+        rgba = renderer.shader(fragments, meshes).permute(0, 3, 1, 2)  # (B, 4, H, W)
+        covered = (fragments.pix_to_face >= 0) & (fragments.dists <= 0)  # (B, H, W, K) pixel centre inside face
+        faces = fragments.pix_to_face.clamp(min=0)
+        object_mask = (covered & is_object_face[faces]).any(-1)  # (B, H, W)
+        if soft:  # objects over the (static, never occluding) table: alpha-composite onto its hard image
+            alpha = rgba[:, 3:]  # (B, 1, H, W) soft coverage
+            images = alpha * rgba[:, :3] + (1 - alpha) * self._table_image(positions.device, positions.dtype)
+        else:
+            images = rgba[:, :3]
+        return RenderOutput(images=images.clamp(0.0, 1.0), object_mask=object_mask, extras={"fragments": fragments})
+
+    def _table_image(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """FloatTensor (1, 3, H, W): the hard render of the empty table (cached; it never changes)."""
+        key = (str(device), dtype, self.settings.image_size)
+        if self._table_cache.get("key") != key:
+            hard = MeshRenderer3D(self.library, self.stage, replace(self.settings, mode="hard"))
+            empty = torch.full((1, 0), -1, dtype=torch.long, device=device)
+            image = hard(empty, torch.zeros(1, 0, 2, device=device, dtype=dtype), torch.zeros(1, 0, device=device))
+            self._table_cache = {"key": key, "image": image.images}
+        return self._table_cache["image"]
+
+    def _pytorch3d_renderer(self, batch: int, device: torch.device) -> MeshRenderer:
+        s, stage = self.settings, self.stage
+        cameras = pytorch3d_cameras(stage.camera, batch, device)
+        light = stage.light
+        lights = DirectionalLights(
+            direction=(light.direction,),
+            ambient_color=((light.ambient,) * 3,),
+            diffuse_color=((light.diffuse,) * 3,),
+            specular_color=((0.0, 0.0, 0.0),),
+            device=device,
+        )
+        materials = Materials(specular_color=((0.0, 0.0, 0.0),), device=device)
+        soft = s.mode == "soft"
+        sigma = s.scaled_sigma
+        raster = RasterizationSettings(
+            image_size=s.image_size,
+            blur_radius=math.log(1.0 / 1e-4 - 1.0) * sigma if soft else 0.0,
+            faces_per_pixel=s.faces_per_pixel if soft else 1,
+            perspective_correct=s.perspective_correct,
+            bin_size=s.bin_size,
+            cull_backfaces=soft,
+        )
+        blend = BlendParams(sigma=sigma, gamma=s.gamma, background_color=stage.background_color)
+        shader_cls = SoftPhongShader if soft else HardPhongShader
+        shader = shader_cls(device=device, cameras=cameras, lights=lights, materials=materials, blend_params=blend)
+        return MeshRenderer(MeshRasterizer(cameras=cameras, raster_settings=raster), shader)
+
+    def _build_meshes(
+        self,
+        shape_ids: torch.Tensor,
+        positions: torch.Tensor,
+        yaws: torch.Tensor,
+        colors: torch.Tensor | None,
+        with_table: bool,
+    ) -> tuple[Meshes, torch.Tensor]:
+        """One PyTorch3D mesh per scene: the table (if `with_table`) followed by its posed objects.
+
+        Returns the Meshes and a BoolTensor (F_total,) marking packed faces that belong to objects.
+        """
+        device, dtype = positions.device, positions.dtype
+        stage = self.stage
+        table_v = stage.table_verts.to(device, dtype)[: None if with_table else 0]
+        table_f = stage.table_faces.to(device)[: None if with_table else 0]
+        table_c = table_v.new_tensor(stage.table_color).expand_as(table_v)
+        default_c = table_v.new_tensor(stage.object_color)
+        verts, faces, vcolors, face_flags = [], [], [], []
+        for b in range(shape_ids.shape[0]):
+            v_parts, f_parts, c_parts, flags = [table_v], [table_f], [table_c], [torch.zeros_like(table_f[:, 0])]
+            offset = table_v.shape[0]
+            for i in torch.nonzero(shape_ids[b] >= 0).flatten().tolist():
+                k = int(shape_ids[b, i])
+                obj_v = place_vertices(self.library.verts[k].to(device, dtype), positions[b, i], yaws[b, i])
+                obj_f = self.library.faces[k].to(device)
+                albedo = default_c if colors is None else colors[b, i]
+                v_parts.append(obj_v)
+                f_parts.append(obj_f + offset)
+                c_parts.append(albedo.expand_as(obj_v))
+                flags.append(torch.ones_like(obj_f[:, 0]))
+                offset += obj_v.shape[0]
+            verts.append(torch.cat(v_parts))
+            faces.append(torch.cat(f_parts))
+            vcolors.append(torch.cat(c_parts))
+            face_flags.append(torch.cat(flags))
+        meshes = Meshes(verts=verts, faces=faces, textures=TexturesVertex(verts_features=vcolors))
+        return meshes, torch.cat(face_flags).bool()
