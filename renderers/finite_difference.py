@@ -1,12 +1,14 @@
-"""Gradients of a black-box (forward-only) renderer by finite differences, as the AIR paper did for its 3D scenes
-(Eslami et al. 2016, section 3.2: "we use finite differences to obtain gradients through the renderer").
+"""Gradients of a black-box (forward-only) renderer by finite differences, as the AIR paper did for its 3D
+scenes (Eslami et al. 2016: the renderer is a black box differentiated by finite differences).
 
 `BlackBoxFunction` is the generic `torch.autograd.Function`: any function of a (B, P) parameter tensor whose
-output is (B, ...) gets a backward pass that renders every perturbed input in one batch and returns
-    central differences: dL/dp = <dL/dout, (f(p + h e_p) - f(p - h e_p)) / 2h>   (2 P renders per input), or
-    SPSA (Spall 1992):  dL/dp ~ mean over S random sign vectors D of <dL/dout, f(p + h D) - f(p - h D)> / (2 h_p D_p)
-(2 S renders per input, whatever P is). `FiniteDifferenceRenderer` applies it to the tabletop call shape with steps
-chosen to move an object by about one pixel, so that a hard (piecewise-constant) image has a useful difference.
+output is (B, ...) gets a backward pass that renders every perturbed input in one batch and returns either
+- central differences, 2 P renders per input:
+      dL/dp = <dL/dout, f(p + h_p e_p) - f(p - h_p e_p)> / (2 h_p), or
+- SPSA (Spall 1992), 2 S renders per input whatever P is, D uniform on {-1, +1}^P:
+      dL/dp ~ mean over S draws of <dL/dout, f(p + h D) - f(p - h D)> / (2 h_p D_p).
+`FiniteDifferenceRenderer` applies it to the tabletop call shape with steps that move an object by about one
+pixel, so that a hard (piecewise-constant) image has a useful difference.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ def _render(fn: BlackBox, params: torch.Tensor, rows: torch.Tensor, max_batch: i
     """fn over (M, P) inputs, in chunks of max_batch rows."""
     if max_batch is None or params.shape[0] <= max_batch:
         return fn(params, rows)
-    chunks = [fn(p, r) for p, r in zip(params.split(max_batch), rows.split(max_batch))]
+    chunks = [fn(p, r) for p, r in zip(params.split(max_batch), rows.split(max_batch), strict=True)]
     return torch.cat(chunks)
 
 
-def _directions(params: torch.Tensor, active: torch.Tensor, steps: torch.Tensor, cfg: FiniteDifferenceSettings):
+def _directions(
+    params: torch.Tensor, active: torch.Tensor, steps: torch.Tensor, cfg: FiniteDifferenceSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Perturbation rows for the active parameters.
 
     Returns rows LongTensor (M,) (which input each perturbation belongs to) and deltas (M, P): for central
@@ -72,8 +76,8 @@ class BlackBoxFunction(torch.autograd.Function):
 
     forward args:
         params: FloatTensor (B, P), the continuous inputs.
-        fn: black box mapping params (M, P) and rows LongTensor (M,) (the input each row derives from, e.g. to
-            look up its discrete scene content) to a FloatTensor (M, ...); it is only ever called without grad.
+        fn: black box mapping params (M, P) and rows LongTensor (M,) (the input each row derives from, e.g.
+            to look up its discrete scene content) to a FloatTensor (M, ...); only ever called without grad.
         active: BoolTensor (B, P), entries to differentiate (others get zero gradient and cost no renders).
         steps: FloatTensor (P,), step h_p of each parameter.
         cfg: FiniteDifferenceSettings (method, SPSA samples, chunking).
@@ -119,12 +123,14 @@ def finite_difference(
     """fn(params) with finite-difference gradients w.r.t. params (see BlackBoxFunction for the arguments;
     `active` defaults to all entries)."""
     active = torch.ones_like(params, dtype=torch.bool) if active is None else active
-    return BlackBoxFunction.apply(params, fn, active, steps.to(params), settings or FiniteDifferenceSettings())
+    cfg = settings or FiniteDifferenceSettings()
+    return BlackBoxFunction.apply(params, fn, active, steps.to(params), cfg)
 
 
 class FiniteDifferenceRenderer(torch.nn.Module):
-    """Wraps a forward-only tabletop renderer (call shape of `renderers.mesh.MeshRenderer3D`) so that its images
-    are differentiable in object positions and yaws by finite differences. Shape ids and colours are held fixed.
+    """Wraps a forward-only tabletop renderer (call shape of `renderers.mesh.MeshRenderer3D`) so that its
+    images are differentiable in object positions and yaws by finite differences. Shape ids and colours are
+    held fixed.
     """
 
     def __init__(self, renderer: torch.nn.Module, settings: FiniteDifferenceSettings | None = None):
@@ -139,8 +145,8 @@ class FiniteDifferenceRenderer(torch.nn.Module):
         yaws: torch.Tensor,
         colors: torch.Tensor | None = None,
     ) -> RenderOutput:
-        """Same arguments as `MeshRenderer3D.forward`. Params per scene are (x_1, y_1, ..., x_N, y_N, yaw_1, ...,
-        yaw_N): P = 3 N; empty slots are not perturbed."""
+        """Same arguments as `MeshRenderer3D.forward`. Params per scene are
+        (x_1, y_1, ..., x_N, y_N, yaw_1, ..., yaw_N): P = 3 N; empty slots are not perturbed."""
         B, N = shape_ids.shape
         params = torch.cat([positions.reshape(B, 2 * N), yaws], dim=1)  # (B, 3N)
         present = shape_ids >= 0  # (B, N)
@@ -151,9 +157,8 @@ class FiniteDifferenceRenderer(torch.nn.Module):
 
         def black_box(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             M = p.shape[0]
-            out = self.renderer(
-                shape_ids[rows], p[:, : 2 * N].reshape(M, N, 2), p[:, 2 * N :], None if colors is None else colors[rows]
-            )
+            row_colors = None if colors is None else colors[rows]
+            out = self.renderer(shape_ids[rows], p[:, : 2 * N].reshape(M, N, 2), p[:, 2 * N :], row_colors)
             if not masks:  # the forward call's mask; backward calls render perturbed scenes
                 masks.append(out.object_mask)
             return out.images

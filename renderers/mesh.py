@@ -1,45 +1,43 @@
 """Batched mesh rendering through PyTorch3D: rigid objects posed on a static stage (camera, light, table).
 
-Tensors in, images out; this module knows nothing about what a shape *means* (that lives in `scenes/tabletop.py`).
+Tensors in, images out; this module knows nothing about what a shape *means* (see `scenes/tabletop.py`).
 
 Frames and units
 - World frame = the table frame of `scenes/tabletop.py`: metres, z up, the table top is the plane z = 0.
 - Object frame: metres, z up, origin at the centre of the object's footprint on the table. An object with pose
   (x, y, yaw) maps an object-frame point v to the world point `Rz(yaw) v + (x, y, 0)`; yaw is in radians,
   counter-clockwise seen from above (right-handed about +z).
-- Camera: a pinhole looking from `Camera.eye` at `Camera.at`; PyTorch3D's view frame (+X left, +Y up, +Z into the
-  scene) and its NDC, so image row 0 is the top of the picture and column 0 its left.
+- Camera: a pinhole looking from `Camera.eye` at `Camera.at`; PyTorch3D's view frame (+X left, +Y up, +Z into
+  the scene) and its NDC, so image row 0 is the top of the picture and column 0 its left.
 
 Letters: B scenes, N object slots per scene (empty slots have shape id -1), K shapes in the library,
 V vertices, F faces, H = W = image size.
 
 Modes
 - "hard": one face per pixel, no blur. For data and figures. Autograd through it is wrong at silhouettes (a
-  pixel's colour jumps from object to table as the object moves, and hard rasterization has no gradient for that
-  jump); only shading inside objects is differentiated.
-- "soft": SoftRasterizer-style blending (Liu et al. 2019) through PyTorch3D's `SoftPhongShader`, differentiable
-  with respect to object poses at silhouettes as well. See `MeshRenderSettings` for the chosen constants and why.
+  pixel's colour jumps from object to table as the object moves, and hard rasterization has no gradient for
+  that jump); only shading inside objects is differentiated.
+- "soft": SoftRasterizer-style blending (Liu et al. 2019) of PyTorch3D's rasterizer output, differentiable
+  with respect to object poses at silhouettes too. `MeshRenderSettings` and `soft_blend` give the choices.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 from pytorch3d.renderer import (
-    BlendParams,
     DirectionalLights,
     FoVPerspectiveCameras,
-    HardPhongShader,
     Materials,
     MeshRasterizer,
-    MeshRenderer,
     RasterizationSettings,
-    SoftPhongShader,
     TexturesVertex,
     look_at_view_transform,
 )
+from pytorch3d.renderer.mesh.shading import phong_shading
 from pytorch3d.structures import Meshes
 
 __all__ = [
@@ -53,6 +51,7 @@ __all__ = [
     "yaw_matrices",
     "place_vertices",
     "vertex_normals",
+    "soft_blend",
 ]
 
 
@@ -70,7 +69,7 @@ class Camera:
 
 @dataclass(frozen=True)
 class Light:
-    """One directional light plus ambient light, Lambertian surfaces (no specular, so backends agree exactly)."""
+    """One directional light plus ambient light on Lambertian surfaces (no specular, so backends agree)."""
 
     direction: tuple[float, float, float]  # world direction from a surface *towards* the light
     ambient: float = 0.35  # ambient intensity (all channels)
@@ -84,7 +83,7 @@ class Stage:
     camera: Camera
     light: Light
     table_verts: torch.Tensor  # FloatTensor (Vt, 3) world-frame vertices of the table
-    table_faces: torch.Tensor  # LongTensor (Ft, 3) triangles of the table, counter-clockwise seen from outside
+    table_faces: torch.Tensor  # LongTensor (Ft, 3) triangles, counter-clockwise seen from above
     table_color: tuple[float, float, float] = (0.45, 0.45, 0.45)  # table albedo, RGB in [0, 1]
     object_color: tuple[float, float, float] = (0.95, 0.95, 0.95)  # default object albedo, RGB in [0, 1]
     background_color: tuple[float, float, float] = (0.0, 0.0, 0.0)  # where no surface is seen
@@ -103,25 +102,28 @@ class MeshLibrary:
 
 @dataclass(frozen=True)
 class MeshRenderSettings:
-    """How to rasterize. The soft-mode constants were measured on tabletop scenes (benchmarks/bench_gradients.py):
+    """How to rasterize. The soft-mode choices were measured on 12 random tabletop scenes at 64 px, comparing
+    the autograd gradient of an image loss with central differences of the hard render at about one pixel of
+    motion (the check is benchmarks/bench_gradients.py; run 2026-11-26 on the 2-core CPU):
 
-    - `sigma` is the width of the sigmoid that turns a pixel's squared distance to a face edge (in NDC units) into
-      coverage. 1e-4 at 64 px is about 0.1 pixel^2: images stay sharp (close to the hard render), yet the blur
-      radius `sigma * log(1 / 1e-4 - 1)` (about one pixel) reaches the neighbouring pixels an edge is about to
-      cross, which is where the silhouette gradient comes from. It is rescaled by (64 / image_size)^2 so the blur
-      is the same in pixels at every size.
-    - `gamma` is the temperature of the soft z-buffer, on depth normalised by (zfar - znear). Small values make
-      the nearest surface win (an object hides the table behind it); see the module's tests for the check.
-    - `faces_per_pixel = 20` keeps every face within the blur radius of a pixel, including the table behind.
-    - `perspective_correct = False`: with blur, PyTorch3D's perspective-corrected barycentrics of faces *near*
-      (not covering) a pixel divide by small numbers and give spurious huge gradients (a known open PyTorch3D
-      issue); screen-space barycentrics are smooth and at 64 px indistinguishable in the image.
+    - `sigma = 1e-4` (squared NDC distance; about 0.1 pixel^2 at 64 px) and `gamma = 1e-1`: cosine 0.97 for
+      positions and 0.87 for yaws, mean absolute image difference to the hard render 0.0025. A sharper
+      sigma (3e-5) lowers the yaw cosine to 0.67; gamma <= 1e-3 makes nearer faces bleed over farther ones
+      (position cosine 0.3-0.9). Hard rasterization's own autograd: position cosine 0.39, yaw -0.22 (it has
+      no silhouette term). sigma is rescaled by (64 / image_size)^2 so the blur is the same in pixels.
+    - The table is not in the soft z-buffer but composited behind the objects (see `soft_blend`), and back
+      faces are culled: with the table as a mesh, gamma = 0.1 blends it into every object pixel.
+    - `faces_per_pixel = 20` keeps every face within the blur radius of a pixel (a sphere has 320 faces).
+    - `perspective_correct = False`: with blur, PyTorch3D's perspective-corrected barycentrics of faces
+      *near* (not covering) a pixel divide by small numbers and give spurious huge gradients (a known open
+      PyTorch3D issue; measured: gradient norm 6.8x too large, cosine -0.03). Screen-space barycentrics are
+      smooth and at these sizes indistinguishable in the image. Hard mode uses the same setting.
     """
 
     image_size: int = 64  # H = W in pixels
     mode: str = "hard"  # "hard" (data, figures) or "soft" (differentiable at silhouettes)
     sigma: float = 1e-4  # soft mode: edge sharpness at 64 px, squared NDC distance (scaled with image size)
-    gamma: float = 1e-4  # soft mode: depth-blending temperature on depth normalised to [0, 1]
+    gamma: float = 1e-1  # soft mode: depth-blending temperature on depth normalised to [0, 1]
     faces_per_pixel: int = 20  # soft mode: faces blended per pixel (hard mode always uses 1)
     perspective_correct: bool = False  # barycentrics in screen space (see above); both modes, so they agree
     bin_size: int = 0  # 0 = naive rasterization: exact, no bin overflow, fast enough at these image sizes
@@ -174,7 +176,7 @@ def place_vertices(verts: torch.Tensor, position: torch.Tensor, yaw: torch.Tenso
 
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Area-weighted unit vertex normals, the same formula as `pytorch3d.structures.Meshes` (for other backends).
+    """Area-weighted unit vertex normals by `pytorch3d.structures.Meshes`'s formula (for other backends).
 
     Args:
         verts: FloatTensor (V, 3); faces: LongTensor (F, 3).
@@ -200,6 +202,45 @@ def pytorch3d_cameras(camera: Camera, batch: int, device: torch.device) -> FoVPe
         zfar=camera.zfar,
         device=device,
     )
+
+
+def soft_blend(
+    colors: torch.Tensor,
+    fragments,
+    background: torch.Tensor,
+    settings: MeshRenderSettings,
+    camera: Camera,
+) -> torch.Tensor:
+    """Soft aggregation of the objects' faces, alpha-composited over a background image (the table).
+
+    Colour: SoftRasterizer's depth-weighted softmax over the K faces near a pixel (Liu et al. 2019, eq. 6;
+    PyTorch3D's `softmax_rgb_blend`) without its background term. Coverage: alpha = min(1, sum_k prob_k), the
+    faces' sigmoid coverages *added*. Deviation from SoftRas, whose alpha = 1 - prod_k (1 - prob_k): two
+    faces sharing an internal edge each have prob 0.5 on it, so the product gives 0.75 and the table shows
+    through every triangle edge; added, sigmoid(d / sigma) + sigmoid(-d / sigma) = 1 exactly, while at a
+    silhouette only one face is near and alpha = its coverage, which is where the pose gradient comes from.
+
+    The table may stay out of the soft z-buffer because objects rest on it and the camera looks down: it never
+    occludes an object. With the table as a mesh, gamma = 0.1 blends it into every object pixel (it lies only
+    ~0.1 of the normalised depth range behind), and a gamma small enough to stop that lets nearer faces bleed
+    over farther ones, which ruins the gradients (see MeshRenderSettings).
+
+    Args:
+        colors: FloatTensor (B, H, W, K, 3) shaded colour of each of the K nearest faces at each pixel.
+        fragments: PyTorch3D Fragments: pix_to_face, zbuf, dists each (B, H, W, K).
+        background: FloatTensor (1 or B, H, W, 3) the image seen where no face is.
+        settings: sigma and gamma; camera: znear and zfar normalise depth.
+    Returns:
+        FloatTensor (B, H, W, 3).
+    """
+    mask = fragments.pix_to_face >= 0  # (B, H, W, K)
+    prob = torch.sigmoid(-fragments.dists / settings.scaled_sigma) * mask  # coverage of each face
+    z_inv = (camera.zfar - fragments.zbuf) / (camera.zfar - camera.znear) * mask  # 1 near, 0 far
+    z_inv_max = z_inv.amax(-1, keepdim=True)  # (B, H, W, 1), for a stable exponent
+    weights = prob * torch.exp((z_inv - z_inv_max) / settings.gamma)  # (B, H, W, K)
+    foreground = (weights[..., None] * colors).sum(-2) / weights.sum(-1, keepdim=True).clamp(min=1e-10)
+    alpha = prob.sum(-1, keepdim=True).clamp(max=1.0)  # (B, H, W, 1)
+    return alpha * foreground + (1 - alpha) * background
 
 
 class MeshRenderer3D(torch.nn.Module):
@@ -235,21 +276,23 @@ class MeshRenderer3D(torch.nn.Module):
             RenderOutput with images (B, 3, H, W) differentiable in positions and yaws (at silhouettes in soft
             mode only) and object_mask (B, H, W).
         """
-        B = shape_ids.shape[0]
         soft = self.settings.mode == "soft"
         meshes, is_object_face = self._build_meshes(shape_ids, positions, yaws, colors, with_table=not soft)
-        renderer = self._pytorch3d_renderer(B, positions.device)
-        fragments = renderer.rasterizer(meshes)
-        rgba = renderer.shader(fragments, meshes).permute(0, 3, 1, 2)  # (B, 4, H, W)
-        covered = (fragments.pix_to_face >= 0) & (fragments.dists <= 0)  # (B, H, W, K) pixel centre inside face
-        faces = fragments.pix_to_face.clamp(min=0)
-        object_mask = (covered & is_object_face[faces]).any(-1)  # (B, H, W)
-        if soft:  # objects over the (static, never occluding) table: alpha-composite onto its hard image
-            alpha = rgba[:, 3:]  # (B, 1, H, W) soft coverage
-            images = alpha * rgba[:, :3] + (1 - alpha) * self._table_image(positions.device, positions.dtype)
+        rasterizer, shade = self._pipeline(shape_ids.shape[0], positions.device)
+        fragments = rasterizer(meshes)
+        face_colors = shade(fragments, meshes)  # (B, H, W, K, 3)
+        if soft:
+            table = self._table_image(positions.device, positions.dtype)  # (1, 3, H, W)
+            table = table.permute(0, 2, 3, 1)  # (1, H, W, 3)
+            images = soft_blend(face_colors, fragments, table, self.settings, self.stage.camera)
         else:
-            images = rgba[:, :3]
-        return RenderOutput(images=images.clamp(0.0, 1.0), object_mask=object_mask, extras={"fragments": fragments})
+            background = face_colors.new_tensor(self.stage.background_color)
+            images = torch.where(fragments.pix_to_face[..., :1] >= 0, face_colors[..., 0, :], background)
+        # (B, H, W, K): the pixel centre lies inside the face
+        covered = (fragments.pix_to_face >= 0) & (fragments.dists <= 0)
+        object_mask = (covered & is_object_face[fragments.pix_to_face.clamp(min=0)]).any(-1)  # (B, H, W)
+        images = images.permute(0, 3, 1, 2).clamp(0.0, 1.0)  # (B, 3, H, W)
+        return RenderOutput(images=images, object_mask=object_mask, extras={"fragments": fragments})
 
     def _table_image(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """FloatTensor (1, 3, H, W): the hard render of the empty table (cached; it never changes)."""
@@ -257,14 +300,15 @@ class MeshRenderer3D(torch.nn.Module):
         if self._table_cache.get("key") != key:
             hard = MeshRenderer3D(self.library, self.stage, replace(self.settings, mode="hard"))
             empty = torch.full((1, 0), -1, dtype=torch.long, device=device)
-            image = hard(empty, torch.zeros(1, 0, 2, device=device, dtype=dtype), torch.zeros(1, 0, device=device))
-            self._table_cache = {"key": key, "image": image.images}
+            no_poses = torch.zeros(1, 0, 2, device=device, dtype=dtype)
+            out = hard(empty, no_poses, no_poses[..., 0])
+            self._table_cache = {"key": key, "image": out.images}
         return self._table_cache["image"]
 
-    def _pytorch3d_renderer(self, batch: int, device: torch.device) -> MeshRenderer:
-        s, stage = self.settings, self.stage
-        cameras = pytorch3d_cameras(stage.camera, batch, device)
-        light = stage.light
+    def _pipeline(self, batch: int, device: torch.device) -> tuple[MeshRasterizer, Callable]:
+        """The PyTorch3D rasterizer and a function (fragments, meshes) -> per-face colours (B, H, W, K, 3)."""
+        s, light = self.settings, self.stage.light
+        cameras = pytorch3d_cameras(self.stage.camera, batch, device)
         lights = DirectionalLights(
             direction=(light.direction,),
             ambient_color=((light.ambient,) * 3,),
@@ -274,19 +318,20 @@ class MeshRenderer3D(torch.nn.Module):
         )
         materials = Materials(specular_color=((0.0, 0.0, 0.0),), device=device)
         soft = s.mode == "soft"
-        sigma = s.scaled_sigma
         raster = RasterizationSettings(
             image_size=s.image_size,
-            blur_radius=math.log(1.0 / 1e-4 - 1.0) * sigma if soft else 0.0,
+            blur_radius=math.log(1.0 / 1e-4 - 1.0) * s.scaled_sigma if soft else 0.0,
             faces_per_pixel=s.faces_per_pixel if soft else 1,
             perspective_correct=s.perspective_correct,
             bin_size=s.bin_size,
-            cull_backfaces=soft,
+            cull_backfaces=soft,  # closed meshes: hidden back faces must not blend in through the blur
         )
-        blend = BlendParams(sigma=sigma, gamma=s.gamma, background_color=stage.background_color)
-        shader_cls = SoftPhongShader if soft else HardPhongShader
-        shader = shader_cls(device=device, cameras=cameras, lights=lights, materials=materials, blend_params=blend)
-        return MeshRenderer(MeshRasterizer(cameras=cameras, raster_settings=raster), shader)
+
+        def shade(fragments, meshes: Meshes) -> torch.Tensor:
+            texels = meshes.sample_textures(fragments)
+            return phong_shading(meshes, fragments, lights, cameras, materials, texels)
+
+        return MeshRasterizer(cameras=cameras, raster_settings=raster), shade
 
     def _build_meshes(
         self,
@@ -308,7 +353,8 @@ class MeshRenderer3D(torch.nn.Module):
         default_c = table_v.new_tensor(stage.object_color)
         verts, faces, vcolors, face_flags = [], [], [], []
         for b in range(shape_ids.shape[0]):
-            v_parts, f_parts, c_parts, flags = [table_v], [table_f], [table_c], [torch.zeros_like(table_f[:, 0])]
+            v_parts, f_parts, c_parts = [table_v], [table_f], [table_c]
+            flags = [torch.zeros_like(table_f[:, 0])]
             offset = table_v.shape[0]
             for i in torch.nonzero(shape_ids[b] >= 0).flatten().tolist():
                 k = int(shape_ids[b, i])

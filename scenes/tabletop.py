@@ -5,12 +5,12 @@ Conventions (written once, here; docs/tabletop.md summarises them)
   camera as seen in the image, z up. The table top is the square |x|, |y| <= TABLE_HALF_SIZE at z = 0.
 - An object's pose is (x, y, yaw): its footprint centre at (x, y, 0) and a rotation of `yaw` radians about +z,
   counter-clockwise seen from above (object frame defined in `renderers/mesh.py`).
-- Object sizes, the camera, the light and the colours are the constants below; at 64 x 64 pixels an object covers
-  roughly 100-200 pixels (10-15 pixels across) and the whole table is in view.
+- Object sizes, the camera, the light and the colours are the constants below; at 64 x 64 pixels an object
+  covers roughly 100-200 pixels (10-15 pixels across) and the whole table is in view.
 - Scene JSON: `{"objects": [{"shape": "cube", "position": [x, y], "yaw": radians}, ...]}`, nothing else.
 
-Objects do not interpenetrate: their footprints (the convex hull of the mesh seen from above, which is exact for
-these upright convex shapes) are disjoint and lie inside the table.
+Objects do not interpenetrate: their footprints (the convex hull of the mesh seen from above, exact for these
+upright convex shapes) are disjoint and lie inside the table.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ __all__ = [
 TABLE_HALF_SIZE = 0.25  # metres; the table top is 0.5 m x 0.5 m
 MIN_GAP = 0.01  # metres between sampled footprints, so objects never touch
 CAMERA = Camera(eye=(0.0, -0.48, 0.80), at=(0.0, 0.0, 0.0), fov_degrees=40.0, znear=0.4, zfar=1.6)
-LIGHT = Light(direction=(-0.4, -0.5, 1.0), ambient=0.35, diffuse=0.65)  # from the upper left, behind the camera
+LIGHT = Light(direction=(-0.4, -0.5, 1.0), ambient=0.35, diffuse=0.65)  # from above left, behind the camera
 SHAPE_COLORS = {  # optional per-shape albedo; by default all objects share Stage.object_color
     "cube": (0.90, 0.30, 0.25),
     "sphere": (0.25, 0.60, 0.90),
@@ -135,8 +135,8 @@ def validate_scene(scene: Scene, allow_overlap: bool = False) -> None:
                 raise ValueError(f"objects {i} and {j} interpenetrate (their footprints overlap)")
 
 
-def _sample_object(rng: np.random.Generator, placed: list[np.ndarray]) -> tuple[TableObject, np.ndarray] | None:
-    """One object that fits beside `placed` footprints, or None after 100 rejected tries."""
+def _sample_object(rng: np.random.Generator, placed: list[np.ndarray]):
+    """(object, its footprint) that fits beside the `placed` footprints, or None after 100 rejected tries."""
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     for _ in range(100):
         position = tuple(float(p) for p in rng.uniform(-TABLE_HALF_SIZE, TABLE_HALF_SIZE, size=2))
@@ -212,8 +212,11 @@ def scenes_to_tensors(scenes: Sequence[Scene | dict], device: str | torch.device
 def tensors_to_scenes(tensors: SceneTensors) -> list[Scene]:
     """Inverse of `scenes_to_tensors` (empty slots dropped)."""
     scenes = []
-    for ids, pos, yaw in zip(tensors.shape_ids.tolist(), tensors.positions.tolist(), tensors.yaws.tolist()):
-        objects = [TableObject(SHAPES[k], (p[0], p[1]), y) for k, p, y in zip(ids, pos, yaw) if k >= 0]
+    rows = zip(tensors.shape_ids.tolist(), tensors.positions.tolist(), tensors.yaws.tolist(), strict=True)
+    for ids, pos, yaw in rows:
+        objects = [
+            TableObject(SHAPES[k], (p[0], p[1]), y) for k, p, y in zip(ids, pos, yaw, strict=True) if k >= 0
+        ]
         scenes.append(Scene(tuple(objects)))
     return scenes
 

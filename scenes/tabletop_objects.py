@@ -1,13 +1,13 @@
 """The tabletop object library: meshes from trimesh primitives, their yaw symmetry and their footprints.
 
-Object frame (see renderers/mesh.py): metres, z up, origin at the centre of the footprint, which rests on z = 0.
-Sizes are chosen so every object is 0.09-0.16 m across: 10-15 pixels at 64 x 64 with the camera of tabletop.py.
+Object frame (see renderers/mesh.py): metres, z up, origin at the centre of the footprint, resting on z = 0.
+Sizes are chosen so every object is 0.09-0.16 m across: 10-15 pixels at 64 x 64 with tabletop.py's camera.
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def _primitive(shape: str) -> trimesh.Trimesh:
     return mesh
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_mesh(shape: str) -> trimesh.Trimesh:
     """The render mesh of `shape`: vertices split along sharp edges so that they shade flat."""
     return trimesh.graph.smooth_shade(_primitive(shape), angle=SMOOTH_ANGLE, facet_minarea=None)
@@ -92,7 +92,7 @@ def library() -> MeshLibrary:
     return MeshLibrary(verts=verts, faces=faces)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _footprint_local(shape: str) -> np.ndarray:
     """(P, 2) counter-clockwise convex footprint of `shape` in its object frame."""
     xy = np.asarray(_primitive(shape).vertices)[:, :2]
@@ -107,8 +107,8 @@ def footprint(shape: str, position: tuple[float, float], yaw: float) -> np.ndarr
 
 
 def footprints_overlap(a: np.ndarray, b: np.ndarray, gap: float = 0.0) -> bool:
-    """Separating-axis test for two convex polygons (P, 2): True unless some edge normal separates them by more
-    than `gap` metres."""
+    """Separating-axis test for two convex polygons (P, 2): True unless some edge normal separates them by
+    more than `gap` metres."""
     for polygon in (a, b):
         edges = np.roll(polygon, -1, axis=0) - polygon
         normals = np.stack([edges[:, 1], -edges[:, 0]], axis=1)
@@ -121,7 +121,7 @@ def footprints_overlap(a: np.ndarray, b: np.ndarray, gap: float = 0.0) -> bool:
 
 
 def table_mesh(half_size: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The table top: a square at z = 0, as FloatTensor (4, 3) vertices and LongTensor (2, 3) faces facing +z."""
+    """The table top, a square at z = 0: FloatTensor (4, 3) vertices and LongTensor (2, 3) faces facing +z."""
     h = half_size
     verts = torch.tensor([[-h, -h, 0.0], [h, -h, 0.0], [h, h, 0.0], [-h, h, 0.0]])
     faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
