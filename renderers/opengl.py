@@ -128,6 +128,7 @@ class OpenGLRenderer(torch.nn.Module):
     def __init__(self, library: MeshLibrary, stage: Stage, settings: OpenGLSettings | None = None):
         super().__init__()
         self.stage = stage
+        self.yaw_invariant = library.yaw_invariant  # drawn at yaw 0, as MeshRenderer3D does
         self.settings = settings or OpenGLSettings()
         self.ctx = _context(self.settings.egl_device)
         self.program = self.ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
@@ -194,6 +195,7 @@ class OpenGLRenderer(torch.nn.Module):
             for k, (x, y), angle, n in zip(ids[i], pos[i], yaw[i], range(ids.shape[1]), strict=True):
                 if k >= 0:
                     color = self.stage.object_color if albedo is None else tuple(albedo[i, n])
+                    angle = 0.0 if k < len(self.yaw_invariant) and self.yaw_invariant[k] else angle
                     self._draw(self.shapes[k], (math.cos(angle), math.sin(angle), x, y), color, 1.0)
         data = np.frombuffer(fbo.read(components=4, dtype="f4"), dtype=np.float32)
         fbo.release()

@@ -45,6 +45,8 @@ __all__ = [
     "make_stage",
     "make_renderer",
     "render_scenes",
+    "perturb_poses",
+    "pose_gradients",
 ]
 
 TABLE_HALF_SIZE = 0.25  # metres; the table top is 0.5 m x 0.5 m
@@ -271,3 +273,31 @@ def render_scenes(
     t = scenes_to_tensors(list(scenes), device)
     colors = shape_colors(t.shape_ids) if color_by_shape else None
     return make_renderer(image_size, mode)(t.shape_ids, t.positions, t.yaws, colors).images
+
+
+def perturb_poses(
+    t: SceneTensors, seed: int, position_sigma: float = 0.02, yaw_sigma: float = 0.3
+) -> SceneTensors:
+    """The same objects with Gaussian pose noise (metres, radians): targets for render-and-compare checks."""
+    g = torch.Generator().manual_seed(seed)
+    d_pos = torch.randn(t.positions.shape, generator=g) * position_sigma
+    d_yaw = torch.randn(t.yaws.shape, generator=g) * yaw_sigma
+    return SceneTensors(t.shape_ids, t.positions + d_pos.to(t.positions), t.yaws + d_yaw.to(t.yaws))
+
+
+def pose_gradients(
+    renderer: torch.nn.Module, t: SceneTensors, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the squared image error sum((render(t) - target)^2) w.r.t. the poses of `t`.
+
+    Args:
+        renderer: any tabletop renderer whose images are differentiable (soft mode, finite differences).
+        target: FloatTensor (B, 3, H, W).
+    Returns:
+        FloatTensor (B, N, 2) d/d positions and FloatTensor (B, N) d/d yaws (zero on empty slots).
+    """
+    positions = t.positions.detach().clone().requires_grad_(True)
+    yaws = t.yaws.detach().clone().requires_grad_(True)
+    images = renderer(t.shape_ids, positions, yaws).images
+    ((images - target) ** 2).sum().backward()
+    return positions.grad, yaws.grad

@@ -66,7 +66,7 @@ def _primitive(shape: str) -> trimesh.Trimesh:
     elif shape == "sphere":
         mesh = trimesh.creation.icosphere(subdivisions=2, radius=SPHERE_RADIUS)
     elif shape == "cylinder":
-        mesh = trimesh.creation.cylinder(radius=CYLINDER_RADIUS, height=CYLINDER_HEIGHT, sections=24)
+        mesh = trimesh.creation.cylinder(radius=CYLINDER_RADIUS, height=CYLINDER_HEIGHT, sections=32)
     elif shape == "box":
         mesh = trimesh.creation.box(extents=BOX_EXTENTS)
     elif shape == "wedge":
@@ -89,7 +89,8 @@ def library() -> MeshLibrary:
     meshes = [shape_mesh(s) for s in SHAPES]
     verts = tuple(torch.tensor(np.asarray(m.vertices), dtype=torch.float32) for m in meshes)
     faces = tuple(torch.tensor(np.asarray(m.faces), dtype=torch.long) for m in meshes)
-    return MeshLibrary(verts=verts, faces=faces)
+    invariant = tuple(YAW_PERIOD[s] == 0.0 for s in SHAPES)
+    return MeshLibrary(verts=verts, faces=faces, yaw_invariant=invariant)
 
 
 @cache
