@@ -1,8 +1,8 @@
 """Attend, Infer, Repeat as software: models, objectives, training, checkpoints, CLI and figures.
 
-    import inverse_graphics as ig
-    model = ig.load_pretrained("air-multi-mnist")
-    out = model.infer(images)   # images: FloatTensor (B, 50, 50) in [0, 1]
+import inverse_graphics as ig
+model = ig.load_pretrained("air-multi-mnist")
+out = model.infer(images)   # images: FloatTensor (B, 50, 50) in [0, 1]
 """
 
 from inverse_graphics.air import AIR, AIRConfig, InferenceResult

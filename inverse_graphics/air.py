@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from inverse_graphics.estimators import score_function_surrogate
 from inverse_graphics.modules import Baseline, GatedRecurrence, GlyphDecoder, ImageEncoder, WhatEncoder, WhereHead
@@ -87,7 +86,7 @@ class GuideStep:
 
 @dataclass(frozen=True)
 class Guide:
-    """All T steps stacked: every field (B, T, ...) as in GuideStep; `recon` (B, H, W) is the reconstruction."""
+    """All T steps stacked: every field (B, T, ...) as in GuideStep."""
 
     z_pres: torch.Tensor
     z_where: torch.Tensor
@@ -107,7 +106,7 @@ class InferenceResult:
     counts: LongTensor (B,), objects found; z_pres: FloatTensor (B, T) of 0/1; z_where: FloatTensor (B, T, 3) as
     (s, x, y) (docs/conventions.md); z_what: FloatTensor (B, T, D); pres_prob: FloatTensor (B, T);
     boxes: list of B FloatTensors (n_i, 4), x0, y0, x1, y1 in input pixels of the present objects;
-    recon: FloatTensor (B, H, W), the decoded scene.
+    recon: FloatTensor (B, H, W), the decoded scene, when asked for (else None).
     """
 
     counts: torch.Tensor
@@ -116,7 +115,7 @@ class InferenceResult:
     z_what: torch.Tensor
     pres_prob: torch.Tensor
     boxes: list[torch.Tensor]
-    recon: torch.Tensor
+    recon: torch.Tensor | None
 
 
 def normal_kl(loc: torch.Tensor, scale: torch.Tensor, p_loc, p_scale) -> torch.Tensor:
@@ -323,30 +322,27 @@ class AIR(nn.Module):
         self.signal_var.lerp_((resid**2).sum() / active.sum().clamp(min=1), 0.1)
 
     # ----------------------------------------------------------------------------------------- inference
-    @torch.no_grad()
-    def infer(self, images: torch.Tensor) -> InferenceResult:
+    @torch.inference_mode()
+    def infer(self, images: torch.Tensor, reconstruct: bool = False) -> InferenceResult:
         """Amortised inference: the most probable count and the posterior means.
 
         Args:
             images: FloatTensor (B, H, W) (or (B, 1, H, W)) in [0, 1], H = W = config.canvas_size.
+            reconstruct: also decode the scene into `recon` (for figures; inference itself does not need it).
         Returns:
-            InferenceResult (counts, z_pres, z_where, z_what, pres_prob, boxes in pixels, recon).
+            InferenceResult (counts, z_pres, z_where, z_what, pres_prob, boxes in pixels, recon or None).
         Raises:
             ValueError / TypeError with a clear message for a wrong shape, dtype, NaN or values outside [0, 1].
         """
         images = self.check_images(images)
-        was_training = self.training
-        self.eval()
-        try:
-            g = self.guide(images, sample=False)
-            recon = self.render(g.z_pres, g.z_where, g.z_what)
-        finally:
-            self.train(was_training)
+        g = self.guide(images, sample=False)  # no dropout or batch norm: train/eval mode does not matter here
+        recon = self.render(g.z_pres, g.z_where, g.z_what) if reconstruct else None
+        present = g.z_pres > 0.5  # (B, T)
+        counts = present.sum(1)
         boxes_all = z_where_to_boxes(g.z_where, (self.config.canvas_size,) * 2)  # (B, T, 4)
-        present = g.z_pres > 0.5
-        boxes = [b[m] for b, m in zip(boxes_all, present)]
+        boxes = list(boxes_all[present].split(counts.tolist()))  # one gather, then views: cheap for any B
         return InferenceResult(
-            counts=present.sum(1),
+            counts=counts,
             z_pres=g.z_pres,
             z_where=g.z_where,
             z_what=g.z_what,
@@ -369,11 +365,11 @@ class AIR(nn.Module):
             raise ValueError(
                 f"images must have shape (B, {size}, {size}) (or (B, 1, {size}, {size})), got {tuple(images.shape)}"
             )
-        if images.numel() and not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or infinite values")
-        if images.numel() and (images.min() < 0 or images.max() > 1):
-            raise ValueError(
-                f"images must lie in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]"
-            )
+        if images.numel():
+            lo, hi = torch.aminmax(images)  # one pass; NaN propagates into both
+            if torch.isnan(lo) or torch.isnan(hi):
+                raise ValueError("images contain NaN values")
+            if lo < 0 or hi > 1:
+                raise ValueError(f"images must lie in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
         param = self.where_prior_loc
         return images.to(device=param.device, dtype=param.dtype)

@@ -1,5 +1,5 @@
-"""`inverse-graphics {demo, train, infer, eval, scenes, bench, data}`: a thin layer that builds configs and calls
-the same functions the tests drive."""
+"""`inverse-graphics {demo, train, infer, eval, scenes, bench, data, export}`: a thin layer that builds configs and
+calls the same functions the tests drive."""
 
 from __future__ import annotations
 
@@ -50,12 +50,27 @@ def _run_train(args) -> int:
     from inverse_graphics.train import TrainConfig, train
 
     cfg = TrainConfig(
-        model=args.model, out_dir=args.out or f"runs/{args.model}", seed=args.seed, minutes=args.minutes,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, baseline_lr=args.baseline_lr,
-        n_train=args.n_train, train_counts=args.train_counts, eval_counts=args.eval_counts, eval_n=args.eval_n,
-        eval_every_s=args.eval_every, checkpoint_every_s=args.checkpoint_every, max_steps=args.max_steps,
-        z_pres_prior=args.z_pres_prior, z_pres_prior_start=args.z_pres_prior_start,
-        anneal_steps=args.anneal_steps, data_dir=args.data_dir, device=args.device, threads=args.threads,
+        model=args.model,
+        out_dir=args.out or f"runs/{args.model}",
+        seed=args.seed,
+        minutes=args.minutes,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        baseline_lr=args.baseline_lr,
+        n_train=args.n_train,
+        train_counts=args.train_counts,
+        eval_counts=args.eval_counts,
+        eval_n=args.eval_n,
+        eval_every_s=args.eval_every,
+        checkpoint_every_s=args.checkpoint_every,
+        max_steps=args.max_steps,
+        z_pres_prior=args.z_pres_prior,
+        z_pres_prior_start=args.z_pres_prior_start,
+        anneal_steps=args.anneal_steps,
+        data_dir=args.data_dir,
+        device=args.device,
+        threads=args.threads,
     )
     rec = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(rec))
@@ -108,8 +123,11 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     from inverse_graphics.evaluate import EvalConfig, main
 
-    rec = main(EvalConfig(model=args.model, n=args.n, counts=args.counts, seed=args.seed,
-                          data_dir=args.data_dir, device=args.device))
+    rec = main(
+        EvalConfig(
+            model=args.model, n=args.n, counts=args.counts, seed=args.seed, data_dir=args.data_dir, device=args.device
+        )
+    )
     print(json.dumps(rec))
     return 0
 
@@ -125,6 +143,22 @@ def _run_data(args) -> int:
     from scenes import mnist
 
     print(f"MNIST verified in {mnist.download(args.dest)}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="strip a training checkpoint down to shippable weights")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--float32", action="store_true", help="keep float32 (default: float16, half the size)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from inverse_graphics.pretrained import export
+
+    path = export(args.checkpoint, args.out, half=not args.float32)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -154,7 +188,7 @@ def _run_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inverse-graphics", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_train, _add_infer, _add_eval, _add_scenes, _add_bench, _add_data):
+    for add in (_add_demo, _add_train, _add_infer, _add_eval, _add_scenes, _add_bench, _add_data, _add_export):
         add(sub)
     return parser
 

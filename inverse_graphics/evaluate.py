@@ -47,10 +47,17 @@ def count_accuracy(model: AIR, data: multi_mnist.MultiMnist, device: str = "cpu"
         predicted.append(model.infer(x).counts.cpu().numpy())
     pred = np.concatenate(predicted)
     per_count = {int(c): float((pred[data.counts == c] == c).mean()) for c in np.unique(data.counts)}
-    confusion = {f"{int(t)}->{int(p)}": int(((data.counts == t) & (pred == p)).sum())
-                 for t in np.unique(data.counts) for p in np.unique(pred)}
-    return {"count_acc": float((pred == data.counts).mean()), "per_count": per_count, "confusion": confusion,
-            "n": len(data)}
+    confusion = {
+        f"{int(t)}->{int(p)}": int(((data.counts == t) & (pred == p)).sum())
+        for t in np.unique(data.counts)
+        for p in np.unique(pred)
+    }
+    return {
+        "count_acc": float((pred == data.counts).mean()),
+        "per_count": per_count,
+        "confusion": confusion,
+        "n": len(data),
+    }
 
 
 def main(cfg: EvalConfig) -> dict:

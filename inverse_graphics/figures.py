@@ -27,8 +27,9 @@ def attention_figure(images, result, path, truth=None, n: int = 8) -> Path:
         present = np.nonzero(result.z_pres[i].cpu().numpy() > 0.5)[0]
         for box, t in zip(result.boxes[i].cpu().numpy(), present):
             x0, y0, x1, y1 = box - 0.5  # pixel edges -> imshow's pixel-centre coordinates
-            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5,
-                                       color=STEP_COLOURS[t % len(STEP_COLOURS)]))
+            ax.add_patch(
+                plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, color=STEP_COLOURS[t % len(STEP_COLOURS)])
+            )
         title = f"n={int(result.counts[i])}"
         if truth is not None:
             title += f" (true {int(truth[i])})"

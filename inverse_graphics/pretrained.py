@@ -47,3 +47,23 @@ def load_pretrained(name: str, device: str = "cpu") -> AIR:
     if not path.is_file():
         raise CheckpointError(f"pretrained weights {name!r} are not installed (expected {path})")
     return load(path, device=device, expect_model=WEIGHTS[name][1])
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, half: bool = True) -> Path:
+    """Write a shippable copy of a training checkpoint: the model's weights (float16 by default: half the size,
+    and `load` restores float32) and config, without the optimiser, the NVIL baseline or the RNG state."""
+    from inverse_graphics.checkpoint import save_atomic
+
+    ckpt = load_checkpoint(checkpoint)
+    keep = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("baseline.")}
+    if half:
+        keep = {k: v.half() if torch.is_floating_point(v) else v for k, v in keep.items()}
+    record = {k: ckpt[k] for k in ("model", "config")}
+    record.update(
+        state_dict=keep,
+        step=ckpt.get("step"),
+        train_time_s=ckpt.get("train_time_s"),
+        train_config=ckpt.get("train_config"),
+    )
+    save_atomic(record, out)
+    return Path(out)

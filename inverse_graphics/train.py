@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -149,7 +148,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     state = None
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, expect_model=("air", "dair"))
-        cfg = TrainConfig.from_dict({**state["train_config"], "out_dir": cfg.out_dir})
+        # The run's own config, except where it lives and its budgets, which a resume may extend.
+        overrides = {"out_dir": cfg.out_dir, "minutes": cfg.minutes, "steps": cfg.steps}
+        cfg = TrainConfig.from_dict({**state["train_config"], **overrides})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -188,7 +189,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         )
 
     def run_eval() -> dict:
-        rec = {"kind": "eval", "step": step, "train_time_s": round(train_time, 2), **evaluate(model, held_out, cfg.device)}
+        rec = {
+            "kind": "eval",
+            "step": step,
+            "train_time_s": round(train_time, 2),
+            **evaluate(model, held_out, cfg.device),
+        }
         write(rec)
         return rec
 
@@ -196,8 +202,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     model.train()
     last_eval = last_ckpt = train_time
-    bar = tqdm(total=None if budget_steps == math.inf else budget_steps, initial=step, disable=not progress,
-               desc=f"train {cfg.model}", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=None if budget_steps == math.inf else budget_steps,
+        initial=step,
+        disable=not progress,
+        desc=f"train {cfg.model}",
+        unit="step",
+        dynamic_ncols=True,
+    )
     rec = {}
     acc = {"elbo": 0.0, "count": 0.0, "n": 0}
     with _StopFlag() as flag:
@@ -216,8 +228,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             acc["n"] += 1
             bar.update(1)
             if step % cfg.log_every == 0:
-                write({"kind": "train", "step": step, "train_time_s": round(train_time, 2),
-                       "elbo": acc["elbo"] / acc["n"], "count": acc["count"] / acc["n"]})
+                write(
+                    {
+                        "kind": "train",
+                        "step": step,
+                        "train_time_s": round(train_time, 2),
+                        "elbo": acc["elbo"] / acc["n"],
+                        "count": acc["count"] / acc["n"],
+                    }
+                )
                 acc = {"elbo": 0.0, "count": 0.0, "n": 0}
             if train_time - last_eval >= cfg.eval_every_s:
                 rec = run_eval()
@@ -230,7 +249,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     checkpoint()
     rec = run_eval()
     x = torch.from_numpy(held_out.float_images(0, 8)).to(cfg.device)
-    attention_figure(x.cpu(), model.infer(x), out / "figures" / "attention.png", truth=held_out.counts[:8])
+    attention_figure(
+        x.cpu(), model.infer(x, reconstruct=True), out / "figures" / "attention.png", truth=held_out.counts[:8]
+    )
     log.close()
     if flag.stop:
         print(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")

@@ -96,9 +96,7 @@ def z_where_to_boxes(z_where: torch.Tensor, canvas_size: tuple[int, int]) -> tor
     """
     H, W = canvas_size
     s, x, y = z_where.unbind(-1)
-    return torch.stack(
-        [(x - s + 1) * W / 2, (y - s + 1) * H / 2, (x + s + 1) * W / 2, (y + s + 1) * H / 2], dim=-1
-    )
+    return torch.stack([(x - s + 1) * W / 2, (y - s + 1) * H / 2, (x + s + 1) * W / 2, (y + s + 1) * H / 2], dim=-1)
 
 
 def boxes_to_z_where(boxes: torch.Tensor, canvas_size: tuple[int, int]) -> torch.Tensor:

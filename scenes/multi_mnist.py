@@ -85,6 +85,4 @@ def generate(
             images[i, top : top + size, left : left + size] += _resize(digits.images[idx], size)
             labels[i, j] = digits.labels[idx]
             boxes[i, j] = (left, top, left + size, top + size)
-    return MultiMnist(
-        images=np.minimum(images, 255).astype(np.uint8), counts=scene_counts, labels=labels, boxes=boxes
-    )
+    return MultiMnist(images=np.minimum(images, 255).astype(np.uint8), counts=scene_counts, labels=labels, boxes=boxes)

@@ -37,7 +37,7 @@ def test_truncated_file_is_reported(tmp_path, data_dir):
     for name in mnist.FILES["test"]:
         shutil.copy(data_dir / "mnist" / name, tmp_path / "mnist" / name)
     path = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
-    path.write_bytes(path.read_bytes()[: 100_000])
+    path.write_bytes(path.read_bytes()[:100_000])
     with pytest.raises(mnist.DataNotFoundError, match="corrupt"):
         mnist.load_digits("test", tmp_path)
 

@@ -1,0 +1,114 @@
+"""Training entry point: a one-step smoke run, exact resume, checkpoints, the CLI, and loading errors."""
+
+import json
+
+import pytest
+import torch
+
+import inverse_graphics as ig
+from inverse_graphics.checkpoint import CheckpointError, load_checkpoint
+from inverse_graphics.cli import main as cli_main
+from inverse_graphics.train import TrainConfig, batch_indices, train, z_pres_prior_at
+
+
+def tiny(out, **kw) -> TrainConfig:
+    base = dict(
+        out_dir=str(out),
+        minutes=None,
+        steps=1,
+        batch_size=8,
+        n_train=64,
+        eval_n=16,
+        eval_every_s=1e9,
+        checkpoint_every_s=1e9,
+        log_every=1,
+        threads=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("model", ["air", "dair"])
+def test_one_step_smoke_run(tmp_path, data_dir, model):
+    rec = train(tiny(tmp_path, model=model), progress=False)
+    assert 0 <= rec["count_acc"] <= 1 and rec["step"] == 1
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["model"] == model and ckpt["train_config"]["model"] == model
+    assert json.loads((tmp_path / "config.json").read_text())["model"] == model
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "train" in kinds and "eval" in kinds
+    assert (tmp_path / "figures" / "attention.png").stat().st_size > 1000
+    assert isinstance(ig.load(tmp_path / "checkpoint.pt"), ig.AIR)
+
+
+def test_resume_continues_exactly(tmp_path, data_dir):
+    straight = tmp_path / "straight"
+    train(tiny(straight, steps=4), progress=False)
+    split = tmp_path / "split"
+    train(tiny(split, steps=2), progress=False)
+    cfg = tiny(split, steps=4)
+    train(cfg, resume=True, progress=False)
+    a = load_checkpoint(straight / "checkpoint.pt")
+    b = load_checkpoint(split / "checkpoint.pt")
+    assert a["step"] == b["step"] == 4
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = batch_indices(3, 10, 16, 1000)
+    assert torch.equal(a, batch_indices(3, 10, 16, 1000)) and not torch.equal(a, batch_indices(4, 10, 16, 1000))
+    epoch = torch.cat([batch_indices(0, i, 10, 100) for i in range(10)])
+    assert sorted(epoch.tolist()) == list(range(100))  # an epoch visits every scene once
+
+
+def test_prior_annealing_is_geometric():
+    cfg = TrainConfig(z_pres_prior=1e-5, z_pres_prior_start=0.99, anneal_steps=100)
+    assert z_pres_prior_at(cfg, 0) == pytest.approx(0.99)
+    assert z_pres_prior_at(cfg, 100) == pytest.approx(1e-5) == z_pres_prior_at(cfg, 1000)
+    assert z_pres_prior_at(cfg, 50) == pytest.approx((0.99 * 1e-5) ** 0.5)
+
+
+def test_cli_train_one_step(tmp_path, data_dir, capsys):
+    code = cli_main(
+        [
+            "train",
+            "air",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "1",
+            "--minutes",
+            "1",
+            "--batch-size",
+            "4",
+            "--n-train",
+            "32",
+            "--eval-n",
+            "8",
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
+    assert code == 0 and (tmp_path / "checkpoint.pt").exists()
+    assert "count_acc" in capsys.readouterr().out
+
+
+def test_truncated_and_foreign_checkpoints_are_refused(tmp_path, data_dir):
+    train(tiny(tmp_path), progress=False)
+    path = tmp_path / "checkpoint.pt"
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        ig.load(cut)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not an inverse-graphics checkpoint"):
+        ig.load(foreign)
+    with pytest.raises(CheckpointError, match="holds a 'air' model"):
+        ig.load(path, expect_model=("tabletop",))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ig.load(tmp_path / "nothing.pt")
+    with pytest.raises(KeyError, match="air-multi-mnist"):
+        ig.load_pretrained("no-such-model")
