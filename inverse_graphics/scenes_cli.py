@@ -56,9 +56,7 @@ def generate(cfg: GenerateConfig) -> Path:
     """
     if cfg.kind != "tabletop":
         raise ValueError(f"unknown scene kind {cfg.kind!r}; available: tabletop")
-    scenes = tabletop.sample_scenes(
-        cfg.n, seed=cfg.seed, min_objects=cfg.min_objects, max_objects=cfg.max_objects
-    )
+    scenes = tabletop.sample_scenes(cfg.n, seed=cfg.seed, min_objects=cfg.min_objects, max_objects=cfg.max_objects)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,9 +82,11 @@ def _context(egl_device: int | None):
             "the OpenGL renderer needs moderngl: pip install 'inverse-graphics[gl]'; "
             "or use the PyTorch3D renderer (backend='pytorch3d')"
         ) from err
-    kwargs = {} if egl_device is None else {"device_index": egl_device}
+    settings: dict[str, Any] = {"backend": "egl"}
+    if egl_device is not None:
+        settings["device_index"] = egl_device
     try:
-        return moderngl.create_standalone_context(backend="egl", **kwargs)
+        return moderngl.create_standalone_context(**settings)
     except Exception as err:  # moderngl/glcontext raise plain Exceptions naming the missing library
         raise OpenGLUnavailableError(
             f"no headless EGL context ({err}); install an EGL driver (GPU driver, or Mesa: apt-get install "
@@ -173,9 +176,7 @@ class OpenGLRenderer(torch.nn.Module):
         chunks = [np.zeros((0, 4, S, S), dtype=np.float32)]
         for i in range(0, B, tiles):
             chunk_albedo = None if albedo is None else albedo[i : i + tiles]
-            chunks.append(
-                self._render_tiles(ids[i : i + tiles], pos[i : i + tiles], yaw[i : i + tiles], chunk_albedo)
-            )
+            chunks.append(self._render_tiles(ids[i : i + tiles], pos[i : i + tiles], yaw[i : i + tiles], chunk_albedo))
         rgba = torch.from_numpy(np.concatenate(chunks))  # (B, 4, H, W)
         images = rgba[:, :3].clamp(0.0, 1.0).to(positions.device)
         return RenderOutput(images=images, object_mask=(rgba[:, 3] > 0.5).to(positions.device))

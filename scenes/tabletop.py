@@ -101,6 +101,10 @@ class SceneTensors:
     positions: torch.Tensor  # FloatTensor (B, N, 2): (x, y) in metres, zeros for empty slots
     yaws: torch.Tensor  # FloatTensor (B, N): radians, zeros for empty slots
 
+    def render(self, renderer: torch.nn.Module, colors: torch.Tensor | None = None):
+        """renderer(shape_ids, positions, yaws, colors): the RenderOutput of any tabletop renderer."""
+        return renderer(self.shape_ids, self.positions, self.yaws, colors)
+
 
 def _object_from_dict(index: int, data: object) -> TableObject:
     if not isinstance(data, dict) or set(data) != {"shape", "position", "yaw"}:
@@ -141,12 +145,13 @@ def _sample_object(rng: np.random.Generator, placed: list[np.ndarray]):
     """(object, its footprint) that fits beside the `placed` footprints, or None after 100 rejected tries."""
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     for _ in range(100):
-        position = tuple(float(p) for p in rng.uniform(-TABLE_HALF_SIZE, TABLE_HALF_SIZE, size=2))
+        x, y = rng.uniform(-TABLE_HALF_SIZE, TABLE_HALF_SIZE, size=2)
+        position = (float(x), float(y))
         yaw = float(rng.uniform(-math.pi, math.pi))
         polygon = footprint(shape, position, yaw)
         inside = np.abs(polygon).max() <= TABLE_HALF_SIZE - MIN_GAP
         if inside and not any(footprints_overlap(polygon, other, gap=MIN_GAP) for other in placed):
-            return TableObject(shape, (position[0], position[1]), yaw), polygon
+            return TableObject(shape, position, yaw), polygon
     return None
 
 
@@ -216,9 +221,7 @@ def tensors_to_scenes(tensors: SceneTensors) -> list[Scene]:
     scenes = []
     rows = zip(tensors.shape_ids.tolist(), tensors.positions.tolist(), tensors.yaws.tolist(), strict=True)
     for ids, pos, yaw in rows:
-        objects = [
-            TableObject(SHAPES[k], (p[0], p[1]), y) for k, p, y in zip(ids, pos, yaw, strict=True) if k >= 0
-        ]
+        objects = [TableObject(SHAPES[k], (p[0], p[1]), y) for k, p, y in zip(ids, pos, yaw, strict=True) if k >= 0]
         scenes.append(Scene(tuple(objects)))
     return scenes
 
@@ -275,9 +278,7 @@ def render_scenes(
     return make_renderer(image_size, mode)(t.shape_ids, t.positions, t.yaws, colors).images
 
 
-def perturb_poses(
-    t: SceneTensors, seed: int, position_sigma: float = 0.02, yaw_sigma: float = 0.3
-) -> SceneTensors:
+def perturb_poses(t: SceneTensors, seed: int, position_sigma: float = 0.02, yaw_sigma: float = 0.3) -> SceneTensors:
     """The same objects with Gaussian pose noise (metres, radians): targets for render-and-compare checks."""
     g = torch.Generator().manual_seed(seed)
     d_pos = torch.randn(t.positions.shape, generator=g) * position_sigma
@@ -300,4 +301,6 @@ def pose_gradients(
     yaws = t.yaws.detach().clone().requires_grad_(True)
     images = renderer(t.shape_ids, positions, yaws).images
     ((images - target) ** 2).sum().backward()
+    if positions.grad is None or yaws.grad is None:  # nothing on any table: the image ignores the poses
+        return torch.zeros_like(positions), torch.zeros_like(yaws)
     return positions.grad, yaws.grad

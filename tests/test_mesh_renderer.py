@@ -27,7 +27,7 @@ def scenes_and_gradients():
     differences of the hard render at about one pixel of motion."""
     t = tabletop.scenes_to_tensors(tabletop.sample_scenes(8, seed=11, min_objects=1, max_objects=3))
     hard = tabletop.make_renderer(64)
-    target = hard(*tabletop.perturb_poses(t, seed=0).__dict__.values()).images
+    target = tabletop.perturb_poses(t, seed=0).render(hard).images
     grads = {
         "soft": tabletop.pose_gradients(tabletop.make_renderer(64, "soft"), t, target),
         "hard": tabletop.pose_gradients(hard, t, target),
@@ -94,9 +94,7 @@ def test_hard_autograd_misses_silhouettes_which_is_why_soft_mode_exists(scenes_a
 def test_yaw_gradient_of_rotationally_symmetric_shapes_is_about_zero(shape):
     scene = Scene((TableObject(shape, (-0.05, 0.0), 0.3), TableObject("box", (0.12, 0.05), 0.5)))
     t = tabletop.scenes_to_tensors([scene])
-    target = tabletop.make_renderer(64)(
-        *tabletop.perturb_poses(t, seed=1, yaw_sigma=0.5).__dict__.values()
-    ).images
+    target = tabletop.perturb_poses(t, seed=1, yaw_sigma=0.5).render(tabletop.make_renderer(64)).images
     for renderer in (
         tabletop.make_renderer(64, "soft"),
         FiniteDifferenceRenderer(tabletop.make_renderer(64)),

@@ -13,9 +13,7 @@ from renderers.finite_difference import FiniteDifferenceRenderer
 from scenes import tabletop
 
 UNAVAILABLE = opengl.opengl_available()
-requires_egl = pytest.mark.skipif(
-    UNAVAILABLE is not None, reason=f"OpenGL renderer unavailable: {UNAVAILABLE}"
-)
+requires_egl = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"OpenGL renderer unavailable: {UNAVAILABLE}")
 
 
 def _both(scenes, image_size=64, colors=False):
@@ -42,9 +40,7 @@ def test_matches_the_pytorch3d_hard_renderer(image_size, colors):
 def test_batches_larger_than_one_framebuffer_and_empty_batches():
     scenes = tabletop.sample_scenes(5, seed=1)
     t = tabletop.scenes_to_tensors(scenes)
-    small = opengl.OpenGLRenderer(
-        tabletop.library(), tabletop.make_stage(), opengl.OpenGLSettings(max_tiles=2)
-    )
+    small = opengl.OpenGLRenderer(tabletop.library(), tabletop.make_stage(), opengl.OpenGLSettings(max_tiles=2))
     images = small(t.shape_ids, t.positions, t.yaws).images
     one_framebuffer = tabletop.make_renderer(64, backend="opengl")(t.shape_ids, t.positions, t.yaws).images
     assert (images - one_framebuffer).abs().max() < 1e-5  # float rounding differs with the tile's offset
@@ -55,7 +51,7 @@ def test_batches_larger_than_one_framebuffer_and_empty_batches():
 @requires_egl
 def test_finite_differences_around_opengl_match_those_around_pytorch3d():
     t = tabletop.scenes_to_tensors(tabletop.sample_scenes(4, seed=4, min_objects=1, max_objects=3))
-    target = tabletop.make_renderer(64)(*tabletop.perturb_poses(t, seed=3).__dict__.values()).images
+    target = tabletop.perturb_poses(t, seed=3).render(tabletop.make_renderer(64)).images
     grads = [
         tabletop.pose_gradients(FiniteDifferenceRenderer(tabletop.make_renderer(64, backend=b)), t, target)
         for b in ("pytorch3d", "opengl")

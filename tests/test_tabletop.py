@@ -45,9 +45,7 @@ def test_sampled_objects_do_not_interpenetrate_by_an_independent_point_test():
     """Footprints rasterised on a 2 mm grid never share a point (independent of the separating-axis test)."""
     grid = np.stack(np.meshgrid(*[np.arange(-0.25, 0.25, 0.002)] * 2), -1).reshape(-1, 2)
     for scene in tabletop.sample_scenes(30, seed=2, min_objects=3, max_objects=5):
-        inside = [
-            PolygonPath(footprint(o.shape, o.position, o.yaw)).contains_points(grid) for o in scene.objects
-        ]
+        inside = [PolygonPath(footprint(o.shape, o.position, o.yaw)).contains_points(grid) for o in scene.objects]
         assert np.sum(inside, axis=0).max() <= 1
         tabletop.validate_scene(scene)
 
@@ -65,9 +63,7 @@ def test_json_round_trip_in_the_documented_format():
         assert tabletop.scene_from_json(text) == scene
         data = json.loads(text)
         assert set(data) == {"objects"}
-        assert all(
-            set(o) == {"shape", "position", "yaw"} and len(o["position"]) == 2 for o in data["objects"]
-        )
+        assert all(set(o) == {"shape", "position", "yaw"} and len(o["position"]) == 2 for o in data["objects"])
 
 
 def test_tensor_round_trip_pads_empty_slots():
@@ -77,9 +73,7 @@ def test_tensor_round_trip_pads_empty_slots():
     back = tabletop.tensors_to_scenes(t)
     for a, b in zip(scenes, back, strict=True):
         assert [o.shape for o in a.objects] == [o.shape for o in b.objects]
-        np.testing.assert_allclose(
-            [o.position for o in a.objects] or 0, [o.position for o in b.objects] or 0, 1e-6
-        )
+        np.testing.assert_allclose([o.position for o in a.objects] or 0, [o.position for o in b.objects] or 0, 1e-6)
 
 
 @pytest.mark.parametrize(
@@ -155,9 +149,7 @@ def test_render_scenes_shapes_range_and_useful_object_sizes():
 
 def test_camera_convention_x_right_y_away():
     """An object at +x appears right of one at -x; one at +y (away from the camera) appears higher."""
-    t = tabletop.scenes_to_tensors(
-        [Scene((TableObject("cube", p, 0.0),)) for p in [(-0.15, 0), (0.15, 0), (0, 0.15)]]
-    )
+    t = tabletop.scenes_to_tensors([Scene((TableObject("cube", p, 0.0),)) for p in [(-0.15, 0), (0.15, 0), (0, 0.15)]])
     mask = tabletop.make_renderer(64)(t.shape_ids, t.positions, t.yaws).object_mask.float()
     cols = (mask.sum(1) * torch.arange(64)).sum(1) / mask.sum((1, 2))
     rows = (mask.sum(2) * torch.arange(64)).sum(1) / mask.sum((1, 2))
