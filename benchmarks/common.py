@@ -37,9 +37,10 @@ def git_commit() -> str:
 
 
 def command() -> str:
-    return "python -m " + " ".join(
-        [Path(sys.argv[0]).stem if sys.argv[0].endswith(".py") else sys.argv[0], *map(shlex.quote, sys.argv[1:])]
-    )
+    """How this benchmark was started, as `python -m benchmarks.NAME ARGS`."""
+    script = Path(sys.argv[0])
+    name = f"benchmarks.{script.stem}" if script.suffix == ".py" else sys.argv[0]
+    return " ".join(["python -m", name, *map(shlex.quote, sys.argv[1:])])
 
 
 def provenance() -> dict:

@@ -47,10 +47,17 @@ class GatedRecurrence(nn.Module):
         """One step: image_gates (B, 4 hidden), step_input (B, step_dim), state (h, c) each (B, hidden)."""
         h, c = state
         gates = image_gates + self.step_proj(torch.cat([step_input, h], dim=1))
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        return h, c
+        return lstm_update(gates, c, self.hidden)
+
+
+def lstm_update(gates: torch.Tensor, c: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSTM's state update from pre-activations (B, 4 hidden) ordered (input, forget, output, cell), so that the
+    three sigmoid gates are one contiguous slice. Returns (h, c), each (B, hidden)."""
+    ifo = torch.sigmoid(gates[:, : 3 * hidden])
+    g = torch.tanh(gates[:, 3 * hidden :])
+    c = ifo[:, hidden : 2 * hidden] * c + ifo[:, :hidden] * g
+    h = ifo[:, 2 * hidden :] * torch.tanh(c)
+    return h, c
 
 
 class WhereHead(nn.Module):

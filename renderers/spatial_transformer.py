@@ -23,6 +23,10 @@ __all__ = [
 MIN_SCALE = 1e-3  # guards 1 / s; no window of a useful model is smaller than a thousandth of the canvas
 
 
+# (s, x, y) @ _READ_BASIS = [s, 0, x, 0, s, y]: the read transform in one matmul (it is on the inference hot path)
+_READ_BASIS = torch.tensor([[1.0, 0, 0, 0, 1, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1]])
+
+
 def canvas_to_window_theta(z_where: torch.Tensor) -> torch.Tensor:
     """Affine map taking window coordinates to canvas coordinates (used to *read* a window from a canvas).
 
@@ -32,9 +36,8 @@ def canvas_to_window_theta(z_where: torch.Tensor) -> torch.Tensor:
         FloatTensor (N, 2, 3) `theta` such that canvas = theta @ [v, 1] for a window point v:
         [[s, 0, x], [0, s, y]].
     """
-    s, x, y = z_where.unbind(-1)
-    zero = torch.zeros_like(s)
-    return torch.stack([s, zero, x, zero, s, y], dim=-1).view(-1, 2, 3)
+    basis = _READ_BASIS.to(device=z_where.device, dtype=z_where.dtype)
+    return (z_where @ basis).view(-1, 2, 3)
 
 
 def window_to_canvas_theta(z_where: torch.Tensor) -> torch.Tensor:

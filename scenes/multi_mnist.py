@@ -2,8 +2,10 @@
 
 Recipe: the number of digits is drawn uniformly from `counts`; each 28x28 digit is resized to
 int(28 / scale) pixels with scale ~ N(1.3, 0.1) (bilinear), placed with its square box uniformly at random fully
-inside the canvas, and overlapping digits are summed and clipped to 255. Pyro instead redraws scenes whose sum
-exceeds 255; we keep overlaps (DESIGN.md), so heavily overlapping pairs are part of the test set.
+inside the canvas, and overlapping digits are summed and clipped to 255 (`overlap="clip"`, the default, as
+DESIGN.md asks). Pyro's generator instead redraws a scene whose summed ink exceeds 255 anywhere
+(`overlap="reject"`): that removes nearly every pair whose strokes cross, i.e. most pairs whose centres are within
+~8 px, which are the scenes where counting is genuinely ambiguous. Benchmarks say which one they use.
 Train scenes use MNIST train digits and test scenes MNIST test digits (the caller passes the `Digits`).
 """
 
@@ -56,6 +58,7 @@ def generate(
     rng: np.random.Generator,
     counts: Sequence[int] = (0, 1, 2),
     canvas_size: int = CANVAS_SIZE,
+    overlap: str = "clip",
 ) -> MultiMnist:
     """Compose `n` multi-MNIST scenes.
 
@@ -65,7 +68,11 @@ def generate(
         rng: the only source of randomness.
         counts: the allowed digit counts, drawn uniformly (e.g. (0, 1, 3) for interpolation experiments).
         canvas_size: side of the square canvas in pixels.
+        overlap: "clip" (sum and clip overlapping ink) or "reject" (redraw scenes whose summed ink exceeds 255,
+            as Pyro's examples/air does).
     """
+    if overlap not in ("clip", "reject"):
+        raise ValueError(f"overlap must be 'clip' or 'reject', got {overlap!r}")
     counts_arr = np.asarray(sorted(set(int(c) for c in counts)), dtype=np.int64)
     if len(counts_arr) == 0 or counts_arr.min() < 0:
         raise ValueError(f"counts must be a non-empty set of non-negative integers, got {counts}")
@@ -77,12 +84,16 @@ def generate(
     labels = np.full((n, M), -1, dtype=np.int64)
     boxes = np.full((n, M, 4), np.nan, dtype=np.float32)
     for i, k in enumerate(scene_counts):
-        for j in range(k):
-            idx = rng.integers(len(digits))
-            scale = SCALE_MEAN + SCALE_SD * rng.standard_normal()
-            size = int(np.clip(int(DIGIT_SIZE / max(scale, 1e-3)), MIN_SIZE, canvas_size))
-            left, top = rng.integers(0, canvas_size - size + 1, size=2)
-            images[i, top : top + size, left : left + size] += _resize(digits.images[idx], size)
-            labels[i, j] = digits.labels[idx]
-            boxes[i, j] = (left, top, left + size, top + size)
+        while True:
+            images[i] = 0
+            for j in range(k):
+                idx = rng.integers(len(digits))
+                scale = SCALE_MEAN + SCALE_SD * rng.standard_normal()
+                size = int(np.clip(int(DIGIT_SIZE / max(scale, 1e-3)), MIN_SIZE, canvas_size))
+                left, top = rng.integers(0, canvas_size - size + 1, size=2)
+                images[i, top : top + size, left : left + size] += _resize(digits.images[idx], size)
+                labels[i, j] = digits.labels[idx]
+                boxes[i, j] = (left, top, left + size, top + size)
+            if overlap == "clip" or images[i].max() <= 255:
+                break
     return MultiMnist(images=np.minimum(images, 255).astype(np.uint8), counts=scene_counts, labels=labels, boxes=boxes)

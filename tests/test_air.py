@@ -109,3 +109,16 @@ def test_accepts_channel_dim_and_float64(model):
     out = model.infer(torch.rand(2, 1, 50, 50, dtype=torch.float64))
     assert out.counts.shape == (2,) and out.counts.dtype == torch.long
     assert len(out.boxes) == 2 and all(b.shape[1] == 4 for b in out.boxes)
+
+
+def test_fast_inference_path_matches_the_guide(model):
+    x = torch.rand(32, 50, 50) * torch.linspace(0, 1, 32)[:, None, None]
+    with torch.no_grad():
+        model.where_head.fc.weight[0].mul_(100.0)
+        model.where_head.fc.bias[0] -= torch.logit(model.guide(x, sample=False).pres_prob[:, 0]).median()
+        ref = model.guide(x, sample=False)  # now a mix of present and absent objects
+        fast = model.guide_fast(x)
+    assert (ref.z_pres == 0).any() and (ref.z_pres == 1).any()
+    assert torch.equal(fast.z_pres, ref.z_pres)
+    for name in ("z_where", "z_what", "pres_prob"):
+        assert_close(getattr(fast, name), getattr(ref, name), atol=1e-5, msg=name)
