@@ -92,3 +92,16 @@ def test_multi_mnist_is_deterministic_per_seed():
 def test_multi_mnist_bad_counts():
     with pytest.raises(ValueError, match="counts"):
         multi_mnist.generate(mnist.load_sample(), 5, np.random.default_rng(0), counts=())
+
+
+def test_reject_mode_removes_crossing_strokes():
+    # Pyro's rule redraws scenes whose summed ink exceeds 255: nearly coincident digit pairs disappear.
+    digits = mnist.load_sample()
+    close = {}
+    for mode in ("clip", "reject"):
+        data = multi_mnist.generate(digits, 600, np.random.default_rng(1), counts=(2,), overlap=mode)
+        centres = (data.boxes[:, :, :2] + data.boxes[:, :, 2:]) / 2  # (N, 2, 2)
+        close[mode] = (np.abs(centres[:, 0] - centres[:, 1]).max(1) < 4).mean()
+    assert close["clip"] > 0.01 and close["reject"] < close["clip"] / 5, close
+    with pytest.raises(ValueError, match="overlap"):
+        multi_mnist.generate(digits, 1, np.random.default_rng(0), overlap="maybe")
