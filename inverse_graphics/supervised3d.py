@@ -1,0 +1,215 @@
+"""The supervised baseline for tabletop scenes: a CNN that regresses K slots of (presence, identity, position, yaw)
+from labelled renders, trained with Hungarian matching between slots and true objects.
+
+Why matching: a fixed slot order (say, objects sorted by x) makes the target jump when two objects swap order,
+and a network cannot fit a discontinuous function of the image. Matching each image's true objects to the slots
+that explain them best (DETR, Carion et al. 2020) lets every slot specialise freely. The matching cost of a
+(slot, object) pair is exactly the loss that pairing adds (see `pair_costs`), so the assignment minimises the loss.
+
+Yaw without a wrap-around, and with the symmetry of each shape. A shape that looks the same after a turn of
+2 pi / m (m = 4 for the cube, 2 for the box, 1 for the wedge) is given the target (cos m yaw, sin m yaw), which is
+the same for all m equivalent yaws: a function of the image, continuous, free of the wrap at +-pi. Plain
+(cos yaw, sin yaw) gives a cube four targets for one image; a regressor then predicts their mean, near (0, 0), and
+its yaw is noise. `symmetric_yaw=False` trains that plain encoding, as the naive baseline for the paper's claim
+that a supervised network struggles with multimodal rotation. Each slot predicts one vector per shape and the loss
+uses the true shape's; spheres and upright cylinders (any yaw) have no yaw loss and are reported with yaw 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from inverse_graphics.modules3d import ConvEncoder, SlotHead, SlotOutput
+from inverse_graphics.refine import RefineConfig, clamp_to_table, refine
+from scenes import tabletop
+from scenes.tabletop import SceneTensors
+from scenes.tabletop_objects import SHAPES, YAW_PERIOD
+
+__all__ = [
+    "MODEL_KIND",
+    "SupervisedConfig",
+    "LossWeights",
+    "SceneInference",
+    "SupervisedRegressor",
+    "yaw_orders",
+    "pair_costs",
+    "match_slots",
+    "matched_loss",
+]
+
+MODEL_KIND = "supervised-tabletop"  # checkpoint "model" field
+
+
+def yaw_orders(symmetric: bool) -> torch.Tensor:
+    """LongTensor (S,): the m of each shape's yaw code (cos m yaw, sin m yaw); 0 for shapes with any-yaw symmetry.
+
+    symmetric: m = 2 pi / the shape's yaw period (cube 4, box 2, wedge 1); otherwise m = 1 for every shape
+    with a yaw.
+    """
+    periods = [YAW_PERIOD[s] for s in SHAPES]
+    return torch.tensor([0 if p == 0.0 else round(2 * math.pi / p) if symmetric else 1 for p in periods])
+
+
+@dataclass
+class SupervisedConfig:
+    """The regressor's architecture; saved in checkpoints."""
+
+    image_size: int = 64  # H = W of the input renders
+    slots: int = 3  # K, the most objects it can report (>= the most objects in any training scene)
+    channels: tuple[int, ...] = (32, 64, 128, 128)  # stride-2 convolutions, one per entry
+    embed_dim: int = 256  # width of the image embedding
+    symmetric_yaw: bool = True  # yaw code per shape symmetry (see module docstring); False: plain (cos, sin)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SupervisedConfig:
+        return cls(**{**d, "channels": tuple(d["channels"])})
+
+
+@dataclass
+class LossWeights:
+    """Weights and scales of the matched loss (per matched object, summed over objects, averaged over images)."""
+
+    position_scale: float = 0.01  # metres: Huber loss on position error in these units (1 cm ~ 1 pixel at 64)
+    position: float = 1.0  # weight of the position term
+    identity: float = 1.0  # weight of the shape cross-entropy
+    yaw: float = 1.0  # weight of the squared error of the yaw vector
+
+
+@dataclass(frozen=True)
+class SceneInference:
+    """What `infer` returns (the 3D counterpart of the 2D models' InferenceResult)."""
+
+    scenes: list[dict]  # B scenes in the tabletop JSON format of DESIGN.md
+    counts: torch.Tensor  # LongTensor (B,): objects in each scene
+    presence: torch.Tensor  # FloatTensor (B, K): each slot's probability of holding an object
+    extras: dict = field(default_factory=dict)  # e.g. the unrefined scenes when refinement ran
+
+
+class SupervisedRegressor(nn.Module):
+    """CNN regressor: renders (B, 3, H, W) -> K slots (modules3d.SlotOutput)."""
+
+    yaw_order: torch.Tensor  # LongTensor (S,), see yaw_orders
+
+    def __init__(self, config: SupervisedConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = ConvEncoder(config.image_size, config.channels, config.embed_dim)
+        self.head = SlotHead(config.embed_dim, config.slots, len(SHAPES), tabletop.TABLE_HALF_SIZE)
+        self.register_buffer("yaw_order", yaw_orders(config.symmetric_yaw), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> SlotOutput:
+        """images FloatTensor (B, 3, H, W) in [0, 1] -> SlotOutput."""
+        S = self.config.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, S, S):
+            raise ValueError(f"expected images (B, 3, {S}, {S}) in [0, 1], got {tuple(images.shape)}")
+        return self.head(self.encoder(images))
+
+    def decode(self, out: SlotOutput, threshold: float = 0.5) -> SceneTensors:
+        """Slots -> padded scene tensors (B, K): present slots with their most probable shape, the position
+        clamped so the footprint lies on the table, and the yaw decoded from that shape's vector."""
+        present = torch.sigmoid(out.presence_logits) > threshold  # (B, K)
+        shape_ids = out.shape_logits.argmax(-1)  # (B, K)
+        index = shape_ids[..., None, None].expand(-1, -1, 1, 2)  # (B, K, 1, 2)
+        c, s = out.yaw_vectors.gather(2, index).squeeze(2).unbind(-1)  # (B, K) each
+        order = self.yaw_order[shape_ids]  # (B, K)
+        yaws = torch.where(order > 0, torch.atan2(s, c) / order.clamp(min=1), torch.zeros_like(c))
+        shape_ids = torch.where(present, shape_ids, torch.full_like(shape_ids, -1))
+        return SceneTensors(shape_ids, clamp_to_table(shape_ids, out.positions, yaws), yaws)
+
+    @torch.no_grad()
+    def infer(self, images: torch.Tensor, refine_steps: int = 0, threshold: float = 0.5) -> SceneInference:
+        """Scenes from renders.
+
+        Args:
+            images: FloatTensor (B, 3, H, W) in [0, 1].
+            refine_steps: K steps of render-and-compare refinement (inverse_graphics.refine); 0: none.
+            threshold: presence probability above which a slot reports an object.
+        """
+        out = self(images)
+        t = self.decode(out, threshold)
+        scenes = [s.to_dict() for s in tabletop.tensors_to_scenes(t)]
+        extras = {}
+        if refine_steps > 0:
+            extras["unrefined"] = scenes
+            with torch.enable_grad():
+                scenes = refine(scenes, images, RefineConfig(steps=refine_steps))
+        counts = (t.shape_ids >= 0).sum(1)
+        return SceneInference(scenes, counts, torch.sigmoid(out.presence_logits), extras)
+
+
+def pair_costs(out: SlotOutput, labels: SceneTensors, yaw_order: torch.Tensor, w: LossWeights) -> torch.Tensor:
+    """The loss each (slot, true object) pairing adds, relative to leaving the slot empty.
+
+    Presence: BCE(logit, 1) - BCE(logit, 0) = -logit. Identity: cross-entropy. Position: Huber in units of
+    `w.position_scale`. Yaw: squared error of the slot's vector for the true shape against (cos m yaw, sin m yaw).
+
+    Args:
+        out: SlotOutput with B images and K slots; labels: SceneTensors with N slots (-1 shape ids: no object).
+        yaw_order: LongTensor (S,) from `yaw_orders`.
+    Returns:
+        FloatTensor (B, K, N), differentiable in `out`.
+    """
+    B, K, N = out.positions.shape[0], out.positions.shape[1], labels.shape_ids.shape[1]
+    ids = labels.shape_ids.clamp(min=0)  # (B, N)
+    identity = -F.log_softmax(out.shape_logits, -1).gather(2, ids[:, None, :].expand(B, K, N))  # (B, K, N)
+    delta = (out.positions[:, :, None] - labels.positions[:, None]) / w.position_scale  # (B, K, N, 2)
+    position = F.huber_loss(delta, torch.zeros_like(delta), reduction="none").sum(-1)  # (B, K, N)
+    m = yaw_order[ids].to(labels.yaws)  # (B, N)
+    target = torch.stack([torch.cos(m * labels.yaws), torch.sin(m * labels.yaws)], -1)  # (B, N, 2)
+    vectors = out.yaw_vectors.gather(2, ids[:, None, :, None].expand(B, K, N, 2))  # (B, K, N, 2)
+    yaw = ((vectors - target[:, None]) ** 2).sum(-1) * (m > 0)[:, None, :]  # (B, K, N)
+    presence = -out.presence_logits[:, :, None]  # (B, K, 1)
+    return presence + w.identity * identity + w.position * position + w.yaw * yaw
+
+
+def match_slots(costs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Hungarian assignment of each image's true objects to distinct slots.
+
+    Args:
+        costs: FloatTensor (B, K, N) pair costs (only compared, never differentiated).
+        valid: BoolTensor (B, N), True where the label slot holds an object.
+    Returns:
+        BoolTensor (B, K, N): True for the matched (slot, object) pairs; every valid object is matched once.
+    """
+    B, K, N = costs.shape
+    most = int(valid.sum(1).max()) if B else 0
+    if most > K:
+        raise ValueError(f"a scene has {most} objects but the regressor has only {K} slots")
+    matched = torch.zeros(B, K, N, dtype=torch.bool)
+    cost = costs.detach().cpu().numpy()
+    for b, cols in enumerate(valid.cpu().numpy()):
+        objects = np.flatnonzero(cols)
+        rows, picked = linear_sum_assignment(cost[b][:, objects])
+        matched[b, rows, objects[picked]] = True
+    return matched.to(costs.device)
+
+
+def matched_loss(
+    out: SlotOutput, labels: SceneTensors, yaw_order: torch.Tensor, w: LossWeights
+) -> tuple[torch.Tensor, dict]:
+    """Mean over images of: BCE(presence, 0) over all slots + the pair costs of the matched pairs.
+
+    Returns the scalar loss and float statistics (per matched object: identity accuracy, position error in mm).
+    """
+    costs = pair_costs(out, labels, yaw_order, w)  # (B, K, N)
+    matched = match_slots(costs, labels.shape_ids >= 0)  # (B, K, N)
+    loss = (F.softplus(out.presence_logits).sum(1) + (costs * matched).sum((1, 2))).mean()
+    stats: dict = {"loss": float(loss.detach())}
+    with torch.no_grad():
+        slot, obj = matched.any(2), matched.float().argmax(2)  # (B, K) matched slots and their objects
+        if slot.any():
+            true_ids = labels.shape_ids.gather(1, obj)[slot]
+            true_xy = labels.positions.gather(1, obj[..., None].expand(-1, -1, 2))[slot]
+            stats["identity_acc"] = float((out.shape_logits.argmax(-1)[slot] == true_ids).float().mean())
+            stats["position_error_mm"] = 1000 * float((out.positions[slot] - true_xy).norm(dim=-1).mean())
+    return loss, stats
