@@ -12,8 +12,9 @@ once (the paper and Pyro feed raw pixels to the LSTM at every step); the model i
 
 Objective: the ELBO, reparameterised for z_where and z_what (KLs in closed form), REINFORCE for z_pres with
 per-step learned baselines (NVIL, Mnih & Gregor 2014): the learning signal of z_pres_t is everything downstream of
-it (the likelihood, and the KL terms of steps >= t), centred by a running mean and an input-dependent baseline,
-and scaled by a running standard deviation. Steps after the first z_pres = 0 are masked out of every term.
+it (the likelihood, and the KL terms of steps >= t), centred by a running mean and an input-dependent baseline
+(NVIL's variance normalisation is left out: see `loss`). Steps after the first z_pres = 0 are masked out of every
+term.
 """
 
 from __future__ import annotations
@@ -149,6 +150,10 @@ def reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
 class AIR(nn.Module):
     """AIR (or DAIR with `config.difference_input`). See the module docstring for the model."""
 
+    where_prior_loc: torch.Tensor  # buffers, declared for the type checker
+    where_prior_scale: torch.Tensor
+    signal_mean: torch.Tensor
+
     def __init__(self, config: AIRConfig | None = None):
         super().__init__()
         cfg = self.config = config or AIRConfig()
@@ -162,9 +167,8 @@ class AIR(nn.Module):
         self.baseline = Baseline(n_pixels, step_dim, cfg.baseline_hidden)
         self.register_buffer("where_prior_loc", torch.tensor(cfg.where_prior_loc))
         self.register_buffer("where_prior_scale", torch.tensor(cfg.where_prior_scale))
-        # NVIL's input-independent baseline (per step) and signal variance, as running averages.
+        # NVIL's input-independent baseline: a running mean of each step's learning signal.
         self.register_buffer("signal_mean", torch.zeros(cfg.max_steps))
-        self.register_buffer("signal_var", torch.ones(()))
         self._init_where_head()
 
     def _init_where_head(self) -> None:
@@ -216,14 +220,15 @@ class AIR(nn.Module):
         state = (zeros, zeros)
         prev = torch.cat([images.new_zeros(B, 3 + cfg.z_what_dim), images.new_ones(B, 1)], dim=1)
         prev_pres = images.new_ones(B)
-        steps, inputs = [], []
-        recon = images.new_zeros(images.shape) if cfg.difference_input else None
+        steps: list[GuideStep] = []
+        inputs: list[torch.Tensor] = []
+        recon = images.new_zeros(images.shape)  # used by DAIR only
         for _ in range(cfg.max_steps):
             inputs.append(prev)
             if cfg.difference_input and steps:  # DAIR: the recurrence sees what is left to explain
                 image_gates = self.rnn.image_gates(self.encoder(images - recon))
             step = self.guide_step(images, image_gates, prev, prev_pres, state, sample)
-            if recon is not None:
+            if cfg.difference_input:
                 recon = recon + self.render_step(step.z_pres, step.z_where, step.z_what)
             steps.append(step)
             state, prev_pres = step.state, step.z_pres
@@ -316,7 +321,7 @@ class AIR(nn.Module):
         surrogate = elbo + score_function_surrogate(log_q, centred, baseline, active=prev)
         baseline_loss = (prev * (baseline - centred) ** 2).sum(1).mean()
         if self.training:
-            self._update_signal_stats(centred, baseline.detach(), prev)
+            self._update_signal_mean(centred, prev)
         loss = -surrogate.mean() + baseline_loss
         stats = {
             "elbo": elbo.mean().item(),
@@ -327,11 +332,9 @@ class AIR(nn.Module):
         return loss, stats
 
     @torch.no_grad()
-    def _update_signal_stats(self, centred: torch.Tensor, baseline: torch.Tensor, active: torch.Tensor) -> None:
+    def _update_signal_mean(self, centred: torch.Tensor, active: torch.Tensor) -> None:
         n = active.sum(0).clamp(min=1)  # (T,)
-        self.signal_mean += 0.1 * (centred * active).sum(0) / n  # running mean of the signal, per step
-        resid = (centred - baseline) * active
-        self.signal_var.lerp_((resid**2).sum() / active.sum().clamp(min=1), 0.1)
+        self.signal_mean += 0.1 * (centred * active).sum(0) / n  # moves the running mean 10% towards the batch's
 
     # ----------------------------------------------------------------------------------------- inference
     @torch.inference_mode()

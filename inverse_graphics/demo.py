@@ -51,6 +51,7 @@ def main(cfg: DemoConfig) -> dict:
         f"({len(data) / seconds:,.0f} images/s)"
     )
     first = slice(0, cfg.n)
+    assert out.recon is not None
     sub = type(out)(
         out.counts[first],
         out.z_pres[first],

@@ -40,7 +40,7 @@ def read_image(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]
     except (OSError, UnidentifiedImageError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
     if grey.size != (size, size):
-        grey = grey.resize((size, size), Image.BILINEAR)
+        grey = grey.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(grey, dtype=np.float32) / 255.0
     if arr.mean() > 0.5:
         print(
@@ -55,7 +55,7 @@ def overlay(image: np.ndarray, boxes: np.ndarray, steps: list[int], path: Path) 
     """Save image (H, W) in [0, 1], enlarged, with boxes (n, 4) in its own pixels drawn on it."""
     H, W = image.shape
     im = Image.fromarray((image * 255).astype(np.uint8)).convert("RGB")
-    im = im.resize((W * OVERLAY_SCALE, H * OVERLAY_SCALE), Image.NEAREST)
+    im = im.resize((W * OVERLAY_SCALE, H * OVERLAY_SCALE), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(im)
     for box, t in zip(boxes, steps):
         colour = BOX_COLOURS[t % len(BOX_COLOURS)]

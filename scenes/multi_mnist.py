@@ -49,7 +49,7 @@ class MultiMnist:
 
 
 def _resize(digit: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(digit).resize((size, size), Image.BILINEAR), dtype=np.uint16)
+    return np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint16)
 
 
 def generate(
