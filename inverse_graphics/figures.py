@@ -31,7 +31,7 @@ def attention_figure(images, result, path, truth=None, n: int = 8) -> Path:
                 plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, color=STEP_COLOURS[t % len(STEP_COLOURS)])
             )
         title = f"n={int(result.counts[i])}"
-        if truth is not None:
+        if truth is not None and truth[i] >= 0:
             title += f" (true {int(truth[i])})"
         ax.set_title(title, fontsize=8)
         axes[1, i].imshow(result.recon[i].cpu().clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)

@@ -111,8 +111,9 @@ def make_data(cfg: TrainConfig) -> tuple[multi_mnist.MultiMnist, multi_mnist.Mul
 
 @torch.no_grad()
 def evaluate(model: AIR, data: multi_mnist.MultiMnist, device: str, batch_size: int = 500) -> dict:
-    """Count accuracy (the most probable count) and a one-sample ELBO per image on held-out scenes."""
-    correct, elbo, n = 0, 0.0, len(data)
+    """Count accuracy (the most probable count; None where counts are unknown, i.e. negative) and a one-sample ELBO
+    per image on held-out scenes; also the mean inferred count."""
+    correct, elbo, steps, n = 0, 0.0, 0.0, len(data)
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):  # do not disturb the training RNG stream
@@ -121,9 +122,11 @@ def evaluate(model: AIR, data: multi_mnist.MultiMnist, device: str, batch_size: 
             x = torch.from_numpy(data.float_images(start, start + batch_size)).to(device)
             out = model.infer(x)
             correct += (out.counts.cpu().numpy() == data.counts[start : start + batch_size]).sum()
+            steps += out.counts.sum().item()
             elbo += model.loss(x)[1]["elbo"] * len(x)
     model.train(was_training)
-    return {"count_acc": float(correct / n), "elbo": elbo / n}
+    known = bool((data.counts >= 0).all())
+    return {"count_acc": float(correct / n) if known else None, "elbo": elbo / n, "mean_count": steps / n}
 
 
 def build_optimizer(model: AIR, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -155,8 +158,18 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) a run; returns the final evaluation record."""
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    data: tuple[multi_mnist.MultiMnist, multi_mnist.MultiMnist] | None = None,
+) -> dict:
+    """Train (or resume) a run; returns the final evaluation record.
+
+    data: (training scenes, held-out scenes) to use instead of multi-MNIST built from `cfg` (e.g. Omniglot
+    characters); images must be cfg's model canvas size, counts -1 where unknown. The caller must pass the same
+    data again on resume.
+    """
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
     state = None
@@ -170,7 +183,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    train_data, held_out = make_data(cfg)
+    train_data, held_out = make_data(cfg) if data is None else data
     model = AIR(cfg.model_config()).to(cfg.device)
     opt = build_optimizer(model, cfg)
     step, train_time = 0, 0.0
@@ -256,7 +269,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             if train_time - last_eval >= cfg.eval_every_s:
                 rec = run_eval()
                 last_eval = train_time
-                bar.set_postfix(acc=f"{rec['count_acc']:.3f}", elbo=f"{rec['elbo']:.0f}")
+                bar.set_postfix(acc=rec["count_acc"], elbo=f"{rec['elbo']:.0f}", count=f"{rec['mean_count']:.2f}")
             if train_time - last_ckpt >= cfg.checkpoint_every_s:
                 checkpoint()
                 last_ckpt = train_time
