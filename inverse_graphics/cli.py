@@ -31,6 +31,15 @@ def _add_train(sub) -> None:
     p.add_argument("--n-train", type=int, default=d.n_train)
     p.add_argument("--train-counts", type=_counts, default=d.train_counts, help="e.g. 0,1,2")
     p.add_argument("--eval-counts", type=_counts, default=d.eval_counts)
+    p.add_argument(
+        "--overlap",
+        choices=["clip", "reject"],
+        default=d.overlap,
+        help="multi-MNIST overlaps: clip (sum and clip) or reject (Pyro's generator: redraw)",
+    )
+    p.add_argument("--lr-decay-start", type=int, default=d.lr_decay_start, help="step where the main rate decays")
+    p.add_argument("--lr-half-life", type=int, default=d.lr_half_life, help="steps per halving of the main rate")
+    p.add_argument("--lr-floor", type=float, default=d.lr_floor)
     p.add_argument("--eval-n", type=int, default=d.eval_n)
     p.add_argument("--eval-every", type=float, default=d.eval_every_s, help="seconds between evaluations")
     p.add_argument("--checkpoint-every", type=float, default=d.checkpoint_every_s, help="seconds")
@@ -61,6 +70,10 @@ def _run_train(args) -> int:
         n_train=args.n_train,
         train_counts=args.train_counts,
         eval_counts=args.eval_counts,
+        overlap=args.overlap,
+        lr_decay_start=args.lr_decay_start,
+        lr_half_life=args.lr_half_life,
+        lr_floor=args.lr_floor,
         eval_n=args.eval_n,
         eval_every_s=args.eval_every,
         checkpoint_every_s=args.checkpoint_every,
@@ -115,6 +128,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--counts", type=_counts, default=(0, 1, 2))
     p.add_argument("--seed", type=int, default=2016)
+    p.add_argument("--overlap", choices=["clip", "reject"], default="clip")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_run_eval)
@@ -125,7 +139,13 @@ def _run_eval(args) -> int:
 
     rec = main(
         EvalConfig(
-            model=args.model, n=args.n, counts=args.counts, seed=args.seed, data_dir=args.data_dir, device=args.device
+            model=args.model,
+            n=args.n,
+            counts=args.counts,
+            seed=args.seed,
+            overlap=args.overlap,
+            data_dir=args.data_dir,
+            device=args.device,
         )
     )
     print(json.dumps(rec))

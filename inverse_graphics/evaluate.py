@@ -22,6 +22,7 @@ class EvalConfig:
     n: int = 10_000  # held-out scenes
     counts: tuple[int, ...] = (0, 1, 2)  # digit counts, drawn uniformly
     seed: int = 2016  # scene seed (the training runs' periodic evaluation uses the same one)
+    overlap: str = "clip"  # "clip" (DESIGN.md) or "reject" (Pyro's generator); see scenes/multi_mnist.py
     data_dir: str | None = None  # MNIST location
     device: str = "cpu"
     batch_size: int = 1000
@@ -63,9 +64,10 @@ def count_accuracy(model: AIR, data: multi_mnist.MultiMnist, device: str = "cpu"
 def main(cfg: EvalConfig) -> dict:
     model = load_model(cfg.model, cfg.device)
     digits = mnist.load_digits("test", cfg.data_dir)
-    data = multi_mnist.generate(digits, cfg.n, np.random.default_rng(cfg.seed), cfg.counts)
+    data = multi_mnist.generate(digits, cfg.n, np.random.default_rng(cfg.seed), cfg.counts, overlap=cfg.overlap)
     t0 = time.perf_counter()
     rec = count_accuracy(model, data, cfg.device, cfg.batch_size)
     rec["seconds"] = round(time.perf_counter() - t0, 2)
     rec["model"] = cfg.model
+    rec["overlap"] = cfg.overlap
     return rec
