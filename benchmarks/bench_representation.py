@@ -74,7 +74,7 @@ def task_labels(data: multi_mnist.MultiMnist, task: str) -> np.ndarray:
         return np.where(labels >= 0, labels, 0).sum(1).astype(np.int64)
     later = labels[:, 1:]
     ok = (later < 0) | (later >= labels[:, :-1])  # absent slots are last: they never break the order
-    return ok.all(1).astype(np.int64)
+    return np.asarray(ok.all(1), dtype=np.int64)
 
 
 def n_classes(task: str, max_count: int) -> int:
