@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ConvEncoder", "SlotOutput", "SlotHead"]
+from inverse_graphics.modules import GatedRecurrence
+
+__all__ = ["ConvEncoder", "SlotOutput", "SlotHead", "StepDists", "StepHead3D", "Baseline3D"]
 
 
 class ConvEncoder(nn.Module):
@@ -73,3 +75,68 @@ class SlotHead(nn.Module):
             positions=xy * self.position_scale,  # unit outputs span the table
             yaw_vectors=yaw.reshape(B, K, S, 2),
         )
+
+
+@dataclass(frozen=True)
+class StepDists:
+    """3D AIR's q for one step, before any choice is made (inverse_graphics/air3d.py defines the latents)."""
+
+    pres_logit: torch.Tensor  # FloatTensor (B,): logit of q(z_pres = 1)
+    shape_logits: torch.Tensor  # FloatTensor (B, S): q(identity), unnormalised
+    u_loc: torch.Tensor  # FloatTensor (B, 2): mean of the Gaussian over the position latent u
+    u_scale: torch.Tensor  # FloatTensor (B, 2): its standard deviation, > 0
+    v_loc: torch.Tensor  # FloatTensor (B, S, 2): per shape, mean of the Gaussian over the yaw latent v
+    v_scale: torch.Tensor  # FloatTensor (B, S, 2): per shape, its standard deviation, > 0
+
+
+class StepHead3D(nn.Module):
+    """LSTM state -> StepDists. q(v) is given per shape (read off for the chosen one) because v's meaning depends
+    on the shape: yaw = atan2(v) / m(shape), m = the shape's yaw symmetry order (as SlotHead's yaw vectors)."""
+
+    def __init__(self, hidden: int, n_shapes: int):
+        super().__init__()
+        self.n_shapes = n_shapes
+        self.fc = nn.Linear(hidden, 1 + n_shapes + 4 + 4 * n_shapes)
+        with torch.no_grad():  # start near the prior's centre with small spreads (as the 2D WhereHead)
+            self.fc.weight.mul_(0.1)
+            self.fc.bias.zero_()
+            S = n_shapes
+            self.fc.bias[1 + S + 2 : 1 + S + 4].fill_(-1.5)  # softplus(-1.5) = 0.2: u sd, about 2.5 cm at centre
+            v = self.fc.bias[1 + S + 4 :].view(S, 4)
+            v[:, 0].fill_(1.0)  # v loc (1, 0): yaw 0, away from v = 0 where atan2 is singular
+            v[:, 2:].fill_(-1.5)  # v sd 0.2
+
+    def forward(self, h: torch.Tensor) -> StepDists:
+        """h FloatTensor (B, hidden) -> StepDists."""
+        B, S = h.shape[0], self.n_shapes
+        pres, shapes, u, v = self.fc(h).split([1, S, 4, 4 * S], dim=1)
+        v = v.view(B, S, 4)
+        return StepDists(
+            pres_logit=pres.squeeze(1),
+            shape_logits=shapes,
+            u_loc=u[:, :2],
+            u_scale=F.softplus(u[:, 2:]) + 1e-4,
+            v_loc=v[..., :2],
+            v_scale=F.softplus(v[..., 2:]) + 1e-4,
+        )
+
+
+class Baseline3D(nn.Module):
+    """NVIL baseline of 3D AIR: predicts each step's learning signal from the image and the previous latents
+    (its own small CNN, as the 2D `modules.Baseline` has its own encoder). Inputs are detached by the caller."""
+
+    def __init__(self, image_size: int, channels: tuple[int, ...], step_dim: int, hidden: int):
+        super().__init__()
+        self.encoder = ConvEncoder(image_size, channels, hidden)
+        self.rnn = GatedRecurrence(hidden, step_dim, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, images: torch.Tensor, step_inputs: torch.Tensor) -> torch.Tensor:
+        """images FloatTensor (B, 3, H, W), step_inputs FloatTensor (B, T, step_dim) -> baselines (B, T)."""
+        gates = self.rnn.image_gates(self.encoder(images))  # (B, 4 hidden), once per image
+        zeros = images.new_zeros(images.shape[0], self.rnn.hidden)
+        state, outs = (zeros, zeros), []
+        for t in range(step_inputs.shape[1]):
+            state = self.rnn(gates, step_inputs[:, t], state)
+            outs.append(self.out(state[0]).squeeze(1))
+        return torch.stack(outs, dim=1)

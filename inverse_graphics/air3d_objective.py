@@ -1,0 +1,156 @@
+"""Training objectives of 3D AIR (inverse_graphics/air3d.py): the ELBO ("wake") and the optional sleep phase.
+
+ELBO = log N(x; render(scene), sigma^2) - sum_t [KL(z_pres_t) + z_pres_t (KL(k_t) + KL(u_t) + KL(v_t))], steps
+after the first z_pres = 0 masked out of every term, exactly as `AIR.loss` in 2D.
+- Discrete choices (z_pres_t, k_t): REINFORCE (`score_function_surrogate`) on log q(z_pres_t) + z_pres_t log q(k_t),
+  with the learning signal of step t = everything downstream of the pair (the likelihood, the object KLs of steps
+  >= t, the z_pres KLs of steps > t; the 2D model's `reverse_cumsum` construction), centred by a running mean and
+  a learned input-dependent baseline (NVIL, Mnih & Gregor 2014). KL(q(k) || uniform) and KL(z_pres) are analytic.
+- Continuous latents (u, v): reparameterised, the likelihood differentiated through the renderer by
+  `gradient="soft"` (autograd through PyTorch3D's soft rasterizer) or `gradient="fd"` (central differences of
+  the hard black-box render, OpenGL when EGL works: the paper's choice; the likelihood's *value* is then the hard
+  render's). KL(q(v) || N(0, I)) is analytic; KL(q(u) || Logistic) has no closed form: -entropy(q) (analytic)
+  - log p(u) at the sample.
+
+Sleep phase (wake-sleep, Hinton et al. 1995; what Eslami et al. do not do, flagged as an option): scenes drawn from
+the model's own prior and rendered, no human labels; maximise log q(latents | image). The guide is sequential and
+the prior exchangeable, so the true objects need an order: at each step the remaining object with the highest
+log q under that step is teacher-forced (greedy matching; a fixed order would make q average over orders).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from inverse_graphics.air import bernoulli_kl, normal_kl, reverse_cumsum
+from inverse_graphics.air3d import AIR3D, GRADIENTS, Guide3D, PriorStep3D, logistic_log_prob
+from inverse_graphics.estimators import score_function_surrogate
+from inverse_graphics.modules3d import StepDists
+from scenes.tabletop_objects import SHAPES
+
+__all__ = ["ElboTerms", "elbo_terms", "elbo_loss", "sleep_loss", "teacher_forced_log_q"]
+
+
+@dataclass(frozen=True)
+class ElboTerms:
+    """The ELBO's pieces for a batch of B images and T steps."""
+
+    log_lik: torch.Tensor  # FloatTensor (B,): log N(x; render, sigma^2) summed over (3, H, W)
+    kl_obj: torch.Tensor  # FloatTensor (B, T): z_pres_t (KL(k) + KL(u) + KL(v)), zero for absent objects
+    kl_pres: torch.Tensor  # FloatTensor (B, T): KL(q(z_pres_t) || Bernoulli(rho_t)) on active steps, else 0
+    log_q: torch.Tensor  # FloatTensor (B, T): log q(z_pres_t) + z_pres_t log q(k_t), the REINFORCE score
+    active: torch.Tensor  # FloatTensor (B, T) of 0/1: step t made a choice (z_pres_{t-1} = 1)
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        """FloatTensor (B,)."""
+        return self.log_lik - self.kl_obj.sum(1) - self.kl_pres.sum(1)
+
+
+def log_likelihood(images: torch.Tensor, recon: torch.Tensor, sd: float) -> torch.Tensor:
+    """(B, 3, H, W) observed and rendered -> (B,) Gaussian log density summed over pixels and channels."""
+    return (-0.5 * ((images - recon) / sd) ** 2 - math.log(sd * math.sqrt(2 * math.pi))).flatten(1).sum(1)
+
+
+def elbo_terms(model: AIR3D, images: torch.Tensor, g: Guide3D, gradient: str) -> ElboTerms:
+    """The ELBO's terms for guide samples g on images (B, 3, H, W); `gradient` in GRADIENTS picks the renderer."""
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    recon = g.scene().render(model.renderer(gradient)).images  # (B, 3, H, W)
+    log_lik = log_likelihood(images, recon, model.config.likelihood_sd)
+    log_k = F.log_softmax(g.shape_logits, dim=-1)  # (B, T, S)
+    kl_shape = (log_k.exp() * (log_k + math.log(len(SHAPES)))).sum(-1)  # KL(q(k) || uniform), analytic
+    entropy_u = (torch.log(g.u_scale) + 0.5 * (1 + math.log(2 * math.pi))).sum(-1)  # (B, T)
+    kl_u = -entropy_u - logistic_log_prob(g.u).sum(-1)  # one-sample estimate, pathwise in u
+    kl_v = normal_kl(g.v_loc, g.v_scale, 0.0, 1.0).sum(-1)
+    kl_obj = g.z_pres * (kl_shape + kl_u + kl_v)
+    B, T = g.z_pres.shape
+    active = torch.cat([g.z_pres.new_ones(B, 1), g.z_pres[:, :-1]], dim=1)  # step t is active iff z_pres_{t-1}
+    rho = model.pres_prior.tolist()
+    kl_pres = active * torch.stack([bernoulli_kl(g.pres_prob[:, t], rho[t]) for t in range(T)], dim=1)
+    log_q_pres = g.z_pres * torch.log(g.pres_prob) + (1 - g.z_pres) * torch.log1p(-g.pres_prob)
+    log_q = log_q_pres + g.z_pres * log_k.gather(2, g.shape[..., None]).squeeze(2)
+    return ElboTerms(log_lik, kl_obj, kl_pres, log_q, active)
+
+
+def elbo_loss(model: AIR3D, images: torch.Tensor, gradient: str = "fd") -> tuple[torch.Tensor, dict]:
+    """The wake loss for images (B, 3, H, W) in [0, 1]: -(surrogate ELBO) + the baselines' regression loss.
+
+    Returns the scalar loss and float statistics (elbo and log_lik per image, mean count, baseline loss).
+    """
+    g = model.guide(images, sample=True)
+    e = elbo_terms(model, images, g, gradient)
+    elbo = e.elbo
+    signal = e.log_lik[:, None] - reverse_cumsum(e.kl_obj) - (reverse_cumsum(e.kl_pres) - e.kl_pres)  # (B, T)
+    signal = signal.detach()  # a learning signal, not a path for gradients
+    baseline = model.baseline_step(images, g.step_inputs)  # (B, T)
+    centred = signal - model.signal_mean  # input-independent part of the baseline
+    # No division by the signal's spread, as in air.py: it would shrink REINFORCE against the pathwise terms.
+    surrogate = elbo + score_function_surrogate(e.log_q, centred, baseline, active=e.active)
+    baseline_loss = (e.active * (baseline - centred) ** 2).sum(1).mean()
+    if model.training:
+        model.update_signal_mean(centred, e.active)
+    stats = {
+        "elbo": elbo.mean().item(),
+        "log_lik": e.log_lik.mean().item(),
+        "count": g.z_pres.sum(1).mean().item(),
+        "baseline_loss": baseline_loss.item(),
+    }
+    return -surrogate.mean() + baseline_loss, stats
+
+
+def _candidate_log_q(d: StepDists, p: PriorStep3D) -> torch.Tensor:
+    """log q(k_j, u_j, v_j) of every true object j under one step's q: FloatTensor (B, N), N = p's slots."""
+    log_k = F.log_softmax(d.shape_logits, dim=-1).gather(1, p.shape)  # (B, N)
+    log_u = torch.distributions.Normal(d.u_loc[:, None], d.u_scale[:, None]).log_prob(p.u).sum(-1)  # (B, N)
+    pick = p.shape[..., None].expand(-1, -1, 2)  # (B, N, 2): q(v) of each object's own shape
+    q_v = torch.distributions.Normal(d.v_loc.gather(1, pick), d.v_scale.gather(1, pick))
+    return log_k + log_u + q_v.log_prob(p.v).sum(-1)
+
+
+def _select(p: PriorStep3D, j: torch.Tensor, present: torch.Tensor) -> PriorStep3D:
+    """Object j (B,) of each scene of p (fields (B, N, ...)) as one step (fields (B, ...)), z_pres = present."""
+    take = lambda x: x.gather(1, j.view(-1, 1, *([1] * (x.dim() - 2))).expand(-1, 1, *x.shape[2:])).squeeze(1)  # noqa: E731
+    return PriorStep3D(present, take(p.shape), take(p.u), take(p.v), take(p.position), take(p.yaw))
+
+
+def teacher_forced_log_q(model: AIR3D, images: torch.Tensor, p: PriorStep3D) -> torch.Tensor:
+    """log q(true latents | images) with the greedy order of the module docstring: FloatTensor (B,).
+
+    images: FloatTensor (B, 3, H, W), the renders of p; p: prior samples, fields (B, T, ...).
+    """
+    prev, _, state = model.initial_state(images)
+    count = p.z_pres.sum(1)  # (B,)
+    remaining = p.z_pres > 0.5  # (B, T): true objects not yet explained
+    chosen: list[PriorStep3D] = []
+    gates = model.image_gates(images, None)
+    total = images.new_zeros(images.shape[0])
+    for t in range(model.config.max_steps):
+        if model.config.difference_input and chosen:
+            gates = model.image_gates(images, PriorStep3D.stack(chosen).scene())
+        h, c = model.rnn(gates, prev, state)
+        state, d = (h, c), model.head(h)
+        target = (count > t).to(images.dtype)  # (B,): z_pres_t of the true scene
+        candidates = _candidate_log_q(d, p).masked_fill(~remaining, -math.inf)  # (B, T)
+        j = candidates.detach().argmax(1)  # the greedy order: an index choice, not a gradient path
+        log_obj = torch.where(target > 0, candidates.gather(1, j[:, None]).squeeze(1), torch.zeros_like(target))
+        pres_prob = model.pres_probability(d.pres_logit)
+        log_pres = target * torch.log(pres_prob) + (1 - target) * torch.log1p(-pres_prob)
+        total = total + (count >= t).to(images.dtype) * (log_pres + log_obj)  # active steps only
+        remaining = remaining & ~(F.one_hot(j, remaining.shape[1]).bool() & (target > 0)[:, None])
+        chosen.append(_select(p, j, target))
+        prev = model.step_input(target, chosen[-1].shape, chosen[-1].position, chosen[-1].v)
+    return total
+
+
+def sleep_loss(model: AIR3D, n: int) -> tuple[torch.Tensor, dict]:
+    """The sleep loss on n fresh prior scenes: -mean log q(latents | render). Returns it and float statistics."""
+    with torch.no_grad():  # the generative model is fixed; its samples are targets
+        p, images = model.sample(n)
+    log_q = teacher_forced_log_q(model, images, p)
+    loss = -log_q.mean()
+    return loss, {"sleep_log_q": -loss.item(), "sleep_count": p.z_pres.sum(1).mean().item()}

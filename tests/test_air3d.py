@@ -1,0 +1,208 @@
+"""3D AIR: shapes, the prior's pushforward, the ELBO on both gradient paths, masking, the sleep phase's order,
+infer's output and input checks, and a one-step smoke run of every training recipe."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from inverse_graphics.air3d import AIR3D, AIR3DConfig, check_images, count_prior, decode_yaw
+from inverse_graphics.air3d_objective import elbo_loss, elbo_terms, sleep_loss, teacher_forced_log_q
+from inverse_graphics.checkpoint import CheckpointError
+from inverse_graphics.modules3d import Baseline3D, StepHead3D
+from inverse_graphics.train_air3d import RECIPES, AIR3DTrainConfig, load_air3d, train_air3d
+from renderers.opengl import opengl_available
+from scenes import tabletop
+from scenes.tabletop import TABLE_HALF_SIZE, Scene
+from scenes.tabletop_objects import SHAPES
+from tests.conftest import assert_close
+
+S = len(SHAPES)
+SIZE = 32  # tiny renders keep every test here to a few seconds
+BACKEND = "opengl" if opengl_available() is None else "pytorch3d"
+TINY = {"channels": (8, 16), "embed_dim": 32, "rnn_hidden": 32, "baseline_channels": (8,), "baseline_hidden": 16}
+
+
+def _model(**overrides) -> AIR3D:
+    return AIR3D(AIR3DConfig(**{"image_size": SIZE, "backend": BACKEND, **TINY, **overrides}))
+
+
+def _images(n: int = 3, seed: int = 0) -> torch.Tensor:
+    return tabletop.render_scenes(tabletop.sample_scenes(n, seed=seed, min_objects=1), image_size=SIZE)
+
+
+def _set_presence(model: AIR3D, logit: float) -> None:
+    """Make q(z_pres = 1) = sigmoid(logit) at every step, whatever the input."""
+    with torch.no_grad():
+        model.head.fc.weight[0].zero_()
+        model.head.fc.bias[0] = logit
+
+
+def test_module_shapes():
+    B, T, hidden = 4, 3, 32
+    d = StepHead3D(hidden, S)(torch.randn(B, hidden))
+    assert d.pres_logit.shape == (B,) and d.shape_logits.shape == (B, S)
+    assert d.u_loc.shape == d.u_scale.shape == (B, 2) and d.v_loc.shape == d.v_scale.shape == (B, S, 2)
+    assert (d.u_scale > 0).all() and (d.v_scale > 0).all()
+    assert Baseline3D(SIZE, (8,), 10, 16)(torch.rand(B, 3, SIZE, SIZE), torch.randn(B, T, 10)).shape == (B, T)
+    model = _model()
+    g = model.guide(_images(B))
+    assert g.z_pres.shape == g.pres_prob.shape == g.shape.shape == g.yaw.shape == (B, T)
+    assert g.shape_logits.shape == (B, T, S) and g.shape.dtype == torch.long
+    for name in ("u", "u_loc", "u_scale", "v", "v_loc", "v_scale", "position"):
+        assert getattr(g, name).shape == (B, T, 2), name
+    assert g.step_inputs.shape == (B, T, model.step_dim)
+    assert (g.z_pres[:, 1:] <= g.z_pres[:, :-1]).all()  # once 0, always 0
+    assert (g.position.abs() < TABLE_HALF_SIZE).all()
+    p, renders = model.sample(B)
+    assert p.z_pres.shape == p.shape.shape == p.yaw.shape == (B, T) and p.u.shape == (B, T, 2)
+    assert renders.shape == (B, 3, SIZE, SIZE)
+
+
+def test_prior_is_uniform_on_counts_table_and_yaw_period():
+    model, n = _model(), 20_000
+    p = model.sample_prior(n)
+    counts = torch.bincount(p.z_pres.sum(1).long(), minlength=4).float() / n
+    assert_close(counts, torch.full((4,), 0.25), atol=0.02, msg="count")
+    assert_close(count_prior(AIR3DConfig(max_steps=3)), [3 / 4, 2 / 3, 1 / 2])
+    x = p.position[..., 0].flatten() / TABLE_HALF_SIZE  # uniform on (-1, 1)
+    assert_close(torch.histc(x, 4, -1, 1) / x.numel(), torch.full((4,), 0.25), atol=0.02, msg="x")
+    cubes = p.shape == SHAPES.index("cube")
+    code = p.yaw[cubes] * 4  # the cube's yaw code covers the circle uniformly
+    assert_close(torch.histc(code, 4, -math.pi, math.pi) / code.numel(), torch.full((4,), 0.25), atol=0.03)
+    spheres = p.shape == SHAPES.index("sphere")
+    assert (p.yaw[spheres] == 0).all()
+
+
+def test_yaw_code_has_no_wrap_and_divides_by_the_symmetry():
+    angles = torch.linspace(-3.0, 3.0, 7)
+    v = torch.stack([torch.cos(angles), torch.sin(angles)], -1)
+    for shape, m in (("cube", 4), ("box", 2), ("wedge", 1), ("sphere", 0)):
+        order = torch.full((7,), m)
+        expected = angles / m if m else torch.zeros(7)
+        assert_close(decode_yaw(v, order), expected, atol=1e-6, msg=shape)
+    # a small move of v across the negative x axis moves the cube's yaw code by a small angle modulo 2 pi / 4
+    a, b = (
+        decode_yaw(torch.tensor([[-1.0, 1e-3]]), torch.tensor([4])),
+        decode_yaw(torch.tensor([[-1.0, -1e-3]]), torch.tensor([4])),
+    )
+    assert abs(math.remainder(float(a - b), math.pi / 2)) < 1e-2
+
+
+@pytest.mark.parametrize("gradient, backend", [("fd", BACKEND), ("fd", "pytorch3d"), ("soft", BACKEND)])
+def test_elbo_loss_reaches_every_network_on_each_gradient_path(gradient, backend):
+    model = _model(backend=backend)  # fd around OpenGL where EGL works, and around PyTorch3D's hard mode
+    _set_presence(model, 3.0)  # objects present, so the renderer's gradient path is used
+    loss, stats = elbo_loss(model, _images(), gradient)
+    loss.backward()
+    assert torch.isfinite(loss) and stats["count"] > 0 and math.isfinite(stats["elbo"])
+    for name in ("encoder.fc.weight", "rnn.step_proj.weight", "head.fc.weight", "baseline.out.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    pose_rows = model.head.fc.weight.grad[1 + S : 1 + S + 2]  # u loc: only the likelihood and KL(u) move it
+    assert pose_rows.abs().sum() > 0
+
+
+def test_absent_objects_give_zero_gradient_to_identity_and_pose():
+    model = _model()
+    _set_presence(model, -30.0)  # q(z_pres = 1) = 1e-5: every z_pres is 0 (fixed seed)
+    images = _images()
+    g = model.guide(images)
+    assert (g.z_pres == 0).all()
+    e = elbo_terms(model, images, g, "fd")
+    assert (e.kl_obj == 0).all() and (e.active[:, 1:] == 0).all() and (e.kl_pres[:, 1:] == 0).all()
+    table = model.render_input(model.empty_scene(images))
+    assert_close(
+        e.log_lik,
+        -0.5 * (((images - table) / 0.1) ** 2).flatten(1).sum(1)
+        - images[0].numel() * math.log(0.1 * math.sqrt(2 * math.pi)),
+        rtol=1e-5,
+    )
+    model.zero_grad()
+    elbo_loss(model, images, "fd")[0].backward()
+    rows = model.head.fc.weight.grad[1:]  # shape logits, q(u), q(v): every decoder-side parameter
+    assert rows.abs().max() == 0 and model.head.fc.bias.grad[1:].abs().max() == 0
+
+
+def test_sleep_loss_runs_and_the_greedy_order_ignores_slot_order():
+    model = _model()
+    loss, stats = sleep_loss(model, 4)
+    loss.backward()
+    assert torch.isfinite(loss) and model.head.fc.weight.grad.abs().sum() > 0 and "sleep_log_q" in stats
+    p, images = model.sample(64)
+    flipped = type(p)(*(x.flip(1) for x in (p.z_pres, p.shape, p.u, p.v, p.position, p.yaw)))
+    keep = p.z_pres.sum(1) == 3  # all slots full: flipping only reorders the objects
+    with torch.no_grad():
+        a, b = teacher_forced_log_q(model, images, p), teacher_forced_log_q(model, images, flipped)
+    assert keep.any()
+    assert_close(a[keep], b[keep], atol=1e-4, rtol=1e-5)
+
+
+def test_infer_returns_valid_json_scenes_and_refines():
+    model = _model().eval()
+    _set_presence(model, 3.0)
+    images = _images(2)
+    out = model.infer(images, refine=0)
+    assert out.counts.tolist() == [3, 3] and out.presence.shape == (2, 3) and "unrefined" not in out.extras
+    for scene, n in zip(out.scenes, out.counts.tolist()):
+        parsed = Scene.from_dict(json.loads(json.dumps(scene)), allow_overlap=True)  # on the table, finite
+        assert len(parsed.objects) == n
+    refined = model.infer(images, refine=1)
+    assert refined.extras["unrefined"] == out.scenes and len(refined.scenes) == 2
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        ([[0.0]], TypeError, "torch.Tensor"),
+        (torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8), TypeError, "divide by 255"),
+        (torch.zeros(1, SIZE, SIZE), ValueError, r"\(B, 3, 32, 32\)"),
+        (torch.zeros(1, 3, 64, 64), ValueError, "shape"),
+        (torch.full((1, 3, SIZE, SIZE), float("nan")), ValueError, "NaN"),
+        (torch.full((1, 3, SIZE, SIZE), 2.0), ValueError, r"\[0, 1\]"),
+    ],
+)
+def test_bad_input_is_rejected_clearly(bad, error, match):
+    with pytest.raises(error, match=match):
+        _model().infer(bad)
+    with pytest.raises(error, match=match):
+        check_images(bad, SIZE)
+
+
+def _train_config(tmp_path, recipe: str, gradient: str) -> AIR3DTrainConfig:
+    return AIR3DTrainConfig(
+        out_dir=str(tmp_path / f"{recipe}-{gradient}"), minutes=None, steps=2, batch_size=2, recipe=recipe,
+        gradient=gradient, sleep_steps=1, image_size=SIZE, n_train=4, eval_n=2, backend=BACKEND, log_every=1,
+        threads=1, model_overrides=TINY,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe, gradient", [(r, "fd") for r in RECIPES] + [("wake", "soft")])
+def test_one_step_smoke_run_of_each_recipe_and_gradient_path(tmp_path, recipe, gradient):
+    cfg = _train_config(tmp_path, recipe, gradient)
+    final = train_air3d(cfg, progress=False)
+    assert final["kind"] == "eval" and final["step"] == 2 and final["recipe"] == recipe
+    assert 0.0 <= final["count_acc"] <= 1.0 and math.isfinite(final["elbo"])
+    records = [json.loads(line) for line in (tmp_path / cfg.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["train", "train", "eval"]
+    if recipe == "sleep-then-wake":
+        assert "sleep_log_q" in records[0] and "elbo" in records[1] and "sleep_log_q" not in records[1]
+
+
+def test_checkpoint_config_load_and_resume(tmp_path):
+    cfg = _train_config(tmp_path, "wake-sleep", "fd")
+    cfg.data_cache = str(tmp_path / "cache" / "train.pt")
+    train_air3d(cfg, progress=False)
+    assert json.loads((tmp_path / cfg.out_dir / "config.json").read_text())["recipe"] == "wake-sleep"
+    assert (tmp_path / "cache" / "train.pt").is_file()
+    model = load_air3d(tmp_path / cfg.out_dir / "checkpoint.pt")
+    assert not model.training and model.config.channels == (8, 16) and model.config.image_size == SIZE
+    cfg.steps = 3
+    assert train_air3d(cfg, resume=True, progress=False)["step"] == 3
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_air3d(tmp_path / "nothing.pt")
+    with pytest.raises(ValueError, match="recipe"):
+        AIR3DTrainConfig(recipe="dream")
