@@ -122,7 +122,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
         "train_time_s": max(r["train_time_s"] for r in records),
     }
     done.write_text(json.dumps(result))
-    return result
+    return json.loads(done.read_text())  # the same record (string keys) whether fresh or resumed
 
 
 def bar_figure(results: dict[str, list[dict]], path: Path) -> Path:

@@ -121,11 +121,11 @@ def step_figure(model: AIR, images: torch.Tensor, path: Path) -> Path:
     canvas = torch.zeros_like(images)
     fig, axes = plt.subplots(n, T + 1, figsize=(1.4 * (T + 1), 1.4 * n), squeeze=False)
     for i in range(n):
-        axes[i, 0].imshow(images[i].cpu(), cmap="gray", vmin=0, vmax=1)
+        axes[i, 0].imshow(images[i].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
     for t in range(T):
         canvas = canvas + model.render_step(out.z_pres[:, t], out.z_where[:, t], out.z_what[:, t])
         for i in range(n):
-            axes[i, t + 1].imshow(canvas[i].cpu().clamp(0, 1), cmap="gray", vmin=0, vmax=1)
+            axes[i, t + 1].imshow(canvas[i].cpu().clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
             if out.z_pres[i, t] > 0.5:
                 x0, y0, x1, y1 = boxes[i, t] - 0.5  # pixel edges -> imshow's pixel centres
                 colour = STEP_COLOURS[t % len(STEP_COLOURS)]

@@ -1,0 +1,127 @@
+"""The paper's 2D experiments: a smoke run of each benchmark script on a tiny budget (results in a tmp dir), the
+representation tasks' labels, and DAIR's input (the image minus the reconstruction so far)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import bench_dair_generalisation, bench_omniglot, bench_representation
+from inverse_graphics.air import AIR, AIRConfig
+from inverse_graphics.train import TrainConfig, train
+from scenes.multi_mnist import MultiMnist
+from tests.conftest import SHARED_DATA, assert_close
+
+TINY_TRAIN = ["--steps", "2", "--batch-size", "8", "--threads", "1", "--eval-n", "16"]
+
+
+def written(out: Path, name: str) -> dict:
+    """The record a benchmark wrote, after checking its table and figure exist."""
+    assert (out / f"{name}.md").stat().st_size > 100 and (out / f"{name}.png").stat().st_size > 1000
+    return json.loads((out / f"{name}.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------- smoke runs
+def test_dair_generalisation_smoke(tmp_path, data_dir):
+    args = TINY_TRAIN + ["--tasks", "interpolation", "--n-train", "64", "--test-n", "16"]
+    args += ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--name", "gen"]
+    results = bench_dair_generalisation.main(args)
+    rows = results["interpolation"]
+    assert [r["model"] for r in rows] == ["air", "dair"] and all(r["steps"] == 2 for r in rows)
+    assert all(0 <= r["test_count_acc"] <= 1 for r in rows)
+    record = written(tmp_path / "out", "gen")
+    assert record["budget_steps"] == 2 and "~95%" in (tmp_path / "out" / "gen.md").read_text()
+    assert (tmp_path / "out" / "gen_curve.png").is_file()
+    # --resume reuses finished runs instead of training again
+    again = bench_dair_generalisation.main(args + ["--resume", "--models", "dair"])
+    assert again["interpolation"][0] == rows[1]
+
+
+def test_representation_smoke(tmp_path, data_dir):
+    run = tmp_path / "air"
+    cfg = TrainConfig(out_dir=str(run), minutes=None, steps=1, batch_size=8, n_train=64, eval_n=8, threads=1)
+    train(cfg, progress=False)
+    out = tmp_path / "out"
+    args = ["--model", str(run / "checkpoint.pt"), "--n-labels", "8", "16", "--test-n", "32", "--steps", "2"]
+    record = bench_representation.main(args + ["--threads", "1", "--out", str(out), "--name", "rep"])
+    assert set(record["curves"]) == {"sum", "ascending"}
+    for curves in record["curves"].values():
+        assert all(len(accs) == 2 and all(0 <= a <= 1 for a in accs) for accs in curves.values())
+    assert written(out, "rep")["model"] == str(run / "checkpoint.pt")
+
+
+@pytest.fixture
+def omniglot_dir() -> Path:
+    path = Path(os.environ.get("INVERSE_GRAPHICS_DATA", SHARED_DATA))
+    if not (path / "omniglot" / "images_evaluation.npz").is_file():
+        pytest.skip(f"Omniglot files not found under {path / 'omniglot'}")
+    return path
+
+
+def test_omniglot_smoke(tmp_path, omniglot_dir):
+    args = TINY_TRAIN + ["--n-train", "64", "--test-n", "24", "--elbo-samples", "1", "--max-steps", "3"]
+    args += ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--data-dir", str(omniglot_dir)]
+    record = bench_omniglot.main(args)
+    assert np.isfinite(record["elbo_test"]) and record["train_steps"] == 2
+    assert len(record["steps_used"]) == 4 and sum(record["steps_used"]) == pytest.approx(1.0)
+    assert (tmp_path / "out" / "omniglot_steps.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "omniglot.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------ representation labels
+def test_task_labels_read_digits_left_to_right():
+    nan = np.nan
+    scenes = MultiMnist(
+        images=np.zeros((4, 50, 50), np.uint8),
+        counts=np.array([2, 2, 1, 2]),
+        labels=np.array([[7, 3], [3, 7], [5, -1], [4, 4]]),
+        # x0, y0, x1, y1: scene 0 has its 7 on the left, scene 1 its 7 on the left too (placed second)
+        boxes=np.array(
+            [
+                [[0, 0, 20, 20], [25, 0, 45, 20]],
+                [[30, 5, 50, 25], [1, 20, 21, 40]],
+                [[10, 10, 30, 30], [nan] * 4],
+                [[20, 0, 40, 20], [0, 20, 20, 40]],
+            ],
+            dtype=np.float32,
+        ),
+    )
+    assert bench_representation.task_labels(scenes, "sum").tolist() == [10, 10, 5, 8]
+    assert bench_representation.task_labels(scenes, "ascending").tolist() == [0, 0, 1, 1]
+
+
+# ----------------------------------------------------------------------------------------------- DAIR's input
+def recorded_encoder_inputs(model: AIR) -> list[torch.Tensor]:
+    """Every input the image encoder (the recurrence's view of the image) receives from now on."""
+    seen: list[torch.Tensor] = []
+    model.encoder.register_forward_hook(lambda module, args, output: seen.append(args[0].detach().clone()))
+    return seen
+
+
+@pytest.mark.parametrize("sample", [True, False])
+def test_dair_recurrence_sees_image_minus_reconstruction_so_far(sample):
+    """Step t's recurrence input is x - sum_{s < t} render(z_pres_s, z_where_s, z_what_s), computed here by hand
+    from the latents the guide returns (Eslami et al. 2016, DAIR: x_t = x - reconstruction of steps < t)."""
+    model = AIR(AIRConfig(difference_input=True, max_steps=3, decoder_bias=1.0))
+    with torch.no_grad():
+        model.where_head.fc.bias[0] = 3.0  # z_pres = 1 is likely: the reconstruction is not empty
+    seen = recorded_encoder_inputs(model)
+    images = torch.rand(5, 50, 50)
+    g = model.guide(images, sample=sample)
+    assert len(seen) == 3 and g.z_pres[:, 0].sum() > 0
+    recon = torch.zeros_like(images)
+    for t in range(3):
+        assert_close(seen[t], images - recon, atol=1e-6, msg=f"step {t}")
+        recon = recon + model.render_step(g.z_pres[:, t], g.z_where[:, t], g.z_what[:, t]).detach()
+    assert (seen[1] - images).abs().max() > 0.1  # the check above is not vacuous
+
+
+def test_air_recurrence_sees_the_image_once():
+    model = AIR(AIRConfig(difference_input=False, max_steps=3))
+    seen = recorded_encoder_inputs(model)
+    images = torch.rand(2, 50, 50)
+    model.guide(images)
+    assert len(seen) == 1 and torch.equal(seen[0], images)
