@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     gl_missing = opengl_available()
     renderers = methods(args.image_size, gl_missing is None)
-    vectors = {(m, kind): [] for m in renderers for kind in ("position", "yaw")}
+    vectors: dict[tuple[str, str], list] = {(m, kind): [] for m in renderers for kind in ("position", "yaw")}
     scenes = tabletop.sample_scenes(args.n_scenes, seed=args.seed, min_objects=1, max_objects=3)
     for start in range(0, len(scenes), args.batch):
         t = tabletop.scenes_to_tensors(scenes[start : start + args.batch])

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     if (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()  # a fresh run: its curve must not mix with an older one
     # train() is annotated for MultiMnist; it needs only .images, .counts, float_images and len (duck typing).
-    train(train_config(args), progress=False, data=(background, periodic))  # type: ignore[arg-type]
+    train(train_config(args), progress=False, data=(background, periodic))
     model = load(run / "checkpoint.pt", device=args.device)
     elbo_test = mean_elbo(model, test, args.elbo_samples, args.device)
     elbo_train = mean_elbo(model, first(background, len(test), 3), args.elbo_samples, args.device)

@@ -14,6 +14,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -76,6 +77,20 @@ class TrainConfig:
         return cls(**d)
 
 
+class Scenes(Protocol):
+    """What training and evaluation need of a dataset (scenes.multi_mnist.MultiMnist, scenes.omniglot's sets)."""
+
+    @property
+    def images(self) -> np.ndarray: ...  # uint8 (N, H, W), ink = 255
+
+    @property
+    def counts(self) -> np.ndarray: ...  # int64 (N,), objects per scene; -1 where unknown
+
+    def float_images(self, start: int = 0, stop: int | None = None) -> np.ndarray: ...
+
+    def __len__(self) -> int: ...
+
+
 def z_pres_prior_at(cfg: TrainConfig, step: int) -> float:
     if cfg.z_pres_prior_start is None:
         return cfg.z_pres_prior
@@ -110,7 +125,7 @@ def make_data(cfg: TrainConfig) -> tuple[multi_mnist.MultiMnist, multi_mnist.Mul
 
 
 @torch.no_grad()
-def evaluate(model: AIR, data: multi_mnist.MultiMnist, device: str, batch_size: int = 500) -> dict:
+def evaluate(model: AIR, data: Scenes, device: str, batch_size: int = 500) -> dict:
     """Count accuracy (the most probable count; None where counts are unknown, i.e. negative) and a one-sample ELBO
     per image on held-out scenes; also the mean inferred count."""
     correct, elbo, steps, n = 0, 0.0, 0.0, len(data)
@@ -162,7 +177,7 @@ def train(
     cfg: TrainConfig,
     resume: bool = False,
     progress: bool = True,
-    data: tuple[multi_mnist.MultiMnist, multi_mnist.MultiMnist] | None = None,
+    data: tuple[Scenes, Scenes] | None = None,
 ) -> dict:
     """Train (or resume) a run; returns the final evaluation record.
 
