@@ -40,7 +40,7 @@ from inverse_graphics.modules3d import Baseline3D, ConvEncoder, StepDists, StepH
 from inverse_graphics.refine import RefineConfig, clamp_to_table
 from inverse_graphics.refine import refine as refine_scenes
 from inverse_graphics.supervised3d import SceneInference, yaw_orders
-from renderers.finite_difference import FiniteDifferenceRenderer
+from renderers.finite_difference import FiniteDifferenceRenderer, FiniteDifferenceSettings
 from scenes import tabletop
 from scenes.tabletop import TABLE_HALF_SIZE, SceneTensors
 from scenes.tabletop_objects import SHAPES
@@ -219,8 +219,12 @@ class AIR3D(nn.Module):
             size = self.config.image_size
             if kind == "hard":
                 self._renderers[kind] = data_renderer(size, self.config.backend)
-            elif kind == "fd":
-                self._renderers[kind] = FiniteDifferenceRenderer(self.renderer("hard"))
+            elif kind == "fd":  # steps of about one pixel at any size (the settings' defaults are for 64 px)
+                base, scale = FiniteDifferenceSettings(), 64 / size
+                steps = FiniteDifferenceSettings(
+                    position_step=base.position_step * scale, yaw_step=base.yaw_step * scale
+                )
+                self._renderers[kind] = FiniteDifferenceRenderer(self.renderer("hard"), steps)
             elif kind == "soft":
                 self._renderers[kind] = tabletop.make_renderer(size, "soft")
             else:

@@ -32,7 +32,7 @@ from inverse_graphics.estimators import score_function_surrogate
 from inverse_graphics.modules3d import StepDists
 from scenes.tabletop_objects import SHAPES
 
-__all__ = ["ElboTerms", "elbo_terms", "elbo_loss", "sleep_loss", "teacher_forced_log_q"]
+__all__ = ["ElboTerms", "elbo_terms", "choice_log_q", "elbo_loss", "sleep_loss", "teacher_forced_log_q"]
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,22 @@ def elbo_terms(model: AIR3D, images: torch.Tensor, g: Guide3D, gradient: str) ->
     active = torch.cat([g.z_pres.new_ones(B, 1), g.z_pres[:, :-1]], dim=1)  # step t is active iff z_pres_{t-1}
     rho = model.pres_prior.tolist()
     kl_pres = active * torch.stack([bernoulli_kl(g.pres_prob[:, t], rho[t]) for t in range(T)], dim=1)
-    log_q_pres = g.z_pres * torch.log(g.pres_prob) + (1 - g.z_pres) * torch.log1p(-g.pres_prob)
-    log_q = log_q_pres + g.z_pres * log_k.gather(2, g.shape[..., None]).squeeze(2)
+    log_q = choice_log_q(g.z_pres, g.pres_prob, g.shape_logits, g.shape)
     return ElboTerms(log_lik, kl_obj, kl_pres, log_q, active)
+
+
+def choice_log_q(
+    z_pres: torch.Tensor, pres_prob: torch.Tensor, shape_logits: torch.Tensor, shape: torch.Tensor
+) -> torch.Tensor:
+    """log q of the discrete choices of each step, log q(z_pres) + z_pres log q(k): the identity is chosen only
+    for a present object, so one REINFORCE term per step covers both choices.
+
+    z_pres, pres_prob: FloatTensor (B, T); shape_logits: FloatTensor (B, T, S); shape: LongTensor (B, T).
+    Returns FloatTensor (B, T), differentiable in pres_prob and shape_logits.
+    """
+    log_pres = z_pres * torch.log(pres_prob) + (1 - z_pres) * torch.log1p(-pres_prob)
+    log_k = F.log_softmax(shape_logits, dim=-1).gather(-1, shape[..., None]).squeeze(-1)
+    return log_pres + z_pres * log_k
 
 
 def elbo_loss(model: AIR3D, images: torch.Tensor, gradient: str = "fd") -> tuple[torch.Tensor, dict]:

@@ -34,7 +34,15 @@ from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_
 from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.train import _StopFlag, batch_indices
 
-__all__ = ["RECIPES", "AIR3DTrainConfig", "train_air3d", "load_air3d", "evaluate_air3d", "training_images"]
+__all__ = [
+    "RECIPES",
+    "AIR3DTrainConfig",
+    "TrainingRun",
+    "train_air3d",
+    "load_air3d",
+    "evaluate_air3d",
+    "training_images",
+]
 
 RECIPES = ("wake", "sleep", "sleep-then-wake", "wake-sleep")
 
@@ -142,7 +150,7 @@ def _resume_state(cfg: AIR3DTrainConfig, resume: bool) -> tuple[AIR3DTrainConfig
     return AIR3DTrainConfig.from_dict({**state["train_config"], **budgets}), state
 
 
-class _Run:
+class TrainingRun:
     """The mutable state of one training run: model, optimiser, step, clock, log file."""
 
     def __init__(self, cfg: AIR3DTrainConfig, state: dict | None):
@@ -157,6 +165,7 @@ class _Run:
             self.opt.load_state_dict(state["optimizer"])
             self.step, self.train_time, self.images_seen = state["step"], state["train_time_s"], state["images_seen"]
             torch.set_rng_state(state["rng"])
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         self.log = open(Path(cfg.out_dir) / "metrics.jsonl", "a")
 
     def write(self, record: dict) -> dict:
@@ -214,7 +223,7 @@ def train_air3d(cfg: AIR3DTrainConfig, resume: bool = False, progress: bool = Tr
     images = training_images(cfg) if cfg.recipe != "sleep" else torch.empty(0, dtype=torch.uint8)
     counts = {"min_objects": cfg.min_objects, "max_objects": cfg.max_objects, "image_size": cfg.image_size}
     held_out = held_out_renders(cfg.eval_n, backend=cfg.backend, **counts)
-    run = _Run(cfg, state)
+    run = TrainingRun(cfg, state)
     _loop(run, images, held_out, progress)
     run.checkpoint()
     final = run.write({"kind": "eval", **evaluate_air3d(run.model, held_out, cfg.eval_refine, cfg.gradient)})
@@ -222,7 +231,7 @@ def train_air3d(cfg: AIR3DTrainConfig, resume: bool = False, progress: bool = Tr
     return final
 
 
-def _loop(run: _Run, images: torch.Tensor, held_out: LabelledRenders, progress: bool) -> None:
+def _loop(run: TrainingRun, images: torch.Tensor, held_out: LabelledRenders, progress: bool) -> None:
     """Train until a budget runs out or a signal arrives; log, evaluate and checkpoint on the way."""
     cfg = run.cfg
     budget_steps = cfg.steps if cfg.steps is not None else math.inf

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from inverse_graphics.air3d import AIR3D, AIR3DConfig, check_images, count_prior, decode_yaw
-from inverse_graphics.air3d_objective import elbo_loss, elbo_terms, sleep_loss, teacher_forced_log_q
+from inverse_graphics.air3d_objective import choice_log_q, elbo_loss, elbo_terms, sleep_loss, teacher_forced_log_q
 from inverse_graphics.checkpoint import CheckpointError
+from inverse_graphics.estimators import score_function_surrogate
 from inverse_graphics.modules3d import Baseline3D, StepHead3D
 from inverse_graphics.train_air3d import RECIPES, AIR3DTrainConfig, load_air3d, train_air3d
 from renderers.opengl import opengl_available
@@ -90,6 +91,22 @@ def test_yaw_code_has_no_wrap_and_divides_by_the_symmetry():
         decode_yaw(torch.tensor([[-1.0, -1e-3]]), torch.tensor([4])),
     )
     assert abs(math.remainder(float(a - b), math.pi / 2)) < 1e-2
+
+
+def test_reinforce_on_presence_and_identity_matches_the_closed_form():
+    # One step: z ~ Bern(q); if z = 1, k ~ Cat(pi) over 3 shapes; f(0) and f(1, k) known. d E[f] in closed form
+    # against the surrogate built from choice_log_q (as the ELBO uses it), with a constant baseline.
+    N = 400_000
+    theta = torch.tensor([0.3, 0.5, -0.2, 0.1], requires_grad=True)  # pres logit, three shape logits
+    f0, f1 = 2.0, torch.tensor([5.0, 1.0, 3.0])
+    q, pi = torch.sigmoid(theta[0]), torch.softmax(theta[1:], 0)
+    (closed,) = torch.autograd.grad((1 - q) * f0 + q * (pi * f1).sum(), theta)
+    z = torch.bernoulli(q.detach().expand(N, 1))
+    k = torch.multinomial(pi.detach(), N, replacement=True)[:, None]
+    log_q = choice_log_q(z, torch.sigmoid(theta[0]).expand(N, 1), theta[1:].expand(N, 1, 3), k)
+    value = torch.where(z > 0, f1[k], torch.full_like(z, f0))
+    (estimate,) = torch.autograd.grad(score_function_surrogate(log_q, value, baseline=3.0).mean(), theta)
+    assert_close(estimate, closed, atol=0.02, rtol=0)
 
 
 @pytest.mark.parametrize("gradient, backend", [("fd", BACKEND), ("fd", "pytorch3d"), ("soft", BACKEND)])
