@@ -21,7 +21,8 @@ def shipped():
 def fresh_scenes():
     # MNIST test digits, a seed no training or benchmark run uses.
     digits = mnist.load_digits("test") if _has_mnist() else mnist.load_sample()
-    return multi_mnist.generate(digits, 500, np.random.default_rng(12345))
+    # Pyro's scene rule, as in the shipped model's benchmark (DESIGN.md's clipped overlaps: see below).
+    return multi_mnist.generate(digits, 500, np.random.default_rng(12345), overlap="reject")
 
 
 def _has_mnist() -> bool:
@@ -35,7 +36,16 @@ def _has_mnist() -> bool:
 def test_shipped_model_counts_fresh_scenes(shipped, fresh_scenes):
     out = shipped.infer(torch.from_numpy(fresh_scenes.float_images()))
     acc = (out.counts.numpy() == fresh_scenes.counts).mean()
-    assert acc >= 0.95, f"count accuracy {acc:.3f} on 500 fresh scenes"
+    assert acc >= 0.97, f"count accuracy {acc:.3f} on 500 fresh scenes"
+
+
+def test_shipped_model_on_clipped_overlaps(shipped):
+    # Heavily overlapping pairs are often ambiguous (they merge into one glyph), so the bar is lower.
+    digits = mnist.load_digits("test") if _has_mnist() else mnist.load_sample()
+    scenes = multi_mnist.generate(digits, 500, np.random.default_rng(54321), overlap="clip")
+    out = shipped.infer(torch.from_numpy(scenes.float_images()))
+    acc = (out.counts.numpy() == scenes.counts).mean()
+    assert acc >= 0.88, f"count accuracy {acc:.3f} on 500 fresh scenes with clipped overlaps"
 
 
 def test_public_interface_shapes(shipped, fresh_scenes):
@@ -80,7 +90,8 @@ def test_infer_cli_writes_json_and_overlays(tmp_path, fresh_scenes, capsys):
     if small["count"]:
         assert large["objects"][0]["box"][2] == pytest.approx(2 * small["objects"][0]["box"][2], abs=4)
     for r in record["images"]:
-        assert Image.open(r["overlay"]).size[0] >= 300
+        with Image.open(r["overlay"]) as im:
+            assert im.size[0] >= 300
 
 
 def test_infer_cli_unreadable_image(tmp_path, capsys):
