@@ -200,6 +200,7 @@ class AIR(nn.Module):
         pres_logit, where_loc, where_scale = self.where_head(h)
         pres_prob = PROB_EPS + (1 - 2 * PROB_EPS) * torch.sigmoid(pres_logit)  # squashed, not clamped: keeps gradient
         if sample:
+            # A discrete sample carries no pathwise gradient (detach); REINFORCE in `loss` trains pres_prob.
             z_pres = torch.bernoulli(pres_prob.detach()) * prev_pres
             where_latent = where_loc + where_scale * torch.randn_like(where_loc)
         else:
