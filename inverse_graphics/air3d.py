@@ -214,7 +214,8 @@ class AIR3D(nn.Module):
 
     # -------------------------------------------------------------------------------------------- renderers
     def renderer(self, kind: str) -> nn.Module:
-        """ "hard" (forward only, for inputs and data), "fd" (hard + finite differences) or "soft" (autograd)."""
+        """The renderer of one kind, built once: "hard" (forward only: inputs and data), "fd" (the hard one with
+        finite-difference gradients) or "soft" (PyTorch3D's soft rasterizer, autograd)."""
         if kind not in self._renderers:
             size = self.config.image_size
             if kind == "hard":

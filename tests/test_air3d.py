@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from inverse_graphics.air3d_objective import choice_log_q, elbo_loss, elbo_terms
 from inverse_graphics.checkpoint import CheckpointError
 from inverse_graphics.estimators import score_function_surrogate
 from inverse_graphics.modules3d import Baseline3D, StepHead3D
-from inverse_graphics.train_air3d import RECIPES, AIR3DTrainConfig, load_air3d, train_air3d
+from inverse_graphics.train_air3d import RECIPES, AIR3DTrainConfig, TrainingRun, load_air3d, train_air3d
 from renderers.opengl import opengl_available
 from scenes import tabletop
 from scenes.tabletop import TABLE_HALF_SIZE, Scene
@@ -223,3 +224,18 @@ def test_checkpoint_config_load_and_resume(tmp_path):
         load_air3d(tmp_path / "nothing.pt")
     with pytest.raises(ValueError, match="recipe"):
         AIR3DTrainConfig(recipe="dream")
+
+
+def test_sigint_stops_training_with_a_checkpoint(tmp_path, monkeypatch):
+    cfg = _train_config(tmp_path, "wake", "fd")
+    cfg.steps = 100
+    step = TrainingRun.train_step
+
+    def step_then_interrupt(run, images):
+        stats = step(run, images)
+        signal.raise_signal(signal.SIGINT)  # as a user's Ctrl-C during the first step
+        return stats
+
+    monkeypatch.setattr(TrainingRun, "train_step", step_then_interrupt)
+    assert train_air3d(cfg, progress=False)["step"] == 1
+    assert load_air3d(tmp_path / cfg.out_dir / "checkpoint.pt").config.image_size == SIZE
