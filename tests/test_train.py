@@ -9,6 +9,7 @@ import inverse_graphics as ig
 from inverse_graphics.checkpoint import CheckpointError, load_checkpoint
 from inverse_graphics.cli import main as cli_main
 from inverse_graphics.train import TrainConfig, batch_indices, train, z_pres_prior_at
+from tests.conftest import requires_cuda
 
 
 def tiny(out, **kw) -> TrainConfig:
@@ -112,3 +113,12 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path, data_dir):
         ig.load(tmp_path / "nothing.pt")
     with pytest.raises(KeyError, match="air-multi-mnist"):
         ig.load_pretrained("no-such-model")
+
+
+@requires_cuda
+def test_cuda_training_step_and_inference(tmp_path, data_dir):
+    rec = train(tiny(tmp_path, device="cuda"), progress=False)
+    assert 0 <= rec["count_acc"] <= 1
+    model = ig.load(tmp_path / "checkpoint.pt", device="cuda")
+    out = model.infer(torch.rand(4, 50, 50, device="cuda"))
+    assert out.counts.device.type == "cuda" and len(out.boxes) == 4
