@@ -131,7 +131,7 @@ def evaluate(model: AIR, data: Scenes, device: str, batch_size: int = 500) -> di
     correct, elbo, steps, n = 0, 0.0, 0.0, len(data)
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[]):  # do not disturb the training RNG stream
+    with torch.random.fork_rng(devices=[] if device == "cpu" else None):  # leave the training RNG streams alone
         torch.manual_seed(0)
         for start in range(0, n, batch_size):
             x = torch.from_numpy(data.float_images(start, start + batch_size)).to(device)
@@ -207,6 +207,8 @@ def train(
         opt.load_state_dict(state["optimizer"])
         step, train_time = state["step"], state["train_time_s"]
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
     budget_steps = cfg.steps if cfg.steps is not None else math.inf
     budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf
     log = open(out / "metrics.jsonl", "a")
@@ -225,6 +227,7 @@ def train(
                 "step": step,
                 "train_time_s": train_time,
                 "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "train_config": asdict(cfg),
             },
             ckpt_path,
