@@ -204,6 +204,9 @@ class AIR3D(nn.Module):
         S = len(SHAPES)
         self.step_dim = 1 + S + 2 + 2  # previous z_pres, one-hot shape, position / TABLE_HALF_SIZE, v
         self.encoder = ConvEncoder(cfg.image_size, cfg.channels, cfg.embed_dim)
+        # The embedding is unbounded (ReLU); unnormalised, it grew to ~80 in 1,000 sleep steps at lr 1e-3, the LSTM's
+        # gates saturated (pre-activations ~270) and every image got the same q. LayerNorm keeps it at unit scale.
+        self.embed_norm = nn.LayerNorm(cfg.embed_dim)
         self.rnn = GatedRecurrence(cfg.embed_dim, self.step_dim, cfg.rnn_hidden)
         self.head = StepHead3D(cfg.rnn_hidden, S)
         self.baseline = Baseline3D(cfg.image_size, cfg.baseline_channels, self.step_dim, cfg.baseline_hidden)
@@ -251,7 +254,7 @@ class AIR3D(nn.Module):
         no gradient to give); the step inputs keep that dependence."""
         if self.config.difference_input:  # render_input runs under no_grad: an input only, see docstring
             images = images - self.render_input(self.empty_scene(images) if so_far is None else so_far)
-        return self.rnn.image_gates(self.encoder(images))
+        return self.rnn.image_gates(self.embed_norm(self.encoder(images)))
 
     def guide_step(self, image_gates, prev, prev_pres, state, sample: bool) -> GuideStep3D:
         """One step: image_gates (B, 4 hidden), prev (B, step_dim), prev_pres (B,), state (h, c) -> GuideStep3D.

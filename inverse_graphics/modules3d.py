@@ -128,12 +128,13 @@ class Baseline3D(nn.Module):
     def __init__(self, image_size: int, channels: tuple[int, ...], step_dim: int, hidden: int):
         super().__init__()
         self.encoder = ConvEncoder(image_size, channels, hidden)
+        self.norm = nn.LayerNorm(hidden)  # keeps the LSTM's gates unsaturated, as AIR3D's embed_norm
         self.rnn = GatedRecurrence(hidden, step_dim, hidden)
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, images: torch.Tensor, step_inputs: torch.Tensor) -> torch.Tensor:
         """images FloatTensor (B, 3, H, W), step_inputs FloatTensor (B, T, step_dim) -> baselines (B, T)."""
-        gates = self.rnn.image_gates(self.encoder(images))  # (B, 4 hidden), once per image
+        gates = self.rnn.image_gates(self.norm(self.encoder(images)))  # (B, 4 hidden), once per image
         zeros = images.new_zeros(images.shape[0], self.rnn.hidden)
         state, outs = (zeros, zeros), []
         for t in range(step_inputs.shape[1]):
