@@ -150,7 +150,7 @@ def build_optimizer(model: AIR, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam([{"params": main, "lr": cfg.lr}, {"params": baseline, "lr": cfg.baseline_lr}])
 
 
-class _StopFlag:
+class StopFlag:
     """Turns SIGINT / SIGTERM into a graceful stop: the loop saves a checkpoint and exits."""
 
     def __init__(self):
@@ -257,7 +257,7 @@ def train(
     )
     rec = {}
     acc = {"elbo": 0.0, "count": 0.0, "n": 0}
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         while step < budget_steps and train_time < budget_s and not flag.stop:
             t0 = time.perf_counter()
             idx = batch_indices(cfg.seed, step, cfg.batch_size, len(train_data)).numpy()

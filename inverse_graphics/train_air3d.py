@@ -32,7 +32,7 @@ from inverse_graphics.air3d_objective import elbo_loss, sleep_loss
 from inverse_graphics.checkpoint import load_checkpoint, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
 from inverse_graphics.metrics3d import evaluate_method
-from inverse_graphics.train import _StopFlag, batch_indices
+from inverse_graphics.train import StopFlag, batch_indices
 
 __all__ = [
     "RECIPES",
@@ -239,7 +239,7 @@ def _loop(run: TrainingRun, images: torch.Tensor, held_out: LabelledRenders, pro
     last_eval = last_ckpt = run.train_time
     total = None if budget_steps == math.inf else budget_steps
     desc = f"train {MODEL_KIND} ({cfg.recipe}, {cfg.gradient})"
-    with _StopFlag() as flag, tqdm(total=total, initial=run.step, disable=not progress, desc=desc) as bar:
+    with StopFlag() as flag, tqdm(total=total, initial=run.step, disable=not progress, desc=desc) as bar:
         while run.step < budget_steps and run.train_time < budget_s and not flag.stop:
             stats = run.train_step(images)
             bar.update(1)
