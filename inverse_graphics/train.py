@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from inverse_graphics.air import AIR, AIRConfig
-from inverse_graphics.checkpoint import load_checkpoint, save_atomic
+from inverse_graphics.checkpoint import resume_state, save_atomic
 from scenes import mnist, multi_mnist
 
 EVAL_SEED = 2016  # held-out scenes are the same for every run: MNIST test digits, this seed
@@ -187,12 +187,7 @@ def train(
     """
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
-    state = None
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, expect_model=("air", "dair"))
-        # The run's own config, except where it lives and its budgets, which a resume may extend.
-        overrides = {"out_dir": cfg.out_dir, "minutes": cfg.minutes, "steps": cfg.steps}
-        cfg = TrainConfig.from_dict({**state["train_config"], **overrides})
+    cfg, state = resume_state(cfg, TrainConfig, ("air", "dair"), resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

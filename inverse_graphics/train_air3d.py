@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from inverse_graphics.air3d import AIR3D, GRADIENTS, MODEL_KIND, AIR3DConfig
 from inverse_graphics.air3d_objective import elbo_loss, sleep_loss
-from inverse_graphics.checkpoint import load_checkpoint, save_atomic
+from inverse_graphics.checkpoint import load_checkpoint, resume_state, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
 from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.train import StopFlag, batch_indices
@@ -140,16 +140,6 @@ def load_air3d(path: str | os.PathLike, device: str = "cpu") -> AIR3D:
     return model.to(device).eval()
 
 
-def _resume_state(cfg: AIR3DTrainConfig, resume: bool) -> tuple[AIR3DTrainConfig, dict | None]:
-    """The run's saved config (with this call's out_dir and budgets) and checkpoint, when resuming one."""
-    path = Path(cfg.out_dir) / "checkpoint.pt"
-    if not (resume and path.exists()):
-        return cfg, None
-    state = load_checkpoint(path, expect_model=(MODEL_KIND,))
-    budgets = {"out_dir": cfg.out_dir, "minutes": cfg.minutes, "steps": cfg.steps}
-    return AIR3DTrainConfig.from_dict({**state["train_config"], **budgets}), state
-
-
 class TrainingRun:
     """The mutable state of one training run: model, optimiser, step, clock, log file."""
 
@@ -214,7 +204,7 @@ class TrainingRun:
 
 def train_air3d(cfg: AIR3DTrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a run; returns the final held-out evaluation record."""
-    cfg, state = _resume_state(cfg, resume)
+    cfg, state = resume_state(cfg, AIR3DTrainConfig, (MODEL_KIND,), resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

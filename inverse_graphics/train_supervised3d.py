@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from inverse_graphics.checkpoint import load_checkpoint, save_atomic
+from inverse_graphics.checkpoint import load_checkpoint, resume_state, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
 from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.supervised3d import MODEL_KIND, LossWeights, SupervisedConfig, SupervisedRegressor, matched_loss
@@ -85,16 +85,6 @@ def load_supervised(path: str | os.PathLike, device: str = "cpu") -> SupervisedR
     return model.to(device).eval()
 
 
-def _resume_state(cfg: SupervisedTrainConfig, resume: bool) -> tuple[SupervisedTrainConfig, dict | None]:
-    """The run's saved config (with this call's out_dir and budgets) and checkpoint, when resuming one."""
-    path = Path(cfg.out_dir) / "checkpoint.pt"
-    if not (resume and path.exists()):
-        return cfg, None
-    state = load_checkpoint(path, expect_model=(MODEL_KIND,))
-    budgets = {"out_dir": cfg.out_dir, "minutes": cfg.minutes, "steps": cfg.steps}
-    return SupervisedTrainConfig.from_dict({**state["train_config"], **budgets}), state
-
-
 class _Run:
     """The mutable state of one training run: model, optimiser, step, clock, log file."""
 
@@ -147,7 +137,7 @@ class _Run:
 
 def train_supervised(cfg: SupervisedTrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a run; returns the final held-out evaluation record."""
-    cfg, state = _resume_state(cfg, resume)
+    cfg, state = resume_state(cfg, SupervisedTrainConfig, (MODEL_KIND,), resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
