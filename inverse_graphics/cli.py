@@ -200,7 +200,7 @@ def _add_bench(sub) -> None:
 def _run_bench(args) -> int:
     import runpy
 
-    sys.argv = [args.name, *args.rest]
+    sys.argv = [f"benchmarks/{args.name}.py", *args.rest]  # so results record `python -m benchmarks.NAME`
     runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")
     return 0
 
