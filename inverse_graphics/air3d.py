@@ -37,9 +37,8 @@ from inverse_graphics.air import PROB_EPS
 from inverse_graphics.data3d import data_renderer
 from inverse_graphics.modules import GatedRecurrence
 from inverse_graphics.modules3d import Baseline3D, ConvEncoder, StepDists, StepHead3D
-from inverse_graphics.refine import RefineConfig, clamp_to_table
-from inverse_graphics.refine import refine as refine_scenes
-from inverse_graphics.supervised3d import SceneInference, yaw_orders
+from inverse_graphics.refine import clamp_to_table
+from inverse_graphics.supervised3d import SceneInference, scene_inference, yaw_orders
 from renderers.finite_difference import FiniteDifferenceRenderer, FiniteDifferenceSettings
 from scenes import tabletop
 from scenes.tabletop import TABLE_HALF_SIZE, SceneTensors
@@ -375,11 +374,4 @@ class AIR3D(nn.Module):
         g = self.guide(images, sample=False)
         t = g.scene()
         t = SceneTensors(t.shape_ids, clamp_to_table(t.shape_ids, t.positions, t.yaws), t.yaws)
-        scenes = [s.to_dict() for s in tabletop.tensors_to_scenes(t)]
-        extras = {}
-        if steps > 0:
-            extras["unrefined"] = scenes
-            with torch.enable_grad():
-                scenes = refine_scenes(scenes, images, RefineConfig(steps=steps))
-        counts = (t.shape_ids >= 0).sum(1)
-        return SceneInference(scenes, counts, g.pres_prob, extras)
+        return scene_inference(t, images, steps, g.pres_prob)

@@ -72,3 +72,12 @@ def resume_state(
     state = load_checkpoint(path, expect_model=model_kinds)
     budgets = {"out_dir": cfg.out_dir, "minutes": cfg.minutes, "steps": cfg.steps}  # type: ignore[attr-defined]
     return config_cls.from_dict({**state["train_config"], **budgets}), state
+
+
+def load_model(path: str | os.PathLike, model_kinds: tuple[str, ...], build: Any, device: str = "cpu") -> Any:
+    """The model in a checkpoint, in eval mode on `device`: `build(config_dict)` makes the module, whose weights
+    are then loaded (float16 shipped weights back to float32). CheckpointError if the file is not one."""
+    ckpt = load_checkpoint(path, expect_model=model_kinds)
+    model = build(ckpt["config"])
+    model.load_state_dict({k: v.float() if torch.is_floating_point(v) else v for k, v in ckpt["state_dict"].items()})
+    return model.to(device).eval()

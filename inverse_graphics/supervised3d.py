@@ -95,6 +95,18 @@ class SceneInference:
     extras: dict = field(default_factory=dict)  # e.g. the unrefined scenes when refinement ran
 
 
+def scene_inference(t: SceneTensors, images: torch.Tensor, refine_steps: int, presence: torch.Tensor) -> SceneInference:
+    """Decoded scene tensors -> SceneInference, after `refine_steps` steps of render-and-compare refinement
+    against images (B, 3, H, W) when positive (the unrefined scenes are kept in `extras`)."""
+    scenes = [s.to_dict() for s in tabletop.tensors_to_scenes(t)]
+    extras = {}
+    if refine_steps > 0:
+        extras["unrefined"] = scenes
+        with torch.enable_grad():
+            scenes = refine(scenes, images, RefineConfig(steps=refine_steps))
+    return SceneInference(scenes, (t.shape_ids >= 0).sum(1), presence, extras)
+
+
 class SupervisedRegressor(nn.Module):
     """CNN regressor: renders (B, 3, H, W) -> K slots (modules3d.SlotOutput)."""
 
@@ -137,14 +149,7 @@ class SupervisedRegressor(nn.Module):
         """
         out = self(images)
         t = self.decode(out, threshold)
-        scenes = [s.to_dict() for s in tabletop.tensors_to_scenes(t)]
-        extras = {}
-        if refine_steps > 0:
-            extras["unrefined"] = scenes
-            with torch.enable_grad():
-                scenes = refine(scenes, images, RefineConfig(steps=refine_steps))
-        counts = (t.shape_ids >= 0).sum(1)
-        return SceneInference(scenes, counts, torch.sigmoid(out.presence_logits), extras)
+        return scene_inference(t, images, refine_steps, torch.sigmoid(out.presence_logits))
 
 
 def pair_costs(out: SlotOutput, labels: SceneTensors, yaw_order: torch.Tensor, w: LossWeights) -> torch.Tensor:

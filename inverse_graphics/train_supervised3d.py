@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from inverse_graphics.checkpoint import load_checkpoint, resume_state, save_atomic
+from inverse_graphics.checkpoint import load_model, resume_state, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
 from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.supervised3d import MODEL_KIND, LossWeights, SupervisedConfig, SupervisedRegressor, matched_loss
@@ -79,10 +79,9 @@ def evaluate_supervised(model: SupervisedRegressor, data: LabelledRenders, refin
 
 def load_supervised(path: str | os.PathLike, device: str = "cpu") -> SupervisedRegressor:
     """A trained regressor from a checkpoint, in eval mode; CheckpointError if the file is not one."""
-    ckpt = load_checkpoint(path, expect_model=(MODEL_KIND,))
-    model = SupervisedRegressor(SupervisedConfig.from_dict(ckpt["config"]))
-    model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
-    return model.to(device).eval()
+    return load_model(
+        path, (MODEL_KIND,), lambda config: SupervisedRegressor(SupervisedConfig.from_dict(config)), device
+    )
 
 
 class _Run:
