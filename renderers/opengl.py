@@ -137,7 +137,16 @@ class OpenGLRenderer(torch.nn.Module):
         self.program = self.ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
         self.shapes = [self._vertex_array(v, f) for v, f in zip(library.verts, library.faces, strict=True)]
         self.table = self._vertex_array(stage.table_verts, stage.table_faces)
+        self._framebuffers: dict[tuple[int, int], Any] = {}  # one per tile layout, reused (see `_framebuffer`)
         self._set_stage_uniforms()
+
+    def _framebuffer(self, width: int, height: int):
+        """The float framebuffer of this size, made once. Why reused: `Framebuffer.release()` does not release the
+        colour and depth renderbuffers that `simple_framebuffer` attaches, so one new framebuffer per call leaked
+        about 3 MB per call of 32 scenes at 64 px (measured: 660 MB -> 2.6 GB in 600 calls)."""
+        if (width, height) not in self._framebuffers:
+            self._framebuffers[width, height] = self.ctx.simple_framebuffer((width, height), components=4, dtype="f4")
+        return self._framebuffers[width, height]
 
     def _vertex_array(self, verts: torch.Tensor, faces: torch.Tensor):
         """A vertex array of interleaved (position, normal) float32 and uint32 triangle indices."""
@@ -186,7 +195,7 @@ class OpenGLRenderer(torch.nn.Module):
         S, b = self.settings.image_size, ids.shape[0]
         cols = math.ceil(math.sqrt(b))
         rows = math.ceil(b / cols)
-        fbo = self.ctx.simple_framebuffer((cols * S, rows * S), components=4, dtype="f4")
+        fbo = self._framebuffer(cols * S, rows * S)
         fbo.use()
         self.ctx.enable(self.ctx.DEPTH_TEST)
         fbo.clear(*self.stage.background_color, 0.0, depth=1.0)
@@ -199,7 +208,6 @@ class OpenGLRenderer(torch.nn.Module):
                     angle = 0.0 if k < len(self.yaw_invariant) and self.yaw_invariant[k] else angle
                     self._draw(self.shapes[k], (math.cos(angle), math.sin(angle), x, y), color, 1.0)
         data = np.frombuffer(fbo.read(components=4, dtype="f4"), dtype=np.float32)
-        fbo.release()
         grid = data.reshape(rows, S, cols, S, 4)[:, ::-1]  # OpenGL's row 0 is the bottom; flip to top-first
         tiles = grid.transpose(0, 2, 4, 1, 3).reshape(rows * cols, 4, S, S)[:b]  # (b, 4, H, W)
         return np.ascontiguousarray(tiles)

@@ -70,3 +70,21 @@ def test_missing_moderngl_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "moderngl", None)  # makes `import moderngl` fail
     with pytest.raises(opengl.OpenGLUnavailableError, match="pip install 'inverse-graphics\\[gl\\]'"):
         opengl._context.__wrapped__(None)
+
+
+@requires_egl
+def test_repeated_calls_do_not_leak_memory():
+    """Each call once allocated a framebuffer whose renderbuffers `release()` left behind: ~3 MB per call of 32
+    scenes, 2 GB over a short training run. 150 calls now grow the process by well under 100 MB (was ~480 MB)."""
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 1e6
+
+    renderer = tabletop.make_renderer(64, backend="opengl")
+    t = tabletop.scenes_to_tensors(tabletop.sample_scenes(32, seed=0))
+    t.render(renderer)
+    before = rss_mb()
+    for _ in range(150):
+        t.render(renderer)
+    assert rss_mb() - before < 100
