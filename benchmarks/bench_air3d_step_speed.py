@@ -37,7 +37,7 @@ def time_case(recipe: str, gradient: str, all_present: bool, args: argparse.Name
     run = TrainingRun(cfg, None)
     if all_present:
         with torch.no_grad():
-            run.model.head.fc.bias[0] = 10.0  # the presence logit (modules3d.StepHead3D)
+            run.model.where_head.fc.bias[0] = 10.0  # the presence logit (modules3d.WhereHead3D)
     times, cpu_times, counts = [], [], []
     for i in range(args.warmup + args.repeats):
         start, cpu_start = time.perf_counter(), time.process_time()

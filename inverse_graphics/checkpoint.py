@@ -74,10 +74,20 @@ def resume_state(
     return config_cls.from_dict({**state["train_config"], **budgets}), state
 
 
+def restore(model: Any, ckpt: dict[str, Any], path: str | os.PathLike) -> Any:
+    """Load a checkpoint's weights into `model` (float16 shipped weights back to float32). Training-only state
+    (the NVIL baseline, its running mean), which shipped weights drop, may be missing; anything else missing or
+    unexpected is a CheckpointError."""
+    state = {k: v.float() if torch.is_floating_point(v) else v for k, v in ckpt["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("baseline.", "signal_"))]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match its config: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 def load_model(path: str | os.PathLike, model_kinds: tuple[str, ...], build: Any, device: str = "cpu") -> Any:
     """The model in a checkpoint, in eval mode on `device`: `build(config_dict)` makes the module, whose weights
-    are then loaded (float16 shipped weights back to float32). CheckpointError if the file is not one."""
+    are then restored (`restore`). CheckpointError if the file is not one."""
     ckpt = load_checkpoint(path, expect_model=model_kinds)
-    model = build(ckpt["config"])
-    model.load_state_dict({k: v.float() if torch.is_floating_point(v) else v for k, v in ckpt["state_dict"].items()})
-    return model.to(device).eval()
+    return restore(build(ckpt["config"]), ckpt, path).to(device).eval()

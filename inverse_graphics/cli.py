@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -15,94 +16,155 @@ def _counts(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from err
 
 
-def _add_train(sub) -> None:
-    from inverse_graphics.train import TrainConfig
+MODELS_2D = ("air", "dair")
+MODELS_3D = ("air-tabletop", "supervised-tabletop")
 
-    d = TrainConfig()
-    p = sub.add_parser("train", help="train a model (air, dair) on multi-MNIST")
-    p.add_argument("model", choices=["air", "dair"])
-    p.add_argument("--out", default=None, help="run directory (default runs/<model>)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--minutes", type=float, default=d.minutes, help="training wall-clock budget")
-    p.add_argument("--steps", type=int, default=None, help="step budget (stops at the first budget reached)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--baseline-lr", type=float, default=d.baseline_lr)
-    p.add_argument("--n-train", type=int, default=d.n_train)
-    p.add_argument("--train-counts", type=_counts, default=d.train_counts, help="e.g. 0,1,2")
-    p.add_argument("--eval-counts", type=_counts, default=d.eval_counts)
-    p.add_argument(
-        "--overlap",
-        choices=["clip", "reject"],
-        default=d.overlap,
-        help="multi-MNIST overlaps: clip (sum and clip) or reject (Pyro's generator: redraw)",
+# option name -> config field, for options every trainer has; unset (None) options keep the trainer's default
+_SHARED = {
+    "seed": "seed",
+    "minutes": "minutes",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "n_train": "n_train",
+    "eval_n": "eval_n",
+    "eval_every": "eval_every_s",
+    "checkpoint_every": "checkpoint_every_s",
+    "device": "device",
+    "threads": "threads",
+}
+_ONLY_2D = {
+    "baseline_lr": "baseline_lr",
+    "train_counts": "train_counts",
+    "eval_counts": "eval_counts",
+    "overlap": "overlap",
+    "lr_decay_start": "lr_decay_start",
+    "lr_half_life": "lr_half_life",
+    "lr_floor": "lr_floor",
+    "max_steps": "max_steps",
+    "z_pres_prior": "z_pres_prior",
+    "z_pres_prior_start": "z_pres_prior_start",
+    "anneal_steps": "anneal_steps",
+    "data_dir": "data_dir",
+}
+_ONLY_AIR3D = {
+    "baseline_lr": "baseline_lr",
+    "recipe": "recipe",
+    "gradient": "gradient",
+    "sleep_steps": "sleep_steps",
+    "eval_refine": "eval_refine",
+    "data_cache": "data_cache",
+}
+_ONLY_3D = {
+    "min_objects": "min_objects",
+    "max_objects": "max_objects",
+    "image_size": "image_size",
+    "backend": "backend",
+}
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model: air, dair (multi-MNIST); air-tabletop, supervised-tabletop (tabletop renders)",
+        description="Unset options keep the model's own default (the config dataclasses in inverse_graphics/).",
     )
-    p.add_argument("--lr-decay-start", type=int, default=d.lr_decay_start, help="step where the main rate decays")
-    p.add_argument("--lr-half-life", type=int, default=d.lr_half_life, help="steps per halving of the main rate")
-    p.add_argument("--lr-floor", type=float, default=d.lr_floor)
-    p.add_argument("--eval-n", type=int, default=d.eval_n)
-    p.add_argument("--eval-every", type=float, default=d.eval_every_s, help="seconds between evaluations")
-    p.add_argument("--checkpoint-every", type=float, default=d.checkpoint_every_s, help="seconds")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="T, the most objects per scene")
-    p.add_argument("--z-pres-prior", type=float, default=d.z_pres_prior)
-    p.add_argument("--z-pres-prior-start", type=float, default=None, help="anneal from this value")
-    p.add_argument("--anneal-steps", type=int, default=d.anneal_steps)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("model", choices=[*MODELS_2D, *MODELS_3D])
+    p.add_argument("--out", default=None, help="run directory (default runs/<model>)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--minutes", type=float, help="training wall-clock budget")
+    p.add_argument("--steps", type=int, help="step budget (stops at the first budget reached)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--baseline-lr", type=float, help="NVIL baseline's rate (air, dair, air-tabletop)")
+    p.add_argument("--n-train", type=int, help="training scenes")
+    p.add_argument("--eval-n", type=int, help="held-out scenes of the periodic evaluation")
+    p.add_argument("--eval-every", type=float, help="seconds between evaluations")
+    p.add_argument("--checkpoint-every", type=float, help="seconds")
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("multi-MNIST models (air, dair)")
+    g.add_argument("--train-counts", type=_counts, help="e.g. 0,1,2")
+    g.add_argument("--eval-counts", type=_counts)
+    g.add_argument("--overlap", choices=["clip", "reject"], help="clip (sum and clip) or reject (Pyro's: redraw)")
+    g.add_argument("--lr-decay-start", type=int, help="step where the main rate decays")
+    g.add_argument("--lr-half-life", type=int, help="steps per halving of the main rate")
+    g.add_argument("--lr-floor", type=float)
+    g.add_argument("--max-steps", type=int, help="T, the most objects per scene")
+    g.add_argument("--z-pres-prior", type=float)
+    g.add_argument("--z-pres-prior-start", type=float, help="anneal from this value")
+    g.add_argument("--anneal-steps", type=int)
+    g.add_argument("--data-dir")
+    g = p.add_argument_group("tabletop models (air-tabletop, supervised-tabletop)")
+    g.add_argument("--recipe", choices=["wake", "sleep", "sleep-then-wake", "wake-sleep"], help="air-tabletop")
+    g.add_argument("--gradient", choices=["fd", "soft"], help="air-tabletop: finite differences or soft raster")
+    g.add_argument("--sleep-steps", type=int, help="air-tabletop, sleep-then-wake: steps of the sleep phase")
+    g.add_argument("--eval-refine", type=int, help="air-tabletop: refinement steps in the periodic evaluation")
+    g.add_argument("--data-cache", help="air-tabletop: .pt cache of the training renders")
+    g.add_argument("--min-objects", type=int)
+    g.add_argument("--max-objects", type=int)
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--backend", choices=["auto", "opengl", "pytorch3d"], help="renderer of the data")
+    g.add_argument("--naive-yaw", action="store_true", help="supervised-tabletop: plain (cos, sin) yaw targets")
     p.set_defaults(func=_run_train)
 
 
-def _run_train(args) -> int:
-    from inverse_graphics.train import TrainConfig, train
+def _given(args, names: dict[str, str]) -> dict:
+    return {field: getattr(args, opt) for opt, field in names.items() if getattr(args, opt) is not None}
 
-    cfg = TrainConfig(
-        model=args.model,
-        out_dir=args.out or f"runs/{args.model}",
-        seed=args.seed,
-        minutes=args.minutes,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        baseline_lr=args.baseline_lr,
-        n_train=args.n_train,
-        train_counts=args.train_counts,
-        eval_counts=args.eval_counts,
-        overlap=args.overlap,
-        lr_decay_start=args.lr_decay_start,
-        lr_half_life=args.lr_half_life,
-        lr_floor=args.lr_floor,
-        eval_n=args.eval_n,
-        eval_every_s=args.eval_every,
-        checkpoint_every_s=args.checkpoint_every,
-        max_steps=args.max_steps,
-        z_pres_prior=args.z_pres_prior,
-        z_pres_prior_start=args.z_pres_prior_start,
-        anneal_steps=args.anneal_steps,
-        data_dir=args.data_dir,
-        device=args.device,
-        threads=args.threads,
-    )
-    rec = train(cfg, resume=args.resume, progress=not args.no_progress)
+
+def _check_applies(args, names: dict[str, str]) -> None:
+    """ValueError naming every option given that the chosen model does not take (rather than ignoring it)."""
+    every = {**_SHARED, **_ONLY_2D, **_ONLY_AIR3D, **_ONLY_3D}
+    foreign = [o for o in every if o not in names and getattr(args, o) is not None]
+    foreign += ["naive_yaw"] if args.naive_yaw and args.model != "supervised-tabletop" else []
+    if foreign:
+        listed = ", ".join("--" + o.replace("_", "-") for o in foreign)
+        raise ValueError(f"{listed} do(es) not apply to `train {args.model}`; see `inverse-graphics train --help`")
+
+
+def _run_train(args) -> int:
+    names = {**_SHARED, **(_ONLY_2D if args.model in MODELS_2D else _ONLY_3D)}
+    names.update(_ONLY_AIR3D if args.model == "air-tabletop" else {})
+    _check_applies(args, names)
+    kw: dict[str, Any] = {"out_dir": args.out or f"runs/{args.model}", **_given(args, names)}
+    resume, progress = args.resume, not args.no_progress
+    if args.model in MODELS_2D:
+        from inverse_graphics.train import TrainConfig, train
+
+        rec = train(TrainConfig(model=args.model, **kw), resume, progress)
+    elif args.model == "air-tabletop":
+        from inverse_graphics.train_air3d import AIR3DTrainConfig, train_air3d
+
+        rec = train_air3d(AIR3DTrainConfig(**kw), resume, progress)
+    else:
+        from inverse_graphics.train_supervised3d import SupervisedTrainConfig, train_supervised
+
+        overrides = {"symmetric_yaw": False} if args.naive_yaw else {}
+        cfg = SupervisedTrainConfig(**kw, model_overrides=overrides)
+        rec = train_supervised(cfg, resume, progress)
     print(json.dumps(rec))
     return 0
 
 
 def _add_infer(sub) -> None:
-    p = sub.add_parser("infer", help="infer objects in PNG images; writes JSON and overlay PNGs")
+    p = sub.add_parser(
+        "infer", help="infer objects in image files (multi-MNIST or tabletop renders); writes JSON and figures"
+    )
     p.add_argument("images", nargs="+", help="PNG/JPEG files")
     p.add_argument("--model", default="air-multi-mnist", help="a pretrained name or a checkpoint path")
     p.add_argument("--out", default="out/infer", help="output directory")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--refine", type=int, default=None, help="tabletop models: refinement steps (0: none)")
     p.set_defaults(func=_run_infer)
 
 
 def _run_infer(args) -> int:
     from inverse_graphics.infer import InferConfig, main
 
-    main(InferConfig(images=args.images, model=args.model, out_dir=args.out, device=args.device))
+    main(InferConfig(images=args.images, model=args.model, out_dir=args.out, device=args.device, refine=args.refine))
     return 0
 
 

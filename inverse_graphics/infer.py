@@ -1,4 +1,8 @@
-"""`inverse-graphics infer`: objects in image files -> one JSON (counts, boxes, z_where) and overlay PNGs."""
+"""`inverse-graphics infer`: objects in image files -> one JSON and a figure per image.
+
+Multi-MNIST models (air, dair): counts, boxes and z_where, and overlay PNGs. Tabletop models (air-tabletop,
+supervised-tabletop): scenes in the tabletop JSON format of DESIGN.md, and a figure per image with the input, the
+inferred scene re-rendered, and the per-object labels side by side."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from inverse_graphics.air import AIR
 from inverse_graphics.evaluate import load_model
 
 OVERLAY_SCALE = 6  # overlay PNGs are the input enlarged this many times, so that boxes and labels are legible
@@ -23,8 +28,9 @@ class InferConfig:
 
     images: list[str] = field(default_factory=list)  # image files (PNG, JPEG, ...): light ink on a dark ground
     model: str = "air-multi-mnist"  # a pretrained name or a checkpoint path
-    out_dir: str = "out/infer"  # receives results.json and <stem>_overlay.png per image
+    out_dir: str = "out/infer"  # receives results.json and <stem>_overlay.png (<stem>_scene.png) per image
     device: str = "cpu"
+    refine: int | None = None  # tabletop models: refinement steps (None: the model's default; 0: none)
 
 
 def read_image(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -68,6 +74,10 @@ def main(cfg: InferConfig) -> dict:
     if not cfg.images:
         raise ValueError("no input images given")
     model = load_model(cfg.model, cfg.device)
+    if not isinstance(model, AIR):
+        return main_tabletop(cfg, model)
+    if cfg.refine is not None:
+        raise ValueError(f"--refine applies to the tabletop models, not to {cfg.model!r}")
     size = model.config.canvas_size
     loaded = [read_image(p, size) for p in cfg.images]
     x = torch.from_numpy(np.stack([a for a, _ in loaded]))
@@ -104,4 +114,89 @@ def main(cfg: InferConfig) -> dict:
     for r in results:
         print(f"{r['file']}: {r['count']} object(s)")
     print(f"wrote {out_dir / 'results.json'} and {len(results)} overlay PNG(s)")
+    return record
+
+
+def read_rgb(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """An RGB image as float32 (3, size, size) in [0, 1] and its original (width, height); other sizes are resized
+    (bilinear) with a warning, since the tabletop models were trained on renders of exactly this size."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            original = im.size
+            rgb = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    if rgb.size != (size, size):
+        print(f"warning: {path} is {rgb.size[0]}x{rgb.size[1]}; resizing to the model's {size}x{size}", file=sys.stderr)
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0, original
+
+
+def object_label(obj: dict) -> str:
+    """One line per object: shape, position in cm, yaw in degrees."""
+    x, y = (100 * v for v in obj["position"])
+    return f"{obj['shape']:<8} x {x:+5.1f} cm  y {y:+5.1f} cm  yaw {np.degrees(obj['yaw']):+6.1f} deg"
+
+
+def scene_figure(image: np.ndarray, render: np.ndarray, scene: dict, title: str, path: Path) -> None:
+    """Input (3, H, W), re-render of the inferred scene (3, H, W) and the per-object labels, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.4), gridspec_kw={"width_ratios": [1, 1, 1.5]})
+    for ax, im, name in zip(axes[:2], (image, render), ("input", "inferred scene, re-rendered")):
+        ax.imshow(np.clip(im.transpose(1, 2, 0), 0, 1), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    objects = scene["objects"]
+    lines = [f"{i + 1}. {object_label(o)}" for i, o in enumerate(objects)] or ["(no objects)"]
+    axes[2].text(
+        0.0, 0.95, f"{len(objects)} object(s)\n\n" + "\n".join(lines), va="top", family="monospace", fontsize=8
+    )
+    axes[2].axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main_tabletop(cfg: InferConfig, model) -> dict:
+    """`infer` for the tabletop models (AIR3D or SupervisedRegressor): results.json and <stem>_scene.png."""
+    from inverse_graphics.data3d import data_renderer
+    from scenes import tabletop
+
+    size = model.config.image_size
+    loaded = [read_rgb(p, size) for p in cfg.images]
+    x = torch.from_numpy(np.stack([a for a, _ in loaded]))
+    out = model.infer(x.to(cfg.device), refine=cfg.refine)
+    renders = (
+        tabletop.scenes_to_tensors(out.scenes)
+        .render(data_renderer(size, getattr(model.config, "backend", "auto")))
+        .images
+    )
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, (path, (arr, (w, h))) in enumerate(zip(cfg.images, loaded)):
+        figure = out_dir / f"{Path(path).stem}_scene.png"
+        scene_figure(arr, renders[i].cpu().numpy(), out.scenes[i], f"{Path(path).name}: {cfg.model}", figure)
+        results.append(
+            {
+                "file": str(path),
+                "size": [w, h],
+                "count": len(out.scenes[i]["objects"]),
+                "scene": out.scenes[i],
+                "presence": [round(float(p), 4) for p in out.presence[i]],
+                "figure": str(figure),
+            }
+        )
+    refined = "unrefined" in out.extras
+    record = {"model": cfg.model, "refined": refined, "units": "metres, radians (table frame)", "images": results}
+    (out_dir / "results.json").write_text(json.dumps(record, indent=2))
+    for r in results:
+        print(f"{r['file']}: {r['count']} object(s): " + "; ".join(object_label(o) for o in r["scene"]["objects"]))
+    print(f"wrote {out_dir / 'results.json'} and {len(results)} figure(s)")
     return record

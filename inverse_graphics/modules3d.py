@@ -14,7 +14,17 @@ import torch.nn.functional as F
 
 from inverse_graphics.modules import GatedRecurrence
 
-__all__ = ["ConvEncoder", "SlotOutput", "SlotHead", "StepDists", "StepHead3D", "Baseline3D"]
+__all__ = [
+    "ConvEncoder",
+    "SlotOutput",
+    "SlotHead",
+    "WhereDists",
+    "ObjectDists",
+    "WhereHead3D",
+    "GlimpseEncoder",
+    "ObjectHead3D",
+    "Baseline3D",
+]
 
 
 class ConvEncoder(nn.Module):
@@ -78,44 +88,90 @@ class SlotHead(nn.Module):
 
 
 @dataclass(frozen=True)
-class StepDists:
-    """3D AIR's q for one step, before any choice is made (inverse_graphics/air3d.py defines the latents)."""
+class WhereDists:
+    """3D AIR's first look at one step (inverse_graphics/air3d.py defines the latents): is there another object,
+    and roughly where (the glimpse is taken there; `ObjectDists` refines the position from the glimpse)."""
 
     pres_logit: torch.Tensor  # FloatTensor (B,): logit of q(z_pres = 1)
-    shape_logits: torch.Tensor  # FloatTensor (B, S): q(identity), unnormalised
+    u_coarse: torch.Tensor  # FloatTensor (B, 2): the position latent u of the glimpse's centre
+
+
+@dataclass(frozen=True)
+class ObjectDists:
+    """3D AIR's q for one step's object, given the glimpse at `WhereDists.u_coarse`."""
+
     u_loc: torch.Tensor  # FloatTensor (B, 2): mean of the Gaussian over the position latent u
     u_scale: torch.Tensor  # FloatTensor (B, 2): its standard deviation, > 0
+    shape_logits: torch.Tensor  # FloatTensor (B, S): q(identity), unnormalised
     v_loc: torch.Tensor  # FloatTensor (B, S, 2): per shape, mean of the Gaussian over the yaw latent v
     v_scale: torch.Tensor  # FloatTensor (B, S, 2): per shape, its standard deviation, > 0
 
 
-class StepHead3D(nn.Module):
-    """LSTM state -> StepDists. q(v) is given per shape (read off for the chosen one) because v's meaning depends
-    on the shape: yaw = atan2(v) / m(shape), m = the shape's yaw symmetry order (as SlotHead's yaw vectors)."""
+class WhereHead3D(nn.Module):
+    """LSTM state -> WhereDists."""
 
-    def __init__(self, hidden: int, n_shapes: int):
+    def __init__(self, hidden: int):
         super().__init__()
-        self.n_shapes = n_shapes
-        self.fc = nn.Linear(hidden, 1 + n_shapes + 4 + 4 * n_shapes)
-        with torch.no_grad():  # start near the prior's centre with small spreads (as the 2D WhereHead)
+        self.fc = nn.Linear(hidden, 1 + 2)
+        with torch.no_grad():  # start at the table's centre
             self.fc.weight.mul_(0.1)
             self.fc.bias.zero_()
-            S = n_shapes
-            self.fc.bias[1 + S + 2 : 1 + S + 4].fill_(-1.5)  # softplus(-1.5) = 0.2: u sd, about 2.5 cm at centre
-            v = self.fc.bias[1 + S + 4 :].view(S, 4)
+
+    def forward(self, h: torch.Tensor) -> WhereDists:
+        """h FloatTensor (B, hidden) -> WhereDists."""
+        pres, u = self.fc(h).split([1, 2], dim=1)
+        return WhereDists(pres_logit=pres.squeeze(1), u_coarse=u)
+
+
+class GlimpseEncoder(nn.Module):
+    """A G x G glimpse (the image around one object) -> a feature vector: stride-1 then stride-2 convolutions,
+    so the few pixels that tell a cube from a cylinder are seen at full resolution."""
+
+    def __init__(self, glimpse_size: int, channels: tuple[int, ...], out_dim: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, side = 3, glimpse_size
+        for i, c_out in enumerate(channels):
+            stride = 1 if i == 0 else 2
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1), nn.ReLU()]
+            c_in, side = c_out, side if stride == 1 else (side + 1) // 2
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in * side * side, out_dim)
+
+    def forward(self, glimpses: torch.Tensor) -> torch.Tensor:
+        """glimpses FloatTensor (B, 3, G, G) -> FloatTensor (B, out_dim)."""
+        return F.relu(self.fc(self.conv(glimpses).flatten(1)))
+
+
+class ObjectHead3D(nn.Module):
+    """(LSTM state, glimpse features, the glimpse's centre u_coarse) -> ObjectDists: the position as a correction
+    of the glimpse's centre (a centred crop tells an offset far better than the whole image tells a position),
+    the identity and, per shape, the yaw latent. q(v) is per shape (read off for the chosen one) because v's
+    meaning depends on the shape: yaw = atan2(v) / m(shape), m = the shape's yaw symmetry order."""
+
+    def __init__(self, hidden: int, glimpse_dim: int, n_shapes: int):
+        super().__init__()
+        self.n_shapes = n_shapes
+        self.mlp = nn.Sequential(nn.Linear(hidden + glimpse_dim, hidden), nn.ReLU())
+        self.fc = nn.Linear(hidden, 4 + n_shapes + 4 * n_shapes)
+        with torch.no_grad():
+            self.fc.weight.mul_(0.1)
+            self.fc.bias.zero_()
+            self.fc.bias[2:4].fill_(-1.5)  # softplus(-1.5) = 0.2: u sd, about 2.5 cm at the centre
+            v = self.fc.bias[4 + n_shapes :].view(n_shapes, 4)
             v[:, 0].fill_(1.0)  # v loc (1, 0): yaw 0, away from v = 0 where atan2 is singular
             v[:, 2:].fill_(-1.5)  # v sd 0.2
 
-    def forward(self, h: torch.Tensor) -> StepDists:
-        """h FloatTensor (B, hidden) -> StepDists."""
+    def forward(self, h: torch.Tensor, glimpse_features: torch.Tensor, u_coarse: torch.Tensor) -> ObjectDists:
+        """h FloatTensor (B, hidden), glimpse_features FloatTensor (B, glimpse_dim), u_coarse (B, 2)."""
         B, S = h.shape[0], self.n_shapes
-        pres, shapes, u, v = self.fc(h).split([1, S, 4, 4 * S], dim=1)
+        out = self.fc(self.mlp(torch.cat([h, glimpse_features], dim=1)))
+        u, shapes, v = out.split([4, S, 4 * S], dim=1)
         v = v.view(B, S, 4)
-        return StepDists(
-            pres_logit=pres.squeeze(1),
-            shape_logits=shapes,
-            u_loc=u[:, :2],
+        return ObjectDists(
+            u_loc=u_coarse + u[:, :2],
             u_scale=F.softplus(u[:, 2:]) + 1e-4,
+            shape_logits=shapes,
             v_loc=v[..., :2],
             v_scale=F.softplus(v[..., 2:]) + 1e-4,
         )

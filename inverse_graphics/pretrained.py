@@ -5,34 +5,48 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from inverse_graphics.air import AIR, AIRConfig
-from inverse_graphics.checkpoint import CheckpointError, load_checkpoint
+from inverse_graphics.checkpoint import CheckpointError, load_checkpoint, restore
 
 WEIGHTS = {
     # name: (file in inverse_graphics/weights, model kinds it may hold)
     "air-multi-mnist": ("air-multi-mnist.pt", ("air",)),
     "dair-multi-mnist": ("dair-multi-mnist.pt", ("dair",)),
+    "air-tabletop": ("air-tabletop.pt", ("air-tabletop",)),
+    "supervised-tabletop": ("supervised-tabletop.pt", ("supervised-tabletop",)),
 }
+KINDS_2D = ("air", "dair")
+KINDS_3D = ("air-tabletop", "supervised-tabletop")
 
 
-def load(path: str | os.PathLike, device: str = "cpu", expect_model: tuple[str, ...] | None = None) -> AIR:
-    """A model from a checkpoint written by `train` (or shipped), in eval mode on `device`.
+def _build(kind: str, config: dict) -> torch.nn.Module:
+    """An untrained model of a checkpoint's kind and config (the 3D modules are imported only when needed)."""
+    if kind in KINDS_2D:
+        return AIR(AIRConfig.from_dict(config))
+    if kind == "air-tabletop":
+        from inverse_graphics.air3d import AIR3D, AIR3DConfig
+
+        return AIR3D(AIR3DConfig.from_dict(config))
+    from inverse_graphics.supervised3d import SupervisedConfig, SupervisedRegressor
+
+    return SupervisedRegressor(SupervisedConfig.from_dict(config))
+
+
+def load(path: str | os.PathLike, device: str = "cpu", expect_model: tuple[str, ...] | None = None) -> Any:
+    """A model from a checkpoint written by `train` (or shipped), in eval mode on `device`: an `AIR` for
+    "air" / "dair" checkpoints, an `AIR3D` for "air-tabletop", a `SupervisedRegressor` for "supervised-tabletop".
 
     Raises CheckpointError for a missing, truncated or foreign file, or a model of another kind.
     """
     ckpt = load_checkpoint(path, expect_model=expect_model)
-    if ckpt["model"] not in ("air", "dair"):
-        raise CheckpointError(f"{path} holds a '{ckpt['model']}' model, which this release cannot load")
-    model = AIR(AIRConfig.from_dict(ckpt["config"]))
-    state = {k: v.float() if torch.is_floating_point(v) else v for k, v in ckpt["state_dict"].items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("baseline.") and not k.startswith("signal_")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match its config: missing {missing}, unexpected {unexpected}")
-    return model.to(device).eval()
+    kind = ckpt["model"]
+    if kind not in (*KINDS_2D, *KINDS_3D):
+        raise CheckpointError(f"{path} holds a '{kind}' model, which this release cannot load")
+    return restore(_build(kind, ckpt["config"]), ckpt, path).to(device).eval()
 
 
 def weights_path(name: str) -> Path:
@@ -41,8 +55,9 @@ def weights_path(name: str) -> Path:
     return Path(str(resources.files("inverse_graphics").joinpath("weights", WEIGHTS[name][0])))
 
 
-def load_pretrained(name: str, device: str = "cpu") -> AIR:
-    """The shipped weights `name` (e.g. "air-multi-mnist"), in eval mode."""
+def load_pretrained(name: str, device: str = "cpu") -> Any:
+    """The shipped weights `name`, in eval mode: "air-multi-mnist" and "dair-multi-mnist" (AIR models of
+    multi-MNIST), "air-tabletop" (3D AIR) and "supervised-tabletop" (the supervised baseline)."""
     path = weights_path(name)
     if not path.is_file():
         raise CheckpointError(f"pretrained weights {name!r} are not installed (expected {path})")

@@ -37,6 +37,7 @@ __all__ = [
     "SupervisedConfig",
     "LossWeights",
     "SceneInference",
+    "check_images",
     "SupervisedRegressor",
     "yaw_orders",
     "pair_costs",
@@ -107,6 +108,25 @@ def scene_inference(t: SceneTensors, images: torch.Tensor, refine_steps: int, pr
     return SceneInference(scenes, (t.shape_ids >= 0).sum(1), presence, extras)
 
 
+def check_images(images, size: int) -> torch.Tensor:
+    """Validate an input batch: a float tensor (B, 3, size, size) in [0, 1] without NaN; TypeError / ValueError."""
+    expect = f"(B, 3, {size}, {size})"
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape {expect}, got {type(images).__name__}")
+    if not images.is_floating_point():
+        hint = " (uint8 images: divide by 255 first)" if images.dtype == torch.uint8 else ""
+        raise TypeError(f"images must be a floating-point tensor in [0, 1], got dtype {images.dtype}{hint}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+        raise ValueError(f"images must have shape {expect} (RGB, channels first), got {tuple(images.shape)}")
+    if images.numel():
+        lo, hi = torch.aminmax(images)  # one pass; NaN propagates into both
+        if torch.isnan(lo) or torch.isnan(hi):
+            raise ValueError("images contain NaN values")
+        if lo < 0 or hi > 1:
+            raise ValueError(f"images must lie in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
+    return images
+
+
 class SupervisedRegressor(nn.Module):
     """CNN regressor: renders (B, 3, H, W) -> K slots (modules3d.SlotOutput)."""
 
@@ -139,17 +159,21 @@ class SupervisedRegressor(nn.Module):
         return SceneTensors(shape_ids, clamp_to_table(shape_ids, out.positions, yaws), yaws)
 
     @torch.no_grad()
-    def infer(self, images: torch.Tensor, refine_steps: int = 0, threshold: float = 0.5) -> SceneInference:
-        """Scenes from renders.
+    def infer(self, images: torch.Tensor, refine: int | None = None, threshold: float = 0.5) -> SceneInference:
+        """Scenes from renders (the same call as `AIR3D.infer`).
 
         Args:
             images: FloatTensor (B, 3, H, W) in [0, 1].
-            refine_steps: K steps of render-and-compare refinement (inverse_graphics.refine); 0: none.
+            refine: K steps of render-and-compare refinement (inverse_graphics.refine); None or 0: none (the
+                baseline is reported raw unless refinement is asked for).
             threshold: presence probability above which a slot reports an object.
+        Raises:
+            TypeError / ValueError naming the problem for a non-tensor, non-float, wrong shape, NaN or [0, 1].
         """
+        images = check_images(images, self.config.image_size).to(self.head.fc.weight)
         out = self(images)
         t = self.decode(out, threshold)
-        return scene_inference(t, images, refine_steps, torch.sigmoid(out.presence_logits))
+        return scene_inference(t, images, int(refine or 0), torch.sigmoid(out.presence_logits))
 
 
 def pair_costs(out: SlotOutput, labels: SceneTensors, yaw_order: torch.Tensor, w: LossWeights) -> torch.Tensor:

@@ -4,9 +4,9 @@ The training set is rendered once, before the first step, and held in memory as 
 are 250 MB; with OpenGL about 5 s to draw, with PyTorch3D's CPU rasterizer about 2 minutes). Batch order is a
 function of (seed, step), as in the 2D training, so `resume` continues the same run exactly.
 
-A run directory holds `config.json`, `checkpoint.pt` (written atomically every `checkpoint_every_s` and at the
-end) and `metrics.jsonl` (one JSON record per log or evaluation; `images_seen` counts training images, the budget
-to compare with AIR's).
+A run directory holds `config.json`, `checkpoint.pt` (written atomically every `checkpoint_every_s`, at the
+end and on SIGINT / SIGTERM) and `metrics.jsonl` (one JSON record per log or evaluation; `images_seen` counts
+training images, the budget to compare with AIR's).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from inverse_graphics.checkpoint import load_model, resume_state, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
 from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.supervised3d import MODEL_KIND, LossWeights, SupervisedConfig, SupervisedRegressor, matched_loss
-from inverse_graphics.train import batch_indices
+from inverse_graphics.train import StopFlag, batch_indices
 from scenes.tabletop import SceneTensors
 
 __all__ = ["SupervisedTrainConfig", "train_supervised", "load_supervised", "evaluate_supervised"]
@@ -64,15 +64,13 @@ class SupervisedTrainConfig:
 
 
 @torch.no_grad()
-def evaluate_supervised(model: SupervisedRegressor, data: LabelledRenders, refine_steps: int = 0) -> dict:
+def evaluate_supervised(model: SupervisedRegressor, data: LabelledRenders, refine: int = 0) -> dict:
     """metrics3d's summary (count, identity, position, yaw, images/s) of `model` on `data`."""
     was_training = model.training
     model.eval()
     images = data.images.float() / 255.0
     device = next(model.parameters()).device
-    summary = evaluate_method(
-        lambda x: model.infer(x.to(device), refine_steps=refine_steps).scenes, images, data.scenes
-    )
+    summary = evaluate_method(lambda x: model.infer(x.to(device), refine=refine).scenes, images, data.scenes)
     model.train(was_training)
     return summary
 
@@ -150,8 +148,9 @@ def train_supervised(cfg: SupervisedTrainConfig, resume: bool = False, progress:
     budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf
     last_eval = last_ckpt = run.train_time
     total = None if budget_steps == math.inf else budget_steps
-    with tqdm(total=total, initial=run.step, disable=not progress, desc="train supervised-tabletop") as bar:
-        while run.step < budget_steps and run.train_time < budget_s:
+    desc = "train supervised-tabletop"
+    with StopFlag() as flag, tqdm(total=total, initial=run.step, disable=not progress, desc=desc) as bar:
+        while run.step < budget_steps and run.train_time < budget_s and not flag.stop:
             stats = run.train_step(data)
             bar.update(1)
             if run.step % cfg.log_every == 0:
@@ -163,6 +162,8 @@ def train_supervised(cfg: SupervisedTrainConfig, resume: bool = False, progress:
             if run.train_time - last_ckpt >= cfg.checkpoint_every_s:
                 run.checkpoint()
                 last_ckpt = run.train_time
+    if flag.stop:
+        print(f"stopped by signal at step {run.step}; saving the checkpoint in {cfg.out_dir}")
     run.checkpoint()
     final = run.write(
         {"kind": "eval", "train_time_s": round(run.train_time, 2), **evaluate_supervised(run.model, held_out)}

@@ -14,7 +14,7 @@ from inverse_graphics.air3d import AIR3D, AIR3DConfig, check_images, count_prior
 from inverse_graphics.air3d_objective import choice_log_q, elbo_loss, elbo_terms, sleep_loss, teacher_forced_log_q
 from inverse_graphics.checkpoint import CheckpointError
 from inverse_graphics.estimators import score_function_surrogate
-from inverse_graphics.modules3d import Baseline3D, StepHead3D
+from inverse_graphics.modules3d import Baseline3D, GlimpseEncoder, ObjectHead3D, WhereHead3D
 from inverse_graphics.train_air3d import RECIPES, AIR3DTrainConfig, TrainingRun, load_air3d, train_air3d
 from renderers.opengl import opengl_available
 from scenes import tabletop
@@ -39,14 +39,17 @@ def _images(n: int = 3, seed: int = 0) -> torch.Tensor:
 def _set_presence(model: AIR3D, logit: float) -> None:
     """Make q(z_pres = 1) = sigmoid(logit) at every step, whatever the input."""
     with torch.no_grad():
-        model.head.fc.weight[0].zero_()
-        model.head.fc.bias[0] = logit
+        model.where_head.fc.weight[0].zero_()
+        model.where_head.fc.bias[0] = logit
 
 
 def test_module_shapes():
     B, T, hidden = 4, 3, 32
-    d = StepHead3D(hidden, S)(torch.randn(B, hidden))
-    assert d.pres_logit.shape == (B,) and d.shape_logits.shape == (B, S)
+    w = WhereHead3D(hidden)(torch.randn(B, hidden))
+    features = GlimpseEncoder(24, (8, 16), 20)(torch.rand(B, 3, 24, 24))
+    assert features.shape == (B, 20)
+    d = ObjectHead3D(hidden, 20, S)(torch.randn(B, hidden), features, w.u_coarse)
+    assert w.pres_logit.shape == (B,) and w.u_coarse.shape == (B, 2) and d.shape_logits.shape == (B, S)
     assert d.u_loc.shape == d.u_scale.shape == (B, 2) and d.v_loc.shape == d.v_scale.shape == (B, S, 2)
     assert (d.u_scale > 0).all() and (d.v_scale > 0).all()
     assert Baseline3D(SIZE, (8,), 10, 16)(torch.rand(B, 3, SIZE, SIZE), torch.randn(B, T, 10)).shape == (B, T)
@@ -117,10 +120,11 @@ def test_elbo_loss_reaches_every_network_on_each_gradient_path(gradient, backend
     loss, stats = elbo_loss(model, _images(), gradient)
     loss.backward()
     assert torch.isfinite(loss) and stats["count"] > 0 and math.isfinite(stats["elbo"])
-    for name in ("encoder.fc.weight", "rnn.step_proj.weight", "head.fc.weight", "baseline.out.weight"):
+    names = ("encoder.fc.weight", "rnn.step_proj.weight", "where_head.fc.weight", "object_head.fc.weight")
+    for name in (*names, "glimpse_encoder.fc.weight", "baseline.out.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
-    pose_rows = model.head.fc.weight.grad[1 + S : 1 + S + 2]  # u loc: only the likelihood and KL(u) move it
+    pose_rows = model.object_head.fc.weight.grad[0:2]  # u loc: only the likelihood and KL(u) move it
     assert pose_rows.abs().sum() > 0
 
 
@@ -141,15 +145,19 @@ def test_absent_objects_give_zero_gradient_to_identity_and_pose():
     )
     model.zero_grad()
     elbo_loss(model, images, "fd")[0].backward()
-    rows = model.head.fc.weight.grad[1:]  # shape logits, q(u), q(v): every decoder-side parameter
-    assert rows.abs().max() == 0 and model.head.fc.bias.grad[1:].abs().max() == 0
+    rows = model.where_head.fc.weight.grad[1:]  # the glimpse's centre
+    assert rows.abs().max() == 0 and model.where_head.fc.bias.grad[1:].abs().max() == 0
+    for name, param in model.named_parameters():  # q(u), q(k), q(v) and the glimpse: nothing to explain
+        if name.startswith(("object_head.", "glimpse_encoder.")):
+            assert param.grad is None or param.grad.abs().max() == 0, name
 
 
 def test_sleep_loss_runs_and_the_greedy_order_ignores_slot_order():
     model = _model()
     loss, stats = sleep_loss(model, 4)
     loss.backward()
-    assert torch.isfinite(loss) and model.head.fc.weight.grad.abs().sum() > 0 and "sleep_log_q" in stats
+    assert torch.isfinite(loss) and "sleep_log_q" in stats
+    assert model.where_head.fc.weight.grad.abs().sum() > 0 and model.object_head.fc.weight.grad.abs().sum() > 0
     p, images = model.sample(64)
     flipped = type(p)(*(x.flip(1) for x in (p.z_pres, p.shape, p.u, p.v, p.position, p.yaw)))
     keep = p.z_pres.sum(1) == 3  # all slots full: flipping only reorders the objects
@@ -239,3 +247,29 @@ def test_sigint_stops_training_with_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(TrainingRun, "train_step", step_then_interrupt)
     assert train_air3d(cfg, progress=False)["step"] == 1
     assert load_air3d(tmp_path / cfg.out_dir / "checkpoint.pt").config.image_size == SIZE
+
+
+def test_glimpse_is_centred_on_the_object_and_differentiable_in_its_position():
+    # Single objects at 64 px: the projected glimpse centre lies within 2 pixels of the object's pixel centroid.
+    model = AIR3D(AIR3DConfig(backend=BACKEND, **TINY))
+    scenes = tabletop.sample_scenes(12, seed=5, min_objects=1, max_objects=1)
+    images = tabletop.render_scenes(scenes, image_size=64)
+    table = tabletop.render_scenes([Scene(objects=())], image_size=64)[0]
+    positions = tabletop.scenes_to_tensors(scenes).positions[:, 0]
+    centres = model.glimpse_centres(positions)
+    for image, centre in zip(images, centres):
+        ys, xs = torch.nonzero((image - table).abs().sum(0) > 0.04, as_tuple=True)
+        centroid = torch.stack([xs.float().mean(), ys.float().mean()]) + 0.5
+        assert (centroid / 32 - 1 - centre).abs().max() < 2 / 32, (centroid, centre)
+    # the glimpse sees the object: more of its pixels differ from the table than in a glimpse elsewhere
+    g, g_off = model.glimpse(images, positions), model.glimpse(images, -positions)
+    empty = model.glimpse(table.expand(12, -1, -1, -1), positions)
+    assert (
+        (g - empty).abs().sum((1, 2, 3))
+        > (g_off - model.glimpse(table.expand(12, -1, -1, -1), -positions)).abs().sum((1, 2, 3))
+    ).all()
+    # gradient in the position against finite differences (float64)
+    small = model.double()
+    img = images[:2].double()
+    pos = (positions[:2].double() * 0.9).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: small.glimpse(img, p), (pos,), eps=1e-5, atol=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from inverse_graphics.supervised3d import (
     pair_costs,
     yaw_orders,
 )
-from inverse_graphics.train_supervised3d import SupervisedTrainConfig, load_supervised, train_supervised
+from inverse_graphics.train_supervised3d import SupervisedTrainConfig, _Run, load_supervised, train_supervised
 from renderers.opengl import opengl_available
 from scenes import tabletop
 from scenes.tabletop import Scene, SceneTensors
@@ -185,6 +186,23 @@ def test_training_smoke_run_checkpoint_load_and_resume(tmp_path):
     assert train_supervised(cfg, resume=True, progress=False)["step"] == 3
     with pytest.raises(CheckpointError, match="does not exist"):
         load_supervised(tmp_path / "nothing.pt")
+
+
+def test_sigint_stops_training_with_a_checkpoint(tmp_path, monkeypatch):
+    cfg = SupervisedTrainConfig(
+        out_dir=str(tmp_path / "run"), minutes=None, steps=100, batch_size=4, n_train=8, eval_n=4,
+        backend="pytorch3d", threads=1, model_overrides={"channels": (8, 16), "embed_dim": 16},
+    )  # fmt: skip
+    step = _Run.train_step
+
+    def step_then_interrupt(run, data):
+        stats = step(run, data)
+        signal.raise_signal(signal.SIGINT)  # as a user's Ctrl-C during the first step
+        return stats
+
+    monkeypatch.setattr(_Run, "train_step", step_then_interrupt)
+    assert train_supervised(cfg, progress=False)["step"] == 1
+    assert load_supervised(tmp_path / "run" / "checkpoint.pt").config.channels == (8, 16)
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
