@@ -9,8 +9,7 @@ after the first z_pres = 0 masked out of every term, exactly as `AIR.loss` in 2D
 - Continuous latents (u, v): reparameterised, the likelihood differentiated through the renderer by
   `gradient="soft"` (autograd through PyTorch3D's soft rasterizer) or `gradient="fd"` (central differences of
   the hard black-box render, OpenGL when EGL works: the paper's choice; the likelihood's *value* is then the hard
-  render's). KL(q(v) || N(0, I)) is analytic; KL(q(u) || Logistic) has no closed form: -entropy(q) (analytic)
-  - log p(u) at the sample.
+  render's). KL(q(u) || N(0, I)) and KL(q(v) || N(0, I)) are analytic.
 
 Sleep phase (wake-sleep, Hinton et al. 1995; what Eslami et al. do not do, flagged as an option): scenes drawn from
 the model's own prior and rendered, no human labels; maximise log q(latents | image). The guide is sequential and
@@ -35,7 +34,6 @@ from inverse_graphics.air3d import (
     PriorStep3D,
     decode_position,
     decode_yaw,
-    logistic_log_prob,
 )
 from inverse_graphics.estimators import score_function_surrogate
 from inverse_graphics.modules3d import ObjectDists
@@ -73,8 +71,7 @@ def elbo_terms(model: AIR3D, images: torch.Tensor, g: Guide3D, gradient: str) ->
     log_lik = log_likelihood(images, recon, model.config.likelihood_sd)
     log_k = F.log_softmax(g.shape_logits, dim=-1)  # (B, T, S)
     kl_shape = (log_k.exp() * (log_k + math.log(len(SHAPES)))).sum(-1)  # KL(q(k) || uniform), analytic
-    entropy_u = (torch.log(g.u_scale) + 0.5 * (1 + math.log(2 * math.pi))).sum(-1)  # (B, T)
-    kl_u = -entropy_u - logistic_log_prob(g.u).sum(-1)  # one-sample estimate, pathwise in u
+    kl_u = normal_kl(g.u_loc, g.u_scale, 0.0, 1.0).sum(-1)
     kl_v = normal_kl(g.v_loc, g.v_scale, 0.0, 1.0).sum(-1)
     kl_obj = g.z_pres * (kl_shape + kl_u + kl_v)
     B, T = g.z_pres.shape

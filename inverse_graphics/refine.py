@@ -1,7 +1,9 @@
-"""Render-and-compare refinement: gradient descent on object poses through the differentiable (soft) renderer.
+"""Render-and-compare refinement: gradient descent on object poses through a differentiable renderer.
 
 Starting from any method's predicted scenes, `refine` runs K steps of Adam on every object's (x, y) and yaw to
-lower the squared difference between the soft render (renderers/mesh.py, soft mode) and the observed image.
+lower the squared difference between the render and the observed image, with gradients from finite differences
+of the hard black-box render (`gradient="fd"`, the default: faster and as accurate here, see RefineConfig) or
+from PyTorch3D's soft rasterizer (`"soft"`, renderers/mesh.py).
 Shapes and counts stay fixed: refinement polishes poses, it does not add, remove or re-identify objects.
 
 Adam's update is elementwise, so the scenes of a batch are optimised independently, as if one at a time. Each
@@ -41,10 +43,16 @@ class RefineConfig:
     lr_yaw: float = 0.05  # radians (3 degrees) per step at first
     final_lr_fraction: float = 0.1  # learning rates decay linearly to this fraction at the last step
     color_by_shape: bool = False  # the observed images colour objects by shape (tabletop.SHAPE_COLORS)
+    gradient: str = "fd"  # "fd": finite differences of the hard black-box render (OpenGL where EGL works);
+    # "soft": autograd through PyTorch3D's soft rasterizer. Measured on 24 held-out scenes of 1-3 objects, poses
+    # perturbed by 1 cm / 0.15 rad (median 11.0 mm, 3.4 degrees), 20 steps, 1 thread: fd 1.5 mm, 1.7 degrees in
+    # 21 s; soft 2.2 mm, 1.3 degrees in 452 s (both on a CPU shared with a training). fd is the default.
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr_position <= 0 or self.lr_yaw <= 0:
             raise ValueError(f"need steps >= 0 and positive learning rates, got {self}")
+        if self.gradient not in ("soft", "fd"):
+            raise ValueError(f"gradient must be 'soft' or 'fd', got {self.gradient!r}")
 
 
 @cache
@@ -104,6 +112,19 @@ def _descend(
     return best_pos, best_yaw
 
 
+@cache
+def _renderer(size: int, gradient: str) -> torch.nn.Module:
+    """The refinement's differentiable renderer at `size` px, built once (see RefineConfig.gradient)."""
+    if gradient == "soft":
+        return tabletop.make_renderer(size, mode="soft")
+    from inverse_graphics.data3d import data_renderer  # data3d -> tabletop only; imported here to keep refine light
+    from renderers.finite_difference import FiniteDifferenceRenderer, FiniteDifferenceSettings
+
+    base, scale = FiniteDifferenceSettings(), 64 / size  # steps of about one pixel at any size
+    steps = FiniteDifferenceSettings(position_step=base.position_step * scale, yaw_step=base.yaw_step * scale)
+    return FiniteDifferenceRenderer(data_renderer(size), steps)
+
+
 def refine(scenes: Sequence[Scene | dict], images: torch.Tensor, config: RefineConfig | None = None) -> list[dict]:
     """Refine the poses of `scenes` against the observed `images` by render and compare.
 
@@ -123,7 +144,7 @@ def refine(scenes: Sequence[Scene | dict], images: torch.Tensor, config: RefineC
     t = tabletop.scenes_to_tensors(start, images.device)
     if cfg.steps == 0 or not (t.shape_ids >= 0).any():
         return [s.to_dict() for s in start]
-    renderer = tabletop.make_renderer(images.shape[-1], mode="soft")
+    renderer = _renderer(images.shape[-1], cfg.gradient)
     colors = tabletop.shape_colors(t.shape_ids) if cfg.color_by_shape else None
     positions, yaws = _descend(renderer, t, images.detach(), colors, cfg)
     yaws = torch.remainder(yaws + math.pi, 2 * math.pi) - math.pi  # back to [-pi, pi)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from inverse_graphics.air3d import AIR3D, GRADIENTS, MODEL_KIND, AIR3DConfig
 from inverse_graphics.air3d_objective import elbo_loss, sleep_loss
-from inverse_graphics.checkpoint import load_model, resume_state, save_atomic
+from inverse_graphics.checkpoint import load_checkpoint, load_model, restore, resume_state, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
 from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.train import StopFlag, batch_indices
@@ -75,6 +75,8 @@ class AIR3DTrainConfig:
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch's default)
     model_overrides: dict = field(default_factory=dict)  # extra AIR3DConfig fields (e.g. likelihood_sd)
+    init_from: str | None = None  # start from this checkpoint's weights (fresh optimiser and step count), e.g. a
+    # sleep-phase run continued by the ELBO with another gradient path; its model config must match this run's
 
     def __post_init__(self) -> None:
         if self.gradient not in GRADIENTS or self.recipe not in RECIPES:
@@ -147,6 +149,11 @@ class TrainingRun:
         main = [p for n, p in self.model.named_parameters() if not n.startswith("baseline.")]
         self.opt = torch.optim.Adam([{"params": main, "lr": cfg.lr}, {"params": baseline, "lr": cfg.baseline_lr}])
         self.step, self.train_time, self.images_seen = 0, 0.0, 0
+        if state is None and cfg.init_from:
+            start = load_checkpoint(cfg.init_from, expect_model=(MODEL_KIND,))
+            if AIR3DConfig.from_dict(start["config"]) != self.model.config:
+                raise ValueError(f"init_from {cfg.init_from} has another model config: {start['config']}")
+            restore(self.model, start, cfg.init_from)
         if state is not None:
             self.model.load_state_dict(state["state_dict"])
             self.opt.load_state_dict(state["optimizer"])

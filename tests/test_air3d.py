@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import math
 import signal
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from inverse_graphics.air3d import AIR3D, AIR3DConfig, check_images, count_prior, decode_yaw
+from inverse_graphics.air3d import AIR3D, POSITION_SD, AIR3DConfig, check_images, count_prior, decode_yaw
 from inverse_graphics.air3d_objective import choice_log_q, elbo_loss, elbo_terms, sleep_loss, teacher_forced_log_q
 from inverse_graphics.checkpoint import CheckpointError
 from inverse_graphics.estimators import score_function_surrogate
@@ -67,14 +69,15 @@ def test_module_shapes():
     assert renders.shape == (B, 3, SIZE, SIZE)
 
 
-def test_prior_is_uniform_on_counts_table_and_yaw_period():
+def test_prior_counts_positions_and_yaw_period():
     model, n = _model(), 20_000
     p = model.sample_prior(n)
     counts = torch.bincount(p.z_pres.sum(1).long(), minlength=4).float() / n
     assert_close(counts, torch.full((4,), 0.25), atol=0.02, msg="count")
     assert_close(count_prior(AIR3DConfig(max_steps=3)), [3 / 4, 2 / 3, 1 / 2])
-    x = p.position[..., 0].flatten() / TABLE_HALF_SIZE  # uniform on (-1, 1)
-    assert_close(torch.histc(x, 4, -1, 1) / x.numel(), torch.full((4,), 0.25), atol=0.02, msg="x")
+    x = p.position.flatten()  # N(0, POSITION_SD^2) in metres; 4 % of centres beyond the table's edge
+    assert_close(x.std(), POSITION_SD, rtol=0.02) and assert_close(x.mean(), 0.0, atol=0.003)
+    assert_close((x.abs() > TABLE_HALF_SIZE).float().mean(), 0.037, atol=0.006)
     cubes = p.shape == SHAPES.index("cube")
     code = p.yaw[cubes] * 4  # the cube's yaw code covers the circle uniformly
     assert_close(torch.histc(code, 4, -math.pi, math.pi) / code.numel(), torch.full((4,), 0.25), atol=0.03)
@@ -228,6 +231,15 @@ def test_checkpoint_config_load_and_resume(tmp_path):
     assert not model.training and model.config.channels == (8, 16) and model.config.image_size == SIZE
     cfg.steps = 3
     assert train_air3d(cfg, resume=True, progress=False)["step"] == 3
+    # a new run (another recipe and gradient path) from those weights: same parameters at its start
+    follow = _train_config(tmp_path, "wake", "soft")
+    follow.steps, follow.init_from = 0, str(tmp_path / cfg.out_dir / "checkpoint.pt")
+    train_air3d(follow, progress=False)
+    started = load_air3d(tmp_path / follow.out_dir / "checkpoint.pt")
+    assert all(torch.equal(a, b) for a, b in zip(started.parameters(), load_air3d(follow.init_from).parameters()))
+    follow.model_overrides = {**TINY, "rnn_hidden": 16}
+    with pytest.raises(ValueError, match="another model config"):
+        train_air3d(replace(follow, out_dir=str(tmp_path / "other")), progress=False)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_air3d(tmp_path / "nothing.pt")
     with pytest.raises(ValueError, match="recipe"):
@@ -273,3 +285,30 @@ def test_glimpse_is_centred_on_the_object_and_differentiable_in_its_position():
     img = images[:2].double()
     pos = (positions[:2].double() * 0.9).requires_grad_()
     assert torch.autograd.gradcheck(lambda p: small.glimpse(img, p), (pos,), eps=1e-5, atol=1e-4)
+
+
+def test_cli_trains_and_infers_with_both_tabletop_models(tmp_path, capsys):
+    from PIL import Image
+
+    from inverse_graphics.cli import main as cli_main
+
+    common = ["--steps", "1", "--batch-size", "2", "--n-train", "4", "--eval-n", "2", "--image-size", str(SIZE)]
+    common += ["--backend", BACKEND, "--threads", "1", "--no-progress"]
+    air = ["train", "air-tabletop", "--out", str(tmp_path / "air"), "--recipe", "sleep-then-wake", "--sleep-steps", "1"]
+    assert cli_main([*air, *common]) == 0
+    assert cli_main(["train", "supervised-tabletop", "--out", str(tmp_path / "sup"), *common]) == 0
+    assert cli_main(["train", "air", "--recipe", "wake"]) == 2  # an option of another model: a clear error
+    assert "--recipe" in capsys.readouterr().err
+    paths = []
+    for i, image in enumerate(_images(2)):
+        paths.append(tmp_path / f"scene{i}.png")
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(paths[-1])
+    for run in ("air", "sup"):
+        out = tmp_path / f"infer-{run}"
+        args = ["infer", *map(str, paths), "--model", str(tmp_path / run / "checkpoint.pt"), "--out", str(out)]
+        assert cli_main([*args, "--refine", "0"]) == 0
+        record = json.loads((out / "results.json").read_text())
+        assert len(record["images"]) == 2 and record["refined"] is False
+        for r in record["images"]:
+            Scene.from_dict(r["scene"], allow_overlap=True)
+            assert (out / f"{Path(r['file']).stem}_scene.png").is_file()

@@ -20,7 +20,8 @@ def _errors(preds, truths) -> tuple[float, float]:
     return summary["position_error_mm_mean"], summary["yaw_error_deg_mean"]
 
 
-def test_perturbed_poses_are_pulled_back_towards_the_truth():
+@pytest.mark.parametrize("gradient", ["soft", "fd"])
+def test_perturbed_poses_are_pulled_back_towards_the_truth(gradient):
     truths = [
         tabletop.Scene.from_dict({"objects": [{"shape": "box", "position": [-0.08, 0.02], "yaw": 0.4}]}),
         tabletop.Scene.from_dict(
@@ -35,7 +36,7 @@ def test_perturbed_poses_are_pulled_back_towards_the_truth():
     images = tabletop.render_scenes(truths, image_size=SIZE)
     moved = tabletop.perturb_poses(tabletop.scenes_to_tensors(truths), seed=0, position_sigma=0.008, yaw_sigma=0.2)
     start = tabletop.tensors_to_scenes(moved)
-    refined = refine(start, images, RefineConfig(steps=12))
+    refined = refine(start, images, RefineConfig(steps=12, gradient=gradient))
     before, after = _errors(start, truths), _errors(refined, truths)
     assert after[0] < 0.5 * before[0], (before, after)
     assert after[1] < 0.6 * before[1], (before, after)
@@ -69,3 +70,5 @@ def test_bad_input_is_rejected_clearly():
         refine([scene], torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match="learning rates"):
         RefineConfig(lr_yaw=-math.pi)
+    with pytest.raises(ValueError, match="gradient"):
+        RefineConfig(gradient="exact")
