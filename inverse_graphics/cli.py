@@ -55,6 +55,7 @@ _ONLY_AIR3D = {
     "eval_refine": "eval_refine",
     "data_cache": "data_cache",
     "init_from": "init_from",
+    "baseline_warmup": "baseline_warmup",
 }
 _ONLY_3D = {
     "min_objects": "min_objects",
@@ -104,6 +105,7 @@ def _add_train(sub) -> None:
     g.add_argument("--sleep-steps", type=int, help="air-tabletop, sleep-then-wake: steps of the sleep phase")
     g.add_argument("--eval-refine", type=int, help="air-tabletop: refinement steps in the periodic evaluation")
     g.add_argument("--data-cache", help="air-tabletop: .pt cache of the training renders")
+    g.add_argument("--baseline-warmup", type=int, help="air-tabletop: first ELBO steps training only the baseline")
     g.add_argument("--init-from", help="air-tabletop: start from this checkpoint's weights (e.g. a sleep-phase run)")
     g.add_argument("--min-objects", type=int)
     g.add_argument("--max-objects", type=int)

@@ -75,6 +75,8 @@ class AIR3DTrainConfig:
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch's default)
     model_overrides: dict = field(default_factory=dict)  # extra AIR3DConfig fields (e.g. likelihood_sd)
+    baseline_warmup: int = 0  # first ELBO steps in which only the NVIL baseline learns: a guide trained by the sleep
+    # phase meets an untrained baseline, and the first REINFORCE signals (ELBO ~ 1e4 nats, uncentred) would undo it
     init_from: str | None = None  # start from this checkpoint's weights (fresh optimiser and step count), e.g. a
     # sleep-phase run continued by the ELBO with another gradient path; its model config must match this run's
 
@@ -185,6 +187,10 @@ class TrainingRun:
             Path(self.cfg.out_dir) / "checkpoint.pt",
         )
 
+    def wake_step(self) -> int:
+        """How many ELBO steps came before this one."""
+        return self.step - self.cfg.sleep_steps if self.cfg.recipe == "sleep-then-wake" else self.step
+
     def train_step(self, images: torch.Tensor) -> dict:
         """One optimiser step on the losses of this step's phases; images: the ByteTensor training renders."""
         cfg, t0 = self.cfg, time.perf_counter()
@@ -199,6 +205,10 @@ class TrainingRun:
             loss, stats = loss + s_loss, {**stats, **s_stats}
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if wake and not sleep and self.wake_step() < cfg.baseline_warmup:
+            for name, p in self.model.named_parameters():
+                if not name.startswith("baseline."):
+                    p.grad = None  # Adam leaves parameters without a gradient untouched
         self.opt.step()
         self.step += 1
         self.images_seen += cfg.batch_size * (wake + sleep)

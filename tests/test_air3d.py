@@ -312,3 +312,18 @@ def test_cli_trains_and_infers_with_both_tabletop_models(tmp_path, capsys):
         for r in record["images"]:
             Scene.from_dict(r["scene"], allow_overlap=True)
             assert (out / f"{Path(r['file']).stem}_scene.png").is_file()
+
+
+def test_baseline_warmup_trains_only_the_baseline(tmp_path):
+    cfg = _train_config(tmp_path, "wake", "fd")
+    cfg.baseline_warmup = 2
+    run = TrainingRun(cfg, None)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    images = (_images(4) * 255).round().to(torch.uint8)
+    for _ in range(2):
+        run.train_step(images)
+    moved = {n for n, p in run.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("baseline.") for n in moved), moved
+    run.train_step(images)  # the warm-up is over: the guide learns too
+    assert any(not n.startswith("baseline.") and not torch.equal(p, before[n]) for n, p in run.model.named_parameters())
+    run.log.close()

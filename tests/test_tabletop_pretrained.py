@@ -1,0 +1,46 @@
+"""The shipped tabletop models: `load_pretrained("air-tabletop" / "supervised-tabletop")` on fresh scenes (a seed no
+training or benchmark uses), the `infer` interface, and bad input rejected clearly."""
+
+import numpy as np
+import pytest
+import torch
+
+import inverse_graphics as ig
+from inverse_graphics.data3d import make_labelled_renders
+from inverse_graphics.metrics3d import evaluate_method
+from scenes.tabletop import Scene
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    return make_labelled_renders(200, np.random.default_rng((777, 3)), min_objects=0, max_objects=3)
+
+
+@pytest.mark.parametrize("name, min_count_acc", [("air-tabletop", 0.95), ("supervised-tabletop", 0.9)])
+def test_shipped_model_counts_and_identifies_fresh_scenes(fresh, name, min_count_acc):
+    model = ig.load_pretrained(name)
+    images = fresh.images.float() / 255.0
+    summary = evaluate_method(lambda x: model.infer(x, refine=0).scenes, images, fresh.scenes)
+    assert summary["count_acc"] >= min_count_acc, summary
+    assert summary["identity_acc"] >= 0.85 and summary["position_error_mm_median"] < 10, summary
+
+
+def test_air_tabletop_refines_by_default_and_returns_json_scenes(fresh):
+    model = ig.load_pretrained("air-tabletop")
+    images = fresh.images[:4].float() / 255.0
+    out = model.infer(images)  # refine=None: the config's default, 20 steps
+    assert "unrefined" in out.extras and len(out.scenes) == 4 and out.counts.shape == (4,)
+    for scene, n in zip(out.scenes, out.counts.tolist()):
+        assert len(Scene.from_dict(scene, allow_overlap=True).objects) == n
+    assert "unrefined" not in model.infer(images, refine=0).extras
+
+
+@pytest.mark.parametrize("name", ["air-tabletop", "supervised-tabletop"])
+def test_bad_input_is_rejected_clearly(name):
+    model = ig.load_pretrained(name)
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
+        model.infer(torch.zeros(2, 64, 64))
+    with pytest.raises(TypeError, match="divide by 255"):
+        model.infer(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.infer(torch.full((1, 3, 64, 64), 3.0))
