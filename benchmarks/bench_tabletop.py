@@ -19,6 +19,7 @@ benchmarks.common.write_results.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -45,6 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1000, help="held-out scenes for the unrefined rows")
     p.add_argument("--n-refine", type=int, default=200, help="of those, scenes for the refined rows")
     p.add_argument("--refine", type=int, default=20, help="K, refinement steps (0: no refined rows)")
+    p.add_argument(
+        "--chain",
+        action="append",
+        default=[],
+        metavar="LABEL=RUN[,RUN...]",
+        help="training cost: run directories trained one after another (each init_from the previous); reports "
+        "the cumulative training wall-clock at which the periodic held-out evaluation first met every target",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--name", default="tabletop_comparison")
     p.add_argument("--out", default=str(RESULTS))
@@ -103,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         for r in rows
     ]
     figure = symmetry_figure(rows, Path(args.out) / f"{args.name}.png")
+    costs = [training_cost(spec) for spec in args.chain]
     text = (
         markdown_table(header, [*table, target_row])
         + f"\n\nHeld-out scenes: data3d.held_out_renders({args.n}) (0-3 objects, 64 x 64); refined rows use the first "
@@ -111,9 +121,50 @@ def main(argv: list[str] | None = None) -> dict:
         + markdown_table(sym_header, sym)
         + f"\n\n![yaw by shape]({figure.name})"
     )
+    if costs:
+        cost_header = ["training (runs in order)", "recipe / gradient", "steps", "minutes", "first met all targets"]
+        cost_rows = [[c["label"], c["recipes"], c["steps"], f"{c['minutes']:.1f}", c["first_met"]] for c in costs]
+        text += (
+            "\n\nTraining cost on this CPU (1 torch thread per run; the periodic evaluation: 200 held-out scenes, no "
+            "refinement; minutes of training, evaluation excluded, summed over the runs of a chain):\n\n"
+            + markdown_table(cost_header, cost_rows)
+        )
     print(text)
-    write_results(args.name, {"rows": rows, "targets": TARGETS, "args": vars(args)}, text, Path(args.out))
+    record = {"rows": rows, "training_cost": costs, "targets": TARGETS, "args": vars(args)}
+    write_results(args.name, record, text, Path(args.out))
     return {"rows": rows}
+
+
+def meets_targets(r: dict) -> bool:
+    return (
+        r.get("count_acc", 0) >= TARGETS["count_acc"]
+        and (r.get("identity_acc") or 0) >= TARGETS["identity_acc"]
+        and (r.get("position_error_mm_median") or 1e9) <= TARGETS["position_error_mm_median"]
+        and (r.get("yaw_error_deg_median") or 1e9) <= TARGETS["yaw_error_deg_median"]
+    )
+
+
+def training_cost(spec: str) -> dict:
+    """`LABEL=dir1,dir2`: cumulative training minutes of the chain, and when its evaluations first met the targets."""
+    label, _, dirs = spec.partition("=")
+    offset, steps, first, recipes = 0.0, 0, "not met", []
+    for d in dirs.split(","):
+        records = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        config = json.loads((Path(d) / "config.json").read_text())
+        recipe = config.get("recipe", "supervised (labels)")
+        recipes.append(f"{recipe} / {config['gradient']}" if recipe in ("wake", "wake-sleep") else recipe)
+        for r in records:
+            if r["kind"] == "eval" and first == "not met" and meets_targets(r):
+                first = f"{(offset + r['train_time_s']) / 60:.1f} min (in {Path(d).name}, step {r['step']})"
+        offset += max(r["train_time_s"] for r in records)
+        steps += max(r["step"] for r in records)
+    return {
+        "label": label,
+        "recipes": ", then ".join(recipes),
+        "steps": steps,
+        "minutes": offset / 60,
+        "first_met": first,
+    }
 
 
 def symmetry_figure(rows: list[dict], path: Path) -> Path:

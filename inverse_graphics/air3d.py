@@ -94,7 +94,7 @@ class AIR3DConfig:
     z_pres_prior: float | None = None  # rho of a geometric count prior; None: per-step rho, count uniform on 0..T
     difference_input: bool = True  # DAIR: each step also sees x - render(scene so far)
     backend: str = "auto"  # hard renderer: "auto" (OpenGL if EGL works, else PyTorch3D), "opengl", "pytorch3d"
-    refine_steps: int = 20  # infer's default render-and-compare steps (refine.RefineConfig: 17 -> 2.6 mm in 20)
+    refine_steps: int = 20  # infer's default render-and-compare steps (refine.RefineConfig: 11 -> 1.5 mm in 20)
     glimpse_size: int = 24  # G: the glimpse's side in samples
     glimpse_window: float = 0.75  # its side in normalised image units (2 = the whole image): 24 pixels at 64
     glimpse_channels: tuple[int, ...] = (32, 64, 64)  # the glimpse encoder's convolutions (first stride 1)
@@ -407,8 +407,9 @@ class AIR3D(nn.Module):
         Args:
             images: FloatTensor (B, 3, H, W) in [0, 1], H = W = config.image_size.
             refine: K steps of render-and-compare refinement (inverse_graphics.refine) of the poses; None: the
-                config's `refine_steps` (20 by default: median position error 17 -> 2.6 mm when within ~2 cm,
-                about 0.12 s per scene and step on one CPU thread); 0: none.
+                config's `refine_steps` (20 by default: median position error 11 -> 1.5 mm from 1 cm
+                perturbations, finite differences of the black-box render, about 1 s per scene on one CPU thread);
+                0: none.
         Returns:
             SceneInference: scenes (B JSON-format dicts, footprints clamped onto the table), counts LongTensor
             (B,), presence FloatTensor (B, T) = q(z_pres = 1) per step, extras["unrefined"] when refined.

@@ -24,7 +24,7 @@ import torch
 from inverse_graphics.metrics3d import as_scene
 from scenes import tabletop
 from scenes.tabletop import Scene, SceneTensors
-from scenes.tabletop_objects import SHAPES, footprint, footprints_overlap
+from scenes.tabletop_objects import SHAPES, YAW_PERIOD, footprint, footprints_overlap
 
 __all__ = ["RefineConfig", "clamp_to_table", "refine"]
 
@@ -96,6 +96,8 @@ def _descend(
     decay = torch.optim.lr_scheduler.LinearLR(opt, 1.0, cfg.final_lr_fraction, total_iters=max(cfg.steps - 1, 1))
     best_loss = torch.full((images.shape[0],), math.inf)
     best_pos, best_yaw = t.positions.clone(), t.yaws.clone()
+    invariant = torch.tensor([YAW_PERIOD[s] == 0.0 for s in SHAPES], device=t.shape_ids.device)
+    fixed_yaw = (t.shape_ids < 0) | invariant[t.shape_ids.clamp(min=0)]  # (B, N): yaws that refinement keeps
     for _ in range(cfg.steps):
         rendered = renderer(t.shape_ids, positions, yaws, colors).images  # (B, 3, H, W)
         loss = ((rendered - images) ** 2).flatten(1).sum(1)  # (B,) squared image error per scene
@@ -105,6 +107,8 @@ def _descend(
             best_pos[better], best_yaw[better] = positions[better], yaws[better]
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
+        if yaws.grad is not None:  # a yaw-invariant shape's yaw has no gradient, but float noise (~1e-5), which
+            yaws.grad[fixed_yaw] = 0.0  # Adam would scale up to full steps: its yaw would wander
         opt.step()
         decay.step()
         with torch.no_grad():
