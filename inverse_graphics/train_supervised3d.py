@@ -156,7 +156,8 @@ def train_supervised(cfg: SupervisedTrainConfig, resume: bool = False, progress:
             if run.step % cfg.log_every == 0:
                 run.write({"kind": "train", "train_time_s": round(run.train_time, 2), **stats})
             if run.train_time - last_eval >= cfg.eval_every_s:
-                rec = run.write({"kind": "eval", **evaluate_supervised(run.model, held_out)})
+                record = {"kind": "eval", "train_time_s": round(run.train_time, 2)}
+                rec = run.write({**record, **evaluate_supervised(run.model, held_out)})
                 bar.set_postfix(count=f"{rec['count_acc']:.3f}", pos_mm=rec["position_error_mm_median"])
                 last_eval = run.train_time
             if run.train_time - last_ckpt >= cfg.checkpoint_every_s:

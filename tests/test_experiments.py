@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bench_dair_generalisation, bench_omniglot, bench_representation
+from benchmarks import bench_dair_generalisation, bench_omniglot, bench_representation, bench_tabletop
 from inverse_graphics.air import AIR, AIRConfig
 from inverse_graphics.train import TrainConfig, train
+from inverse_graphics.train_supervised3d import SupervisedTrainConfig, train_supervised
 from scenes.multi_mnist import MultiMnist
 from tests.conftest import SHARED_DATA, assert_close
 
@@ -125,3 +126,20 @@ def test_air_recurrence_sees_the_image_once():
     images = torch.rand(2, 50, 50)
     model.guide(images)
     assert len(seen) == 1 and torch.equal(seen[0], images)
+
+
+def test_tabletop_comparison_smoke(tmp_path):
+    run = tmp_path / "sup"
+    cfg = SupervisedTrainConfig(
+        out_dir=str(run), minutes=None, steps=1, batch_size=4, n_train=8, eval_n=4, threads=1,
+        model_overrides={"channels": (8, 16), "embed_dim": 16},
+    )  # fmt: skip
+    train_supervised(cfg, progress=False)
+    args = ["--supervised", str(run / "checkpoint.pt"), "--naive", str(run / "checkpoint.pt"), "--n", "6"]
+    args += ["--n-single", "3", "--n-refine", "2", "--refine", "1", "--chain", f"sup={run}", "--out", str(tmp_path)]
+    record = bench_tabletop.main([*args, "--threads", "1", "--name", "tt"])
+    assert len(record["rows"]) == 3 * 2 * 2  # three methods, two scene sets, K = 0 and 1
+    assert {r["objects"] for r in record["rows"]} == {"0-3", "1"}
+    saved = written(tmp_path, "tt")
+    assert saved["training_cost"][0]["steps"] == 1 and saved["training_cost"][0]["first_met"] == "not met"
+    assert (tmp_path / "tt.png").is_file()
