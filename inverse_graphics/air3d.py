@@ -401,7 +401,7 @@ class AIR3D(nn.Module):
 
     # ------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def infer(self, images: torch.Tensor, refine: int | None = None) -> SceneInference:
+    def infer(self, images: torch.Tensor, refine: int | None = None, refine_gradient: str = "fd") -> SceneInference:
         """Scenes from renders: the most probable count and shapes and the means of q(u), q(v).
 
         Args:
@@ -410,6 +410,8 @@ class AIR3D(nn.Module):
                 config's `refine_steps` (20 by default: median position error 11 -> 1.5 mm from 1 cm
                 perturbations, finite differences of the black-box render, about 1 s per scene on one CPU thread);
                 0: none.
+            refine_gradient: "fd" (finite differences of the black-box render) or "soft" (PyTorch3D's soft
+                rasterizer, about 20x slower here).
         Returns:
             SceneInference: scenes (B JSON-format dicts, footprints clamped onto the table), counts LongTensor
             (B,), presence FloatTensor (B, T) = q(z_pres = 1) per step, extras["unrefined"] when refined.
@@ -421,4 +423,4 @@ class AIR3D(nn.Module):
         g = self.guide(images, sample=False)
         t = g.scene()
         t = SceneTensors(t.shape_ids, clamp_to_table(t.shape_ids, t.positions, t.yaws), t.yaws)
-        return scene_inference(t, images, steps, g.pres_prob)
+        return scene_inference(t, images, steps, g.pres_prob, refine_gradient)

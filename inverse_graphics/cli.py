@@ -162,13 +162,21 @@ def _add_infer(sub) -> None:
     p.add_argument("--out", default="out/infer", help="output directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--refine", type=int, default=None, help="tabletop models: refinement steps (0: none)")
+    p.add_argument(
+        "--refine-gradient",
+        choices=["fd", "soft"],
+        default="fd",
+        help="tabletop models: refinement gradients from finite differences of the black box or the soft rasterizer",
+    )
     p.set_defaults(func=_run_infer)
 
 
 def _run_infer(args) -> int:
     from inverse_graphics.infer import InferConfig, main
 
-    main(InferConfig(images=args.images, model=args.model, out_dir=args.out, device=args.device, refine=args.refine))
+    cfg = InferConfig(images=args.images, model=args.model, out_dir=args.out, device=args.device, refine=args.refine)
+    cfg.refine_gradient = args.refine_gradient
+    main(cfg)
     return 0
 
 

@@ -31,6 +31,7 @@ class InferConfig:
     out_dir: str = "out/infer"  # receives results.json and <stem>_overlay.png (<stem>_scene.png) per image
     device: str = "cpu"
     refine: int | None = None  # tabletop models: refinement steps (None: the model's default; 0: none)
+    refine_gradient: str = "fd"  # tabletop models: "fd" (black-box finite differences) or "soft" (soft rasterizer)
 
 
 def read_image(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -171,7 +172,7 @@ def main_tabletop(cfg: InferConfig, model) -> dict:
     size = model.config.image_size
     loaded = [read_rgb(p, size) for p in cfg.images]
     x = torch.from_numpy(np.stack([a for a, _ in loaded]))
-    out = model.infer(x.to(cfg.device), refine=cfg.refine)
+    out = model.infer(x.to(cfg.device), refine=cfg.refine, refine_gradient=cfg.refine_gradient)
     renders = (
         tabletop.scenes_to_tensors(out.scenes)
         .render(data_renderer(size, getattr(model.config, "backend", "auto")))

@@ -96,15 +96,18 @@ class SceneInference:
     extras: dict = field(default_factory=dict)  # e.g. the unrefined scenes when refinement ran
 
 
-def scene_inference(t: SceneTensors, images: torch.Tensor, refine_steps: int, presence: torch.Tensor) -> SceneInference:
+def scene_inference(
+    t: SceneTensors, images: torch.Tensor, refine_steps: int, presence: torch.Tensor, refine_gradient: str = "fd"
+) -> SceneInference:
     """Decoded scene tensors -> SceneInference, after `refine_steps` steps of render-and-compare refinement
-    against images (B, 3, H, W) when positive (the unrefined scenes are kept in `extras`)."""
+    against images (B, 3, H, W) when positive, with `refine_gradient` ("fd" or "soft", see RefineConfig); the
+    unrefined scenes are kept in `extras`."""
     scenes = [s.to_dict() for s in tabletop.tensors_to_scenes(t)]
     extras = {}
     if refine_steps > 0:
         extras["unrefined"] = scenes
         with torch.enable_grad():
-            scenes = refine(scenes, images, RefineConfig(steps=refine_steps))
+            scenes = refine(scenes, images, RefineConfig(steps=refine_steps, gradient=refine_gradient))
     return SceneInference(scenes, (t.shape_ids >= 0).sum(1), presence, extras)
 
 
@@ -159,7 +162,9 @@ class SupervisedRegressor(nn.Module):
         return SceneTensors(shape_ids, clamp_to_table(shape_ids, out.positions, yaws), yaws)
 
     @torch.no_grad()
-    def infer(self, images: torch.Tensor, refine: int | None = None, threshold: float = 0.5) -> SceneInference:
+    def infer(
+        self, images: torch.Tensor, refine: int | None = None, threshold: float = 0.5, refine_gradient: str = "fd"
+    ) -> SceneInference:
         """Scenes from renders (the same call as `AIR3D.infer`).
 
         Args:
@@ -167,13 +172,15 @@ class SupervisedRegressor(nn.Module):
             refine: K steps of render-and-compare refinement (inverse_graphics.refine); None or 0: none (the
                 baseline is reported raw unless refinement is asked for).
             threshold: presence probability above which a slot reports an object.
+            refine_gradient: "fd" (finite differences of the black-box render) or "soft" (soft rasterizer).
         Raises:
             TypeError / ValueError naming the problem for a non-tensor, non-float, wrong shape, NaN or [0, 1].
         """
         images = check_images(images, self.config.image_size).to(self.head.fc.weight)
         out = self(images)
         t = self.decode(out, threshold)
-        return scene_inference(t, images, int(refine or 0), torch.sigmoid(out.presence_logits))
+        presence = torch.sigmoid(out.presence_logits)
+        return scene_inference(t, images, int(refine or 0), presence, refine_gradient)
 
 
 def pair_costs(out: SlotOutput, labels: SceneTensors, yaw_order: torch.Tensor, w: LossWeights) -> torch.Tensor:

@@ -306,9 +306,10 @@ def test_cli_trains_and_infers_with_both_tabletop_models(tmp_path, capsys):
     for run in ("air", "sup"):
         out = tmp_path / f"infer-{run}"
         args = ["infer", *map(str, paths), "--model", str(tmp_path / run / "checkpoint.pt"), "--out", str(out)]
-        assert cli_main([*args, "--refine", "0"]) == 0
+        refine = ["--refine", "0"] if run == "air" else ["--refine", "1", "--refine-gradient", "soft"]
+        assert cli_main([*args, *refine]) == 0
         record = json.loads((out / "results.json").read_text())
-        assert len(record["images"]) == 2 and record["refined"] is False
+        assert len(record["images"]) == 2 and record["refined"] is (run == "sup")
         for r in record["images"]:
             Scene.from_dict(r["scene"], allow_overlap=True)
             assert (out / f"{Path(r['file']).stem}_scene.png").is_file()
