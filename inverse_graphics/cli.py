@@ -56,6 +56,9 @@ _ONLY_AIR3D = {
     "data_cache": "data_cache",
     "init_from": "init_from",
     "baseline_warmup": "baseline_warmup",
+    "lr_drop_step": "lr_drop_step",
+    "lr_drop_to": "lr_drop_to",
+    "wake_lr": "wake_lr",
 }
 _ONLY_3D = {
     "min_objects": "min_objects",
@@ -105,6 +108,9 @@ def _add_train(sub) -> None:
     g.add_argument("--sleep-steps", type=int, help="air-tabletop, sleep-then-wake: steps of the sleep phase")
     g.add_argument("--eval-refine", type=int, help="air-tabletop: refinement steps in the periodic evaluation")
     g.add_argument("--data-cache", help="air-tabletop: .pt cache of the training renders")
+    g.add_argument("--lr-drop-step", type=int, help="air-tabletop: step from which the main rate is --lr-drop-to")
+    g.add_argument("--lr-drop-to", type=float, help="air-tabletop")
+    g.add_argument("--wake-lr", type=float, help="air-tabletop, sleep-then-wake: the main rate of the ELBO phase")
     g.add_argument("--baseline-warmup", type=int, help="air-tabletop: first ELBO steps training only the baseline")
     g.add_argument("--init-from", help="air-tabletop: start from this checkpoint's weights (e.g. a sleep-phase run)")
     g.add_argument("--min-objects", type=int)

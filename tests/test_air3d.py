@@ -328,3 +328,15 @@ def test_baseline_warmup_trains_only_the_baseline(tmp_path):
     run.train_step(images)  # the warm-up is over: the guide learns too
     assert any(not n.startswith("baseline.") and not torch.equal(p, before[n]) for n, p in run.model.named_parameters())
     run.log.close()
+
+
+def test_default_recipe_schedules_the_learning_rate_by_step(tmp_path):
+    cfg = AIR3DTrainConfig(out_dir=str(tmp_path / "r"), image_size=SIZE, backend=BACKEND, model_overrides=TINY)
+    assert cfg.recipe == "sleep-then-wake"  # the ELBO alone from scratch collapsed here (docs/air3d.md)
+    run = TrainingRun(cfg, None)
+    rates = {}
+    for step in (0, cfg.lr_drop_step - 1, cfg.lr_drop_step, cfg.sleep_steps - 1, cfg.sleep_steps):
+        run.step = step
+        rates[step] = run.main_lr()
+    assert list(rates.values()) == [cfg.lr, cfg.lr, cfg.lr_drop_to, cfg.lr_drop_to, cfg.wake_lr]
+    run.log.close()
