@@ -31,6 +31,7 @@ def time_case(recipe: str, gradient: str, all_present: bool, args: argparse.Name
     cfg = AIR3DTrainConfig(
         out_dir=f"{out_dir}/{recipe}-{gradient}", recipe=recipe, gradient=gradient, batch_size=args.batch,
         image_size=args.size, n_train=max(4 * args.batch, 64), backend=args.backend, threads=args.threads,
+        baseline_warmup=0,
     )  # fmt: skip
     torch.manual_seed(0)
     images = training_images(cfg)
