@@ -3,6 +3,9 @@
 import inverse_graphics as ig
 model = ig.load_pretrained("air-multi-mnist")
 out = model.infer(images)   # images: FloatTensor (B, 50, 50) in [0, 1]
+
+tabletop = ig.load_pretrained("air-tabletop")   # or "supervised-tabletop"
+scenes = tabletop.infer(renders).scenes          # renders: FloatTensor (B, 3, 64, 64) in [0, 1]
 """
 
 from inverse_graphics.air import AIR, AIRConfig, InferenceResult
