@@ -63,6 +63,11 @@ def count_accuracy(model: AIR, data: multi_mnist.MultiMnist, device: str = "cpu"
 
 def main(cfg: EvalConfig) -> dict:
     model = load_model(cfg.model, cfg.device)
+    if not isinstance(model, AIR):
+        raise ValueError(
+            f"`eval` scores multi-MNIST models; {cfg.model!r} is a tabletop model: "
+            "score it with `python -m benchmarks.bench_tabletop --air/--supervised MODEL`"
+        )
     digits = mnist.load_digits("test", cfg.data_dir)
     data = multi_mnist.generate(digits, cfg.n, np.random.default_rng(cfg.seed), cfg.counts, overlap=cfg.overlap)
     t0 = time.perf_counter()

@@ -44,3 +44,10 @@ def test_bad_input_is_rejected_clearly(name):
         model.infer(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         model.infer(torch.full((1, 3, 64, 64), 3.0))
+
+
+def test_eval_command_refuses_a_tabletop_model_clearly(capsys):
+    from inverse_graphics.cli import main as cli_main
+
+    assert cli_main(["eval", "--model", "air-tabletop", "--n", "4"]) == 2
+    assert "bench_tabletop" in capsys.readouterr().err
