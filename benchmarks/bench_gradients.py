@@ -17,16 +17,15 @@ import statistics
 
 import torch
 
-from benchmarks.bench_renderers import fd_settings
 from benchmarks.common import markdown_table, write_results
-from renderers.finite_difference import FiniteDifferenceRenderer
+from renderers.finite_difference import FiniteDifferenceRenderer, FiniteDifferenceSettings
 from renderers.opengl import opengl_available
 from scenes import tabletop
 from scenes.tabletop_objects import SHAPES, YAW_PERIOD
 
 
 def methods(image_size: int, with_opengl: bool) -> dict[str, torch.nn.Module]:
-    fd = fd_settings(image_size)
+    fd = FiniteDifferenceSettings.for_image_size(image_size)
     out = {
         "soft autograd": tabletop.make_renderer(image_size, "soft"),
         "fd pytorch3d hard": FiniteDifferenceRenderer(tabletop.make_renderer(image_size), fd),

@@ -30,14 +30,9 @@ def make(backend: str, image_size: int) -> torch.nn.Module:
     if backend == "pytorch3d-soft":
         return tabletop.make_renderer(image_size, "soft")
     base = tabletop.make_renderer(image_size, backend="opengl" if "opengl" in backend else "pytorch3d")
-    return FiniteDifferenceRenderer(base, fd_settings(image_size)) if backend.startswith("fd-") else base
-
-
-def fd_settings(image_size: int) -> FiniteDifferenceSettings:
-    """Finite-difference steps of about one pixel at this image size (the defaults are for 64 px)."""
-    scale = 64 / image_size
-    base = FiniteDifferenceSettings()
-    return FiniteDifferenceSettings(position_step=base.position_step * scale, yaw_step=base.yaw_step * scale)
+    if not backend.startswith("fd-"):
+        return base
+    return FiniteDifferenceRenderer(base, FiniteDifferenceSettings.for_image_size(image_size))
 
 
 def step(renderer: torch.nn.Module, t: tabletop.SceneTensors, backward: bool) -> Callable[[], None]:

@@ -142,6 +142,25 @@ def bernoulli_kl(q: torch.Tensor, p: float) -> torch.Tensor:
     return q * (torch.log(q) - math.log(p)) + (1 - q) * (torch.log1p(-q) - math.log1p(-p))
 
 
+def check_float_tensor(images, expect: str) -> None:
+    """TypeError unless `images` is a floating-point torch.Tensor (`expect` names the wanted shape)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape {expect}, got {type(images).__name__}")
+    if not images.is_floating_point():
+        hint = " (uint8 images: divide by 255 first)" if images.dtype == torch.uint8 else ""
+        raise TypeError(f"images must be a floating-point tensor in [0, 1], got dtype {images.dtype}{hint}")
+
+
+def check_unit_range(images: torch.Tensor) -> None:
+    """ValueError if `images` holds NaN or values outside [0, 1]."""
+    if images.numel():
+        lo, hi = torch.aminmax(images)  # one pass; NaN propagates into both
+        if torch.isnan(lo) or torch.isnan(hi):
+            raise ValueError("images contain NaN values")
+        if lo < 0 or hi > 1:
+            raise ValueError(f"images must lie in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
+
+
 def reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
     """(B, T) -> (B, T) with out[:, t] = sum_{t' >= t} x[:, t']."""
     return x.flip(1).cumsum(1).flip(1)
@@ -401,22 +420,13 @@ class AIR(nn.Module):
     def check_images(self, images) -> torch.Tensor:
         """Validate and normalise an input batch; see `infer`."""
         size = self.config.canvas_size
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor of shape (B, {size}, {size}), got {type(images).__name__}")
-        if not images.is_floating_point():
-            hint = " (uint8 images: divide by 255 first)" if images.dtype == torch.uint8 else ""
-            raise TypeError(f"images must be a floating-point tensor in [0, 1], got dtype {images.dtype}{hint}")
+        check_float_tensor(images, f"(B, {size}, {size})")
         if images.dim() == 4 and images.shape[1] == 1:
             images = images[:, 0]
         if images.dim() != 3 or tuple(images.shape[1:]) != (size, size):
             raise ValueError(
                 f"images must have shape (B, {size}, {size}) (or (B, 1, {size}, {size})), got {tuple(images.shape)}"
             )
-        if images.numel():
-            lo, hi = torch.aminmax(images)  # one pass; NaN propagates into both
-            if torch.isnan(lo) or torch.isnan(hi):
-                raise ValueError("images contain NaN values")
-            if lo < 0 or hi > 1:
-                raise ValueError(f"images must lie in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
+        check_unit_range(images)
         param = self.where_prior_loc
         return images.to(device=param.device, dtype=param.dtype)

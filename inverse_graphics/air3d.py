@@ -243,11 +243,8 @@ class AIR3D(nn.Module):
             size = self.config.image_size
             if kind == "hard":
                 self._renderers[kind] = data_renderer(size, self.config.backend)
-            elif kind == "fd":  # steps of about one pixel at any size (the settings' defaults are for 64 px)
-                base, scale = FiniteDifferenceSettings(), 64 / size
-                steps = FiniteDifferenceSettings(
-                    position_step=base.position_step * scale, yaw_step=base.yaw_step * scale
-                )
+            elif kind == "fd":
+                steps = FiniteDifferenceSettings.for_image_size(size)
                 self._renderers[kind] = FiniteDifferenceRenderer(self.renderer("hard"), steps)
             elif kind == "soft":
                 self._renderers[kind] = tabletop.make_renderer(size, "soft")

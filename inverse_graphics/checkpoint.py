@@ -84,10 +84,3 @@ def restore(model: Any, ckpt: dict[str, Any], path: str | os.PathLike) -> Any:
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match its config: missing {missing}, unexpected {unexpected}")
     return model
-
-
-def load_model(path: str | os.PathLike, model_kinds: tuple[str, ...], build: Any, device: str = "cpu") -> Any:
-    """The model in a checkpoint, in eval mode on `device`: `build(config_dict)` makes the module, whose weights
-    are then restored (`restore`). CheckpointError if the file is not one."""
-    ckpt = load_checkpoint(path, expect_model=model_kinds)
-    return restore(build(ckpt["config"]), ckpt, path).to(device).eval()

@@ -180,9 +180,8 @@ def _add_infer(sub) -> None:
 def _run_infer(args) -> int:
     from inverse_graphics.infer import InferConfig, main
 
-    cfg = InferConfig(images=args.images, model=args.model, out_dir=args.out, device=args.device, refine=args.refine)
-    cfg.refine_gradient = args.refine_gradient
-    main(cfg)
+    paths = {"images": args.images, "model": args.model, "out_dir": args.out}
+    main(InferConfig(**paths, device=args.device, refine=args.refine, refine_gradient=args.refine_gradient))
     return 0
 
 

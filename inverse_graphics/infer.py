@@ -34,20 +34,27 @@ class InferConfig:
     refine_gradient: str = "fd"  # tabletop models: "fd" (black-box finite differences) or "soft" (soft rasterizer)
 
 
+def _open_image(path: str | Path, mode: str, size: int) -> tuple[Image.Image, tuple[int, int]]:
+    """The image converted to PIL `mode` and resized (bilinear) to size x size, and its original (width, height);
+    ValueError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            original = im.size
+            converted = im.convert(mode)
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    if converted.size != (size, size):
+        converted = converted.resize((size, size), Image.Resampling.BILINEAR)
+    return converted, original
+
+
 def read_image(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """A grey image as float32 (size, size) in [0, 1], and its original (width, height).
 
     Images of another size are resized (bilinear); boxes are mapped back to the original pixels by the caller.
     """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            original = im.size
-            grey = im.convert("L")
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
-    if grey.size != (size, size):
-        grey = grey.resize((size, size), Image.Resampling.BILINEAR)
+    grey, original = _open_image(path, "L", size)
     arr = np.asarray(grey, dtype=np.float32) / 255.0
     if arr.mean() > 0.5:
         print(
@@ -121,16 +128,9 @@ def main(cfg: InferConfig) -> dict:
 def read_rgb(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """An RGB image as float32 (3, size, size) in [0, 1] and its original (width, height); other sizes are resized
     (bilinear) with a warning, since the tabletop models were trained on renders of exactly this size."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            original = im.size
-            rgb = im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
-    if rgb.size != (size, size):
-        print(f"warning: {path} is {rgb.size[0]}x{rgb.size[1]}; resizing to the model's {size}x{size}", file=sys.stderr)
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    rgb, original = _open_image(path, "RGB", size)
+    if original != (size, size):
+        print(f"warning: {path} is {original[0]}x{original[1]}; resized to the model's {size}x{size}", file=sys.stderr)
     return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0, original
 
 

@@ -124,9 +124,7 @@ def _renderer(size: int, gradient: str) -> torch.nn.Module:
     from inverse_graphics.data3d import data_renderer  # data3d -> tabletop only; imported here to keep refine light
     from renderers.finite_difference import FiniteDifferenceRenderer, FiniteDifferenceSettings
 
-    base, scale = FiniteDifferenceSettings(), 64 / size  # steps of about one pixel at any size
-    steps = FiniteDifferenceSettings(position_step=base.position_step * scale, yaw_step=base.yaw_step * scale)
-    return FiniteDifferenceRenderer(data_renderer(size), steps)
+    return FiniteDifferenceRenderer(data_renderer(size), FiniteDifferenceSettings.for_image_size(size))
 
 
 def refine(scenes: Sequence[Scene | dict], images: torch.Tensor, config: RefineConfig | None = None) -> list[dict]:

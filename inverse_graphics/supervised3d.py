@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from inverse_graphics.air import check_float_tensor, check_unit_range
 from inverse_graphics.modules3d import ConvEncoder, SlotHead, SlotOutput
 from inverse_graphics.refine import RefineConfig, clamp_to_table, refine
 from scenes import tabletop
@@ -114,19 +115,10 @@ def scene_inference(
 def check_images(images, size: int) -> torch.Tensor:
     """Validate an input batch: a float tensor (B, 3, size, size) in [0, 1] without NaN; TypeError / ValueError."""
     expect = f"(B, 3, {size}, {size})"
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape {expect}, got {type(images).__name__}")
-    if not images.is_floating_point():
-        hint = " (uint8 images: divide by 255 first)" if images.dtype == torch.uint8 else ""
-        raise TypeError(f"images must be a floating-point tensor in [0, 1], got dtype {images.dtype}{hint}")
+    check_float_tensor(images, expect)
     if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
         raise ValueError(f"images must have shape {expect} (RGB, channels first), got {tuple(images.shape)}")
-    if images.numel():
-        lo, hi = torch.aminmax(images)  # one pass; NaN propagates into both
-        if torch.isnan(lo) or torch.isnan(hi):
-            raise ValueError("images contain NaN values")
-        if lo < 0 or hi > 1:
-            raise ValueError(f"images must lie in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
+    check_unit_range(images)
     return images
 
 

@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from inverse_graphics.air3d import AIR3D, GRADIENTS, MODEL_KIND, AIR3DConfig
 from inverse_graphics.air3d_objective import elbo_loss, sleep_loss
-from inverse_graphics.checkpoint import load_checkpoint, load_model, restore, resume_state, save_atomic
+from inverse_graphics.checkpoint import load_checkpoint, restore, resume_state, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
 from inverse_graphics.metrics3d import evaluate_method
+from inverse_graphics.pretrained import load
 from inverse_graphics.train import StopFlag, batch_indices
 
 __all__ = [
@@ -144,7 +145,7 @@ def evaluate_air3d(model: AIR3D, data: LabelledRenders, refine: int = 0, gradien
 
 def load_air3d(path: str | os.PathLike, device: str = "cpu") -> AIR3D:
     """A trained 3D AIR from a checkpoint, in eval mode; CheckpointError if the file is not one."""
-    return load_model(path, (MODEL_KIND,), lambda config: AIR3D(AIR3DConfig.from_dict(config)), device)
+    return load(path, device, expect_model=(MODEL_KIND,))
 
 
 class TrainingRun:

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from inverse_graphics.checkpoint import load_model, resume_state, save_atomic
+from inverse_graphics.checkpoint import resume_state, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
 from inverse_graphics.metrics3d import evaluate_method
+from inverse_graphics.pretrained import load
 from inverse_graphics.supervised3d import MODEL_KIND, LossWeights, SupervisedConfig, SupervisedRegressor, matched_loss
 from inverse_graphics.train import StopFlag, batch_indices
 from scenes.tabletop import SceneTensors
@@ -77,9 +78,7 @@ def evaluate_supervised(model: SupervisedRegressor, data: LabelledRenders, refin
 
 def load_supervised(path: str | os.PathLike, device: str = "cpu") -> SupervisedRegressor:
     """A trained regressor from a checkpoint, in eval mode; CheckpointError if the file is not one."""
-    return load_model(
-        path, (MODEL_KIND,), lambda config: SupervisedRegressor(SupervisedConfig.from_dict(config)), device
-    )
+    return load(path, device, expect_model=(MODEL_KIND,))
 
 
 class _Run:

@@ -36,6 +36,12 @@ class FiniteDifferenceSettings:
     seed: int = 0  # SPSA: seed of the sign vectors, so a backward pass is reproducible
     max_batch: int | None = None  # render at most this many perturbed inputs at once (None: all in one batch)
 
+    @classmethod
+    def for_image_size(cls, image_size: int) -> FiniteDifferenceSettings:
+        """Steps of about one pixel at this image size (the defaults are for 64 px)."""
+        scale, base = 64 / image_size, cls()
+        return cls(position_step=base.position_step * scale, yaw_step=base.yaw_step * scale)
+
     def __post_init__(self) -> None:
         if self.method not in ("central", "spsa"):
             raise ValueError(f"method must be 'central' or 'spsa', got {self.method!r}")
