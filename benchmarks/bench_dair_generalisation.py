@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default="dair_generalisation")
     p.add_argument("--out", default=str(RESULTS), help="where the table and figures go")
     p.add_argument("--resume", action="store_true", help="reuse runs that already finished")
+    p.add_argument("--dair-memory", action="store_true", help="DAIR's steps also see the recurrent state")
     return p.parse_args(argv)
 
 
@@ -103,6 +104,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
         data_dir=args.data_dir,
         device=args.device,
         threads=args.threads,
+        dair_memory=args.dair_memory,
     )
     if (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()  # a fresh run: its curve must not mix with an older one
@@ -113,6 +115,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
     records = read_metrics(run / "metrics.jsonl")
     result = {
         "model": model,
+        "dair_memory": model == "dair" and args.dair_memory,
         "seed": seed,
         "test_count_acc": test["count_acc"],
         "test_confusion": test["confusion"],
@@ -157,7 +160,7 @@ def table(results: dict[str, list[dict]], args) -> str:
                     task,
                     ",".join(map(str, t.train_counts)),
                     t.test_counts[0],
-                    r["model"].upper(),
+                    r["model"].upper() + (" (memory)" if r.get("dair_memory") else ""),
                     r["seed"],
                     f"{r['test_count_acc']:.1%}",
                     f"~{t.paper[r['model']]:.0%}",
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = []
         for model in args.models:
             for seed in args.seeds:
-                run = Path(args.runs) / name / f"{model}_seed{seed}"
+                variant = "dair-memory" if model == "dair" and args.dair_memory else model
+                run = Path(args.runs) / name / f"{variant}_seed{seed}"
                 results[name].append(run_one(task, model, seed, run, tests, args))
                 curves[f"{name} {model} seed {seed}"] = read_metrics(run / "metrics.jsonl")
                 x = torch.from_numpy(tests["test"].float_images(0, 8))

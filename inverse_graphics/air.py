@@ -63,6 +63,10 @@ class AIRConfig:
     where_prior_loc: tuple[float, float, float] = (math.log(0.43), 0.0, 0.0)  # prior mean of (log s, x, y)
     where_prior_scale: tuple[float, float, float] = (0.1, 0.5, 0.5)  # prior sd of (log s, x, y)
     difference_input: bool = False  # DAIR: the recurrence sees x minus the reconstruction so far
+    # DAIR only: whether each step also sees the recurrent state and the previous step's latents. Without them
+    # (False) a step's q(z_pres, z_where) is a function of what is left to explain alone, so the network cannot
+    # learn to count steps; it has to look. Checkpoints written before this field existed had memory (True).
+    difference_memory: bool = True
     model_name: str = field(default="air")
 
     def to_dict(self) -> dict:
@@ -74,6 +78,7 @@ class AIRConfig:
         for k in ("where_prior_loc", "where_prior_scale"):
             if k in d:
                 d[k] = tuple(d[k])
+        d.setdefault("difference_memory", True)  # older DAIR checkpoints
         return cls(**d)
 
 
@@ -247,6 +252,8 @@ class AIR(nn.Module):
             inputs.append(prev)
             if cfg.difference_input and steps:  # DAIR: the recurrence sees what is left to explain
                 image_gates = self.rnn.image_gates(self.encoder(images - recon))
+            if cfg.difference_input and not cfg.difference_memory:  # memoryless DAIR: the residual alone
+                state, prev = (zeros, zeros), torch.zeros_like(prev)
             step = self.guide_step(images, image_gates, prev, prev_pres, state, sample)
             if cfg.difference_input:
                 recon = recon + self.render_step(step.z_pres, step.z_where, step.z_what)

@@ -102,6 +102,9 @@ def _add_train(sub) -> None:
     g.add_argument("--z-pres-prior-start", type=float, help="anneal from this value")
     g.add_argument("--anneal-steps", type=int)
     g.add_argument("--data-dir")
+    g.add_argument(
+        "--dair-memory", action="store_true", help="dair: steps also see the recurrent state (the older variant)"
+    )
     g = p.add_argument_group("tabletop models (air-tabletop, supervised-tabletop)")
     g.add_argument("--recipe", choices=["wake", "sleep", "sleep-then-wake", "wake-sleep"], help="air-tabletop")
     g.add_argument("--gradient", choices=["fd", "soft"], help="air-tabletop: finite differences or soft raster")
@@ -130,6 +133,7 @@ def _check_applies(args, names: dict[str, str]) -> None:
     every = {**_SHARED, **_ONLY_2D, **_ONLY_AIR3D, **_ONLY_3D}
     foreign = [o for o in every if o not in names and getattr(args, o) is not None]
     foreign += ["naive_yaw"] if args.naive_yaw and args.model != "supervised-tabletop" else []
+    foreign += ["dair_memory"] if args.dair_memory and args.model != "dair" else []
     if foreign:
         listed = ", ".join("--" + o.replace("_", "-") for o in foreign)
         raise ValueError(f"{listed} do(es) not apply to `train {args.model}`; see `inverse-graphics train --help`")
@@ -144,7 +148,7 @@ def _run_train(args) -> int:
     if args.model in MODELS_2D:
         from inverse_graphics.train import TrainConfig, train
 
-        rec = train(TrainConfig(model=args.model, **kw), resume, progress)
+        rec = train(TrainConfig(model=args.model, dair_memory=args.dair_memory, **kw), resume, progress)
     elif args.model == "air-tabletop":
         from inverse_graphics.train_air3d import AIR3DTrainConfig, train_air3d
 

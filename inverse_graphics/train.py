@@ -54,6 +54,9 @@ class TrainConfig:
     z_pres_prior_start: float | None = None  # if set, anneal geometrically from this to z_pres_prior
     anneal_steps: int = 100_000  # steps of that annealing
     max_steps: int = 3  # T, the most objects per scene
+    # DAIR: False (default) makes each step see only the image minus the reconstruction so far, no recurrent state;
+    # it generalises to unseen counts far better (benchmarks/results/dair_generalisation.md). True: the older variant.
+    dair_memory: bool = False
     data_dir: str | None = None  # MNIST location (else $INVERSE_GRAPHICS_DATA, else the cache)
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch's default)
@@ -64,6 +67,7 @@ class TrainConfig:
             max_steps=self.max_steps,
             z_pres_prior=self.z_pres_prior,
             difference_input=self.model == "dair",
+            difference_memory=self.dair_memory,
             model_name=self.model,
             **self.model_overrides,
         )
@@ -74,6 +78,7 @@ class TrainConfig:
         for k in ("train_counts", "eval_counts"):
             if k in d:
                 d[k] = tuple(d[k])
+        d.setdefault("dair_memory", True)  # runs saved before the field existed had memory
         return cls(**d)
 
 
