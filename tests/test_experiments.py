@@ -94,6 +94,56 @@ def test_task_labels_read_digits_left_to_right():
     assert bench_representation.task_labels(scenes, "ascending").tolist() == [0, 0, 1, 1]
 
 
+def brute_force_sum_probs(p: torch.Tensor, present: torch.Tensor, classes: int) -> torch.Tensor:
+    """The slow reference: enumerate every assignment of digits to the present steps of each scene."""
+    import itertools
+
+    out = torch.zeros(p.shape[0], classes, dtype=p.dtype)
+    for b in range(p.shape[0]):
+        steps = [t for t in range(p.shape[1]) if present[b, t, 0]]
+        for digits in itertools.product(range(p.shape[2]), repeat=len(steps)):
+            prob = torch.prod(torch.stack([p[b, t, d] for t, d in zip(steps, digits)])) if steps else torch.tensor(1.0)
+            out[b, sum(digits)] += prob
+    return out
+
+
+def test_object_net_sum_matches_enumeration():
+    """The per-object net's exact sum distribution against enumerating every digit assignment, values and
+    gradients; steps with z_pres = 0 (any position, none at all) contribute nothing."""
+    torch.manual_seed(0)
+    T, D = 3, 4
+    logits = torch.randn(6, T, D, dtype=torch.float64, requires_grad=True)
+    present = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 0, 1], [0, 1, 1]]).bool()[..., None]
+    classes = (D - 1) * T + 1
+    fast = bench_representation.sum_log_probs(logits.softmax(-1), present, classes).exp()
+    slow = brute_force_sum_probs(logits.softmax(-1), present, classes)
+    assert_close(fast, slow, atol=1e-9)
+    assert_close(fast.sum(1), torch.ones(6, dtype=torch.float64), atol=1e-9)
+    w = torch.randn(6, classes, dtype=torch.float64)
+    (g_fast,) = torch.autograd.grad((fast * w).sum(), logits)
+    (g_slow,) = torch.autograd.grad((slow * w).sum(), logits)
+    assert_close(g_fast, g_slow, atol=1e-9)
+    assert g_fast[3].abs().max() == 0  # an empty scene's answer does not depend on its (absent) steps
+
+
+@pytest.mark.parametrize("task, classes", [("sum", 19), ("ascending", 2)])
+def test_object_net_gives_normalised_log_probs(task, classes):
+    net = bench_representation.ObjectNet(features=8, task=task, classes=classes)
+    z = torch.randn(6, 2, 8)
+    z[..., 0] = 1.0  # both steps present
+    z[4, 1, 0] = 0.0  # one digit: vacuously ascending, sum of one digit
+    z[5, :, 0] = 0.0  # empty
+    logp = net(z)
+    assert logp.shape == (6, classes) and torch.allclose(logp.exp().sum(1), torch.ones(6), atol=1e-5)
+    if task == "ascending":
+        assert logp[4:, 1].exp().allclose(torch.ones(2)) and logp[:4, 1].exp().lt(1).all()
+        v = net.net(z)[..., 0]  # the comparison model, by hand: sigmoid(a (v_right - v_left) + b)
+        a, b = net.scale_bias
+        assert_close(logp[:4, 1].exp(), torch.sigmoid(a * (v[:4, 1] - v[:4, 0]) + b), atol=1e-6)
+    torch.nn.functional.cross_entropy(logp[:4], torch.arange(4) % classes).backward()
+    assert all(p.grad is not None for name, p in net.named_parameters() if task == "ascending" or "scale" not in name)
+
+
 # ----------------------------------------------------------------------------------------------- DAIR's input
 def recorded_encoder_inputs(model: AIR) -> list[torch.Tensor]:
     """Every input the image encoder (the recurrence's view of the image) receives from now on."""
@@ -118,6 +168,32 @@ def test_dair_recurrence_sees_image_minus_reconstruction_so_far(sample):
         assert_close(seen[t], images - recon, atol=1e-6, msg=f"step {t}")
         recon = recon + model.render_step(g.z_pres[:, t], g.z_where[:, t], g.z_what[:, t]).detach()
     assert (seen[1] - images).abs().max() > 0.1  # the check above is not vacuous
+
+
+def test_memoryless_dair_step_is_a_function_of_the_residual_alone():
+    """difference_memory=False: each step's q(z_pres), q(z_where) depend on x - reconstruction only, so a step shown
+    the same residual gives the same distribution whatever came before it."""
+    torch.manual_seed(0)
+    model = AIR(AIRConfig(difference_input=True, difference_memory=False, max_steps=3, decoder_bias=1.0))
+    with torch.no_grad():
+        model.where_head.fc.bias[0] = 3.0
+    images = torch.rand(4, 50, 50)
+    g = model.guide(images, sample=True)
+    recon = model.render_step(g.z_pres[:, 0], g.z_where[:, 0], g.z_what[:, 0]).detach()
+    # Step 1 of a scene x' = x - recon sees the same residual as step 2 of x does.
+    fresh = model.guide(images - recon, sample=True)
+    assert_close(fresh.pres_prob[:, 0], g.pres_prob[:, 1], atol=1e-5)
+    assert_close(fresh.where_loc[:, 0], g.where_loc[:, 1], atol=1e-5)
+    with_memory = AIR(AIRConfig(difference_input=True, max_steps=3, decoder_bias=1.0))
+    with_memory.load_state_dict(model.state_dict())
+    g2 = with_memory.guide(images, sample=False)
+    assert (g2.pres_prob[:, 1] - model.guide(images, sample=False).pres_prob[:, 1]).abs().max() > 1e-4  # not vacuous
+
+
+def test_dair_checkpoints_without_the_memory_field_load_with_memory():
+    cfg = AIRConfig(difference_input=True).to_dict()
+    del cfg["difference_memory"]
+    assert AIRConfig.from_dict(cfg).difference_memory is True
 
 
 def test_air_recurrence_sees_the_image_once():
