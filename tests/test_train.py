@@ -96,6 +96,20 @@ def test_cli_train_one_step(tmp_path, data_dir, capsys):
     assert "count_acc" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("memory", [False, True])
+def test_cli_train_dair_variant(tmp_path, data_dir, memory):
+    args = ["train", "dair", "--out", str(tmp_path), "--steps", "1", "--batch-size", "4", "--n-train", "32"]
+    args += ["--eval-n", "8", "--no-progress", "--threads", "1"] + (["--dair-memory"] if memory else [])
+    assert cli_main(args) == 0
+    model = ig.load(tmp_path / "checkpoint.pt")
+    assert model.config.difference_input and model.config.difference_memory is memory
+
+
+def test_cli_refuses_dair_memory_for_air(tmp_path, capsys):
+    assert cli_main(["train", "air", "--out", str(tmp_path), "--dair-memory"]) == 2
+    assert "--dair-memory do(es) not apply to `train air`" in capsys.readouterr().err
+
+
 def test_truncated_and_foreign_checkpoints_are_refused(tmp_path, data_dir):
     train(tiny(tmp_path), progress=False)
     path = tmp_path / "checkpoint.pt"
