@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from inverse_graphics.air import AIR, AIRConfig
-from inverse_graphics.checkpoint import resume_state, save_atomic
+from inverse_graphics.checkpoint import load_checkpoint, restore, resume_state, save_atomic
 from scenes import mnist, multi_mnist
 
 EVAL_SEED = 2016  # held-out scenes are the same for every run: MNIST test digits, this seed
@@ -61,6 +61,9 @@ class TrainConfig:
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch's default)
     model_overrides: dict = field(default_factory=dict)  # extra AIRConfig fields
+    # Start from this checkpoint's weights (fresh optimiser and step count): e.g. DAIR from an AIR trained on the
+    # same scenes, whose glyph decoder, encoders and where head it shares. The canvas, T and sizes must match.
+    init_from: str | None = None
 
     def model_config(self) -> AIRConfig:
         return AIRConfig(
@@ -202,6 +205,13 @@ def train(
     model = AIR(cfg.model_config()).to(cfg.device)
     opt = build_optimizer(model, cfg)
     step, train_time = 0, 0.0
+    if state is None and cfg.init_from:
+        start = load_checkpoint(cfg.init_from, expect_model=("air", "dair"))
+        shape = ("canvas_size", "max_steps", "window_size", "z_what_dim", "embed_dim", "rnn_hidden")
+        theirs = AIRConfig.from_dict(start["config"])
+        if any(getattr(theirs, k) != getattr(model.config, k) for k in shape):
+            raise ValueError(f"init_from {cfg.init_from}: its model differs in {shape}: {start['config']}")
+        restore(model, start, cfg.init_from)
     if state is not None:
         model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])

@@ -110,6 +110,19 @@ def test_cli_refuses_dair_memory_for_air(tmp_path, capsys):
     assert "--dair-memory do(es) not apply to `train air`" in capsys.readouterr().err
 
 
+def test_dair_starts_from_an_air_checkpoint(tmp_path, data_dir):
+    train(tiny(tmp_path / "air", max_steps=4), progress=False)
+    air = ig.load(tmp_path / "air" / "checkpoint.pt")
+    cfg = tiny(tmp_path / "dair", model="dair", max_steps=4, steps=0, init_from=str(tmp_path / "air" / "checkpoint.pt"))
+    train(cfg, progress=False)
+    dair = ig.load(tmp_path / "dair" / "checkpoint.pt")
+    assert dair.config.difference_input and not dair.config.difference_memory
+    for (name, a), (_, d) in zip(air.state_dict().items(), dair.state_dict().items()):
+        assert torch.equal(a, d), name
+    with pytest.raises(ValueError, match="differs"):  # a model of another shape is refused, not half-loaded
+        train(tiny(tmp_path / "bad", model="dair", max_steps=3, init_from=cfg.init_from), progress=False)
+
+
 def test_truncated_and_foreign_checkpoints_are_refused(tmp_path, data_dir):
     train(tiny(tmp_path), progress=False)
     path = tmp_path / "checkpoint.pt"
