@@ -72,7 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", default="runs/bench_dair_generalisation", help="training run directories")
     p.add_argument("--name", default="dair_generalisation")
     p.add_argument("--out", default=str(RESULTS), help="where the table and figures go")
-    p.add_argument("--resume", action="store_true", help="reuse runs that already finished")
+    p.add_argument(
+        "--resume", action="store_true", help="reuse runs that finished; continue interrupted ones up to --minutes"
+    )
     p.add_argument("--dair-memory", action="store_true", help="DAIR's steps also see the recurrent state")
     return p.parse_args(argv)
 
@@ -106,9 +108,10 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
         threads=args.threads,
         dair_memory=args.dair_memory,
     )
-    if (run / "metrics.jsonl").exists():
+    interrupted = args.resume and (run / "checkpoint.pt").exists()  # killed before its score: continue it
+    if not interrupted and (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()  # a fresh run: its curve must not mix with an older one
-    train(cfg, progress=False)
+    train(cfg, resume=interrupted, progress=False)
     net = load(run / "checkpoint.pt", device=args.device)
     test = count_accuracy(net, tests["test"], args.device)
     seen = count_accuracy(net, tests["train"], args.device)

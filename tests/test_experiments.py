@@ -39,6 +39,12 @@ def test_dair_generalisation_smoke(tmp_path, data_dir):
     # --resume reuses finished runs instead of training again
     again = bench_dair_generalisation.main(args + ["--resume", "--models", "dair"])
     assert again["interpolation"][0] == rows[1]
+    # a run killed before its score continues from its checkpoint, up to the new budget
+    (tmp_path / "runs" / "interpolation" / "dair_seed0" / "final.json").unlink()
+    more = list(args)
+    more[more.index("--steps") + 1] = "3"
+    longer = bench_dair_generalisation.main(more + ["--resume", "--models", "dair"])["interpolation"][0]
+    assert longer["steps"] == 3 and not longer["dair_memory"]
 
 
 def test_representation_smoke(tmp_path, data_dir):
