@@ -10,6 +10,12 @@ window at z_where_t and encodes it into q(z_what_t); the next step sees the prev
 the image enters the recurrence through an embedding computed once per image and projected onto the LSTM's gates
 once (the paper and Pyro feed raw pixels to the LSTM at every step); the model is the same, it is just cheaper.
 
+DAIR (`difference_input`): from step 2 on, the recurrence reads x minus the reconstruction of the steps so far instead
+of x. By default (`difference_memory=False`) a DAIR step sees nothing else: no recurrent state, no previous latents,
+so whether to add an object and where is a function of what is left to explain, and the network cannot learn to
+count steps (the paper's argument for DAIR's generalisation to unseen counts; with memory it generalised less well
+here, benchmarks/results/dair_generalisation.md).
+
 Objective: the ELBO, reparameterised for z_where and z_what (KLs in closed form), REINFORCE for z_pres with
 per-step learned baselines (NVIL, Mnih & Gregor 2014): the learning signal of z_pres_t is everything downstream of
 it (the likelihood, and the KL terms of steps >= t), centred by a running mean and an input-dependent baseline
