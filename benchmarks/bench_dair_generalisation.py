@@ -46,6 +46,8 @@ class Task:
     target: float  # the issue's target for DAIR
 
 
+MODELS = {"air": "AIR", "dair": "DAIR", "dair-memory": "DAIR (memory)"}  # --models choice -> table name
+
 TASKS = {
     "extrapolation": Task((0, 1, 2), (3,), {"air": 0.0, "dair": 0.8}, 0.85),
     "interpolation": Task((0, 1, 3), (2,), {"air": 0.6, "dair": 0.95}, 0.97),
@@ -55,7 +57,10 @@ TASKS = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
-    p.add_argument("--models", nargs="+", choices=["air", "dair"], default=["air", "dair"])
+    p.add_argument(
+        "--models", nargs="+", choices=list(MODELS), default=["air", "dair"], help="dair-memory: DAIR whose steps also "
+        "see the recurrent state (the variant before memoryless DAIR became the default)"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock per run")
     p.add_argument("--steps", type=int, default=None, help="step budget instead (smoke runs)")
@@ -75,7 +80,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--resume", action="store_true", help="reuse runs that finished; continue interrupted ones up to --minutes"
     )
-    p.add_argument("--dair-memory", action="store_true", help="DAIR's steps also see the recurrent state")
     return p.parse_args(argv)
 
 
@@ -90,7 +94,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
     if args.resume and done.exists():
         return json.loads(done.read_text())
     cfg = TrainConfig(
-        model=model,
+        model="air" if model == "air" else "dair",
         out_dir=str(run),
         seed=seed,
         minutes=args.minutes,
@@ -106,7 +110,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
         data_dir=args.data_dir,
         device=args.device,
         threads=args.threads,
-        dair_memory=args.dair_memory,
+        dair_memory=model == "dair-memory",
     )
     interrupted = args.resume and (run / "checkpoint.pt").exists()  # killed before its score: continue it
     if not interrupted and (run / "metrics.jsonl").exists():
@@ -118,7 +122,6 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
     records = read_metrics(run / "metrics.jsonl")
     result = {
         "model": model,
-        "dair_memory": model == "dair" and args.dair_memory,
         "seed": seed,
         "test_count_acc": test["count_acc"],
         "test_confusion": test["confusion"],
@@ -134,13 +137,16 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
 def bar_figure(results: dict[str, list[dict]], path: Path) -> Path:
     """Test-count accuracy per task and model (bars: this run, mean over seeds) beside the paper's (markers)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    width, colours = 0.35, {"air": "tab:blue", "dair": "tab:orange"}
+    colours = {"air": "tab:blue", "dair": "tab:orange", "dair-memory": "tab:green"}
     for i, (task, rows) in enumerate(results.items()):
-        for j, model in enumerate(sorted({r["model"] for r in rows})):
+        models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+        width = 0.8 / len(models)
+        for j, model in enumerate(models):
             acc = np.mean([r["test_count_acc"] for r in rows if r["model"] == model])
-            x = i + (j - 0.5) * width
-            ax.bar(x, acc, width, color=colours[model], label=model.upper() if i == 0 else None)
-            ax.plot(x, TASKS[task].paper[model], "k_", ms=18, mew=2, label="paper" if i == j == 0 else None)
+            x = i + (j - (len(models) - 1) / 2) * width
+            ax.bar(x, acc, width, color=colours[model], label=MODELS[model] if i == 0 else None)
+            paper = TASKS[task].paper["air" if model == "air" else "dair"]
+            ax.plot(x, paper, "k_", ms=18, mew=2, label="paper" if i == j == 0 else None)
     ax.set_xticks(range(len(results)), [f"{t}\n(test on {TASKS[t].test_counts[0]})" for t in results])
     ax.set_ylabel("count accuracy on the unseen count")
     ax.set_ylim(0, 1)
@@ -157,16 +163,16 @@ def table(results: dict[str, list[dict]], args) -> str:
     for task, recs in results.items():
         t = TASKS[task]
         for r in recs:
-            target = f">= {t.target:.0%}" if r["model"] == "dair" else "-"
+            target = f">= {t.target:.0%}" if r["model"] != "air" else "-"
             rows.append(
                 [
                     task,
                     ",".join(map(str, t.train_counts)),
                     t.test_counts[0],
-                    r["model"].upper() + (" (memory)" if r.get("dair_memory") else ""),
+                    MODELS[r["model"]],
                     r["seed"],
                     f"{r['test_count_acc']:.1%}",
-                    f"~{t.paper[r['model']]:.0%}",
+                    f"~{t.paper['air' if r['model'] == 'air' else 'dair']:.0%}",
                     target,
                     f"{r['train_counts_acc']:.1%}",
                     r["steps"],
@@ -178,6 +184,8 @@ def table(results: dict[str, list[dict]], args) -> str:
     budget = f"{args.minutes:g} minutes of training wall-clock (evaluation excluded)"
     if args.steps is not None:
         budget = f"{args.steps} steps (or {args.minutes:g} minutes, whichever ended first)"
+    if args.resume:
+        budget += " (runs reused by --resume keep the budget they were trained with: the train min column)"
     return (
         markdown_table(header, rows) + f"\n\nBudget: each run trained for at most {budget}, batch "
         f"{args.batch_size}, T = {args.max_steps} steps, {args.n_train} training scenes, overlap rule "
@@ -201,8 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = []
         for model in args.models:
             for seed in args.seeds:
-                variant = "dair-memory" if model == "dair" and args.dair_memory else model
-                run = Path(args.runs) / name / f"{variant}_seed{seed}"
+                run = Path(args.runs) / name / f"{model}_seed{seed}"
                 results[name].append(run_one(task, model, seed, run, tests, args))
                 curves[f"{name} {model} seed {seed}"] = read_metrics(run / "metrics.jsonl")
                 x = torch.from_numpy(tests["test"].float_images(0, 8))
