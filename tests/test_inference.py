@@ -115,7 +115,7 @@ def test_demo_runs_offline(tmp_path, capsys, monkeypatch):
 
 def test_shipped_dair_model_loads_and_counts(fresh_scenes):
     dair = ig.load_pretrained("dair-multi-mnist")
-    assert dair.config.difference_input and dair.config.max_steps == 4
+    assert dair.config.difference_input and not dair.config.difference_memory and dair.config.max_steps == 4
     out = dair.infer(torch.from_numpy(fresh_scenes.float_images()))
     acc = (out.counts.numpy() == fresh_scenes.counts).mean()
-    assert acc >= 0.92, f"count accuracy {acc:.3f} on 500 fresh scenes (benchmark: 94.87% on 10,000)"
+    assert acc >= 0.94, f"count accuracy {acc:.3f} on 500 fresh scenes (benchmark: 97.02% on 10,000)"
