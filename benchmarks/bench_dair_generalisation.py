@@ -58,8 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
     p.add_argument(
-        "--models", nargs="+", choices=list(MODELS), default=["air", "dair"], help="dair-memory: DAIR whose steps also "
-        "see the recurrent state (the variant before memoryless DAIR became the default)"
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=["air", "dair"],
+        help="dair-memory: DAIR whose steps also "
+        "see the recurrent state (the variant before memoryless DAIR became the default)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock per run")

@@ -207,6 +207,13 @@ def fit_and_score(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test, y_te
     return float((pred == y_test).float().mean())
 
 
+def make_net(inputs: str, task: str, classes: int, steps: int, features: int) -> nn.Module:
+    """A fresh classifier for one --inputs choice."""
+    if inputs == "objects":
+        return ObjectNet(features, task, classes)
+    return LatentNet(steps, features, classes) if inputs == "latents" else PixelCNN(classes)
+
+
 # --------------------------------------------------------------------------------------------------------- main
 def build_model(name: str, device: str) -> AIR:
     if name == "untrained":  # smoke tests: the pipeline without a trained model
@@ -261,18 +268,15 @@ def main(argv: list[str] | None = None) -> dict:
     for task in TASKS:
         y_pool, y_test = torch.from_numpy(task_labels(pool, task)), torch.from_numpy(task_labels(test, task))
         K = n_classes(task, max(args.counts))
-        nets = {
-            "objects": lambda: (ObjectNet(Fdim, task, K), z_pool, z_test),
-            "latents": lambda: (LatentNet(T, Fdim, K), z_pool, z_test),
-            "pixels": lambda: (PixelCNN(K), px_pool, px_test),
-        }
+        data = {"objects": (z_pool, z_test), "latents": (z_pool, z_test), "pixels": (px_pool, px_test)}
         curves[task] = {INPUTS[i]: [] for i in args.inputs}
         for n in args.n_labels:
             row = [task, n]
             for i in args.inputs:
                 gen = torch.Generator().manual_seed(args.seed * 1000 + n)  # the same batches for every input
                 torch.manual_seed(args.seed * 1000 + n)  # and the same initialisation for a given input
-                net, x_pool, x_test = nets[i]()
+                net = make_net(i, task, K, T, Fdim)
+                x_pool, x_test = data[i]
                 acc = fit_and_score(net, x_pool[:n], y_pool[:n], x_test, y_test, args, gen)
                 curves[task][INPUTS[i]].append(acc)
                 row.append(f"{acc:.1%}")
