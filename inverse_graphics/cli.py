@@ -46,6 +46,7 @@ _ONLY_2D = {
     "z_pres_prior_start": "z_pres_prior_start",
     "anneal_steps": "anneal_steps",
     "data_dir": "data_dir",
+    "init_from": "init_from",
 }
 _ONLY_AIR3D = {
     "baseline_lr": "baseline_lr",
@@ -115,7 +116,9 @@ def _add_train(sub) -> None:
     g.add_argument("--lr-drop-to", type=float, help="air-tabletop")
     g.add_argument("--wake-lr", type=float, help="air-tabletop, sleep-then-wake: the main rate of the ELBO phase")
     g.add_argument("--baseline-warmup", type=int, help="air-tabletop: first ELBO steps training only the baseline")
-    g.add_argument("--init-from", help="air-tabletop: start from this checkpoint's weights (e.g. a sleep-phase run)")
+    g.add_argument(
+        "--init-from", help="air, dair, air-tabletop: start from this checkpoint's weights (fresh optimiser and steps)"
+    )
     g.add_argument("--min-objects", type=int)
     g.add_argument("--max-objects", type=int)
     g.add_argument("--image-size", type=int)

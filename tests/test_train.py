@@ -103,6 +103,11 @@ def test_cli_train_dair_variant(tmp_path, data_dir, memory):
     assert cli_main(args) == 0
     model = ig.load(tmp_path / "checkpoint.pt")
     assert model.config.difference_input and model.config.difference_memory is memory
+    # --init-from: a second run starts from the first one's weights
+    start = ["--init-from", str(tmp_path / "checkpoint.pt"), "--steps", "0"]
+    assert cli_main(args[:3] + [str(tmp_path / "again")] + args[4:] + start) == 0
+    again = ig.load(tmp_path / "again" / "checkpoint.pt")
+    assert torch.equal(again.decoder.fc2.weight, model.decoder.fc2.weight)
 
 
 def test_cli_refuses_dair_memory_for_air(tmp_path, capsys):
