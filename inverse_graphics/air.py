@@ -72,7 +72,7 @@ class AIRConfig:
     # DAIR only: whether each step also sees the recurrent state and the previous step's latents. Without them
     # (False) a step's q(z_pres, z_where) is a function of what is left to explain alone, so the network cannot
     # learn to count steps; it has to look. Checkpoints written before this field existed had memory (True).
-    difference_memory: bool = True
+    difference_memory: bool = False
     model_name: str = field(default="air")
 
     def to_dict(self) -> dict:

@@ -192,7 +192,7 @@ def test_memoryless_dair_step_is_a_function_of_the_residual_alone():
     fresh = model.guide(images - recon, sample=True)
     assert_close(fresh.pres_prob[:, 0], g.pres_prob[:, 1], atol=1e-5)
     assert_close(fresh.where_loc[:, 0], g.where_loc[:, 1], atol=1e-5)
-    with_memory = AIR(AIRConfig(difference_input=True, max_steps=3, decoder_bias=1.0))
+    with_memory = AIR(AIRConfig(difference_input=True, difference_memory=True, max_steps=3, decoder_bias=1.0))
     with_memory.load_state_dict(model.state_dict())
     g2 = with_memory.guide(images, sample=False)
     assert (g2.pres_prob[:, 1] - model.guide(images, sample=False).pres_prob[:, 1]).abs().max() > 1e-4  # not vacuous
