@@ -48,6 +48,12 @@ class Task:
 
 MODELS = {"air": "AIR", "dair": "DAIR", "dair-memory": "DAIR (memory)"}  # --models choice -> table name
 
+
+def kind(model: str) -> str:
+    """The `train` model (and the paper's row) behind a --models choice: "air" or "dair"."""
+    return "air" if model == "air" else "dair"
+
+
 TASKS = {
     "extrapolation": Task((0, 1, 2), (3,), {"air": 0.0, "dair": 0.8}, 0.85),
     "interpolation": Task((0, 1, 3), (2,), {"air": 0.6, "dair": 0.95}, 0.97),
@@ -98,7 +104,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
     if args.resume and done.exists():
         return json.loads(done.read_text())
     cfg = TrainConfig(
-        model="air" if model == "air" else "dair",
+        model=kind(model),
         out_dir=str(run),
         seed=seed,
         minutes=args.minutes,
@@ -149,7 +155,7 @@ def bar_figure(results: dict[str, list[dict]], path: Path) -> Path:
             acc = np.mean([r["test_count_acc"] for r in rows if r["model"] == model])
             x = i + (j - (len(models) - 1) / 2) * width
             ax.bar(x, acc, width, color=colours[model], label=MODELS[model] if i == 0 else None)
-            paper = TASKS[task].paper["air" if model == "air" else "dair"]
+            paper = TASKS[task].paper[kind(model)]
             ax.plot(x, paper, "k_", ms=18, mew=2, label="paper" if i == j == 0 else None)
     ax.set_xticks(range(len(results)), [f"{t}\n(test on {TASKS[t].test_counts[0]})" for t in results])
     ax.set_ylabel("count accuracy on the unseen count")
@@ -167,7 +173,7 @@ def table(results: dict[str, list[dict]], args) -> str:
     for task, recs in results.items():
         t = TASKS[task]
         for r in recs:
-            target = f">= {t.target:.0%}" if r["model"] != "air" else "-"
+            target = f">= {t.target:.0%}" if kind(r["model"]) == "dair" else "-"
             rows.append(
                 [
                     task,
@@ -176,7 +182,7 @@ def table(results: dict[str, list[dict]], args) -> str:
                     MODELS[r["model"]],
                     r["seed"],
                     f"{r['test_count_acc']:.1%}",
-                    f"~{t.paper['air' if r['model'] == 'air' else 'dair']:.0%}",
+                    f"~{t.paper[kind(r['model'])]:.0%}",
                     target,
                     f"{r['train_counts_acc']:.1%}",
                     r["steps"],

@@ -270,12 +270,12 @@ def main(argv: list[str] | None = None) -> dict:
     count_acc = float((inferred == test.counts).mean())
     px_pool, px_test = torch.from_numpy(pool.float_images()), torch.from_numpy(test.float_images())
     T, Fdim = z_pool.shape[1:]
+    data = {"objects": (z_pool, z_test), "latents": (z_pool, z_test), "pixels": (px_pool, px_test)}
     curves: dict[str, dict[str, list[float]]] = {}
     rows = []
     for task in TASKS:
         y_pool, y_test = torch.from_numpy(task_labels(pool, task)), torch.from_numpy(task_labels(test, task))
         K = n_classes(task, max(args.counts))
-        data = {"objects": (z_pool, z_test), "latents": (z_pool, z_test), "pixels": (px_pool, px_test)}
         curves[task] = {INPUTS[i]: [] for i in args.inputs}
         for n in args.n_labels:
             row = [task, n]
