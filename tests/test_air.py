@@ -122,3 +122,65 @@ def test_fast_inference_path_matches_the_guide(model):
     assert torch.equal(fast.z_pres, ref.z_pres)
     for name in ("z_where", "z_what", "pres_prob"):
         assert_close(getattr(fast, name), getattr(ref, name), atol=1e-5, msg=name)
+
+
+def test_conv_image_encoder_shapes_and_translation_equivariance():
+    from inverse_graphics.modules import ConvImageEncoder
+
+    for size in (50, 64):  # three stride-2 'same' convolutions: 50 -> 25 -> 13 -> 7, 64 -> 32 -> 16 -> 8
+        enc = ConvImageEncoder(size, 32)
+        side = {50: 7, 64: 8}[size]
+        assert enc.fc.in_features == 32 * side * side
+        assert enc(torch.rand(3, size, size)).shape == (3, 32)
+    # A blob moved by 8 pixels (the total stride) moves the last feature map by exactly one cell, away from the
+    # border cells (whose padding differs).
+    enc = ConvImageEncoder(64, 32)
+    x = torch.zeros(1, 64, 64)
+    x[0, 20:28, 18:30] = torch.rand(8, 12)
+    shifted = torch.roll(x, shifts=(8, 8), dims=(1, 2))
+    with torch.no_grad():
+        f, g = enc.convs(x[:, None]), enc.convs(shifted[:, None])
+        blank = enc.convs(torch.zeros(1, 1, 64, 64))
+    assert (f - blank).abs().amax() > 1e-3  # the blob is seen
+    assert_close(g[..., 2:, 2:], f[..., 1:-1, 1:-1], atol=1e-6, msg="shifted features")
+
+
+def test_conv_encoder_model_runs_and_fast_path_matches():
+    torch.manual_seed(0)
+    model = AIR(AIRConfig(image_encoder="conv"))
+    x = torch.rand(6, 50, 50)
+    loss, stats = model.loss(x)
+    loss.backward()
+    assert math.isfinite(loss.item()) and model.encoder.convs[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        ref, fast = model.guide(x, sample=False), model.guide_fast(x)
+    for name in ("z_pres", "z_where", "z_what", "pres_prob"):
+        assert_close(getattr(fast, name), getattr(ref, name), atol=1e-5, msg=name)
+    dair = AIR(AIRConfig(image_encoder="conv", difference_input=True, max_steps=4))
+    assert dair.infer(x).counts.shape == (6,)
+
+
+def test_image_encoder_choice_is_checked_and_old_configs_load():
+    with pytest.raises(ValueError, match='image_encoder must be "mlp" or "conv"'):
+        AIR(AIRConfig(image_encoder="resnet"))
+    old = AIRConfig().to_dict()
+    del old["image_encoder"]  # a checkpoint from before the option
+    assert AIRConfig.from_dict(old).image_encoder == "mlp"
+
+
+def test_pres_warmup_leaves_q_z_pres_out_of_the_gradient_and_nothing_else():
+    model = AIR(AIRConfig(max_steps=3))
+    x = torch.rand(8, 50, 50) * 0.5
+    grads = {}
+    for train_pres in (True, False):
+        torch.manual_seed(1)  # the same latent samples both times
+        model.zero_grad()
+        model.loss(x, train_pres=train_pres)[0].backward()
+        grads[train_pres] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    on, off = grads[True], grads[False]
+    pres_row = lambda g: g["where_head.fc.weight"][0]  # noqa: E731 (the z_pres logit's weights)
+    assert pres_row(on).abs().sum() > 0 and pres_row(off).abs().sum() == 0
+    assert off["where_head.fc.bias"][0] == 0
+    assert off["what_encoder.fc1.weight"].abs().sum() > 0  # the guide still trains through z_where and z_what
+    for name in ("decoder.fc1.weight", "decoder.fc2.weight"):  # no path into q(z_pres): unchanged
+        assert_close(off[name], on[name], atol=1e-6, msg=name)
