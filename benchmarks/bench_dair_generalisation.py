@@ -46,20 +46,7 @@ class Task:
     target: float  # the issue's target for DAIR
 
 
-MODELS = {  # --models choice -> table name
-    "air": "AIR",
-    "dair": "DAIR",
-    "dair-memory": "DAIR (memory)",
-    "dair-conv": "DAIR (conv encoder)",
-}
-RECIPES = {  # --models choice -> its TrainConfig fields beyond the task's
-    "air": {},
-    "dair": {},
-    "dair-memory": {"dair_memory": True},
-    # The convolutional encoder learns the count so fast that on 0-2 digit scenes it settled on drawing nothing
-    # within 200 steps; 500 steps in which q(z_pres) does not train let the decoder learn to draw first.
-    "dair-conv": {"model_overrides": {"image_encoder": "conv"}, "pres_warmup_steps": 500},
-}
+MODELS = {"air": "AIR", "dair": "DAIR", "dair-memory": "DAIR (memory)"}  # --models choice -> table name
 
 
 def kind(model: str) -> str:
@@ -81,9 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=list(MODELS),
         default=["air", "dair"],
-        help="dair-memory: DAIR whose steps also see the recurrent state (the variant before memoryless DAIR became "
-        "the default); dair-conv: DAIR whose image encoder is convolutional (AIRConfig.image_encoder), with 500 "
-        "warm-up steps in which q(z_pres) does not train",
+        help="dair-memory: DAIR whose steps also "
+        "see the recurrent state (the variant before memoryless DAIR became the default)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock per run")
@@ -134,7 +120,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
         data_dir=args.data_dir,
         device=args.device,
         threads=args.threads,
-        **RECIPES[model],
+        dair_memory=model == "dair-memory",
     )
     interrupted = args.resume and (run / "checkpoint.pt").exists()  # killed before its score: continue it
     if not interrupted and (run / "metrics.jsonl").exists():
@@ -161,7 +147,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
 def bar_figure(results: dict[str, list[dict]], path: Path) -> Path:
     """Test-count accuracy per task and model (bars: this run, mean over seeds) beside the paper's (markers)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    colours = {"air": "tab:blue", "dair": "tab:orange", "dair-memory": "tab:green", "dair-conv": "tab:red"}
+    colours = {"air": "tab:blue", "dair": "tab:orange", "dair-memory": "tab:green"}
     for i, (task, rows) in enumerate(results.items()):
         models = [m for m in MODELS if any(r["model"] == m for r in rows)]
         width = 0.8 / len(models)

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from inverse_graphics.estimators import score_function_surrogate
 from inverse_graphics.modules import (
     Baseline,
-    ConvImageEncoder,
     GatedRecurrence,
     GlyphDecoder,
     ImageEncoder,
@@ -74,9 +73,6 @@ class AIRConfig:
     # (False) a step's q(z_pres, z_where) is a function of what is left to explain alone, so the network cannot
     # learn to count steps; it has to look. Checkpoints written before this field existed had memory (True).
     difference_memory: bool = False
-    # The image encoder of the inference network: "mlp" (one dense layer on the flattened canvas, as Pyro's AIR) or
-    # "conv" (modules.ConvImageEncoder; DAIR's residuals are read far better by it, dair_generalisation.md).
-    image_encoder: str = "mlp"
     model_name: str = field(default="air")
 
     def to_dict(self) -> dict:
@@ -193,12 +189,7 @@ class AIR(nn.Module):
         cfg = self.config = config or AIRConfig()
         n_pixels = cfg.canvas_size**2
         step_dim = 3 + cfg.z_what_dim + 1  # previous z_where, z_what, z_pres
-        if cfg.image_encoder not in ("mlp", "conv"):
-            raise ValueError(f'image_encoder must be "mlp" or "conv", got {cfg.image_encoder!r}')
-        if cfg.image_encoder == "conv":
-            self.encoder: nn.Module = ConvImageEncoder(cfg.canvas_size, cfg.embed_dim)
-        else:
-            self.encoder = ImageEncoder(n_pixels, cfg.embed_dim)
+        self.encoder = ImageEncoder(n_pixels, cfg.embed_dim)
         self.rnn = GatedRecurrence(cfg.embed_dim, step_dim, cfg.rnn_hidden)
         self.where_head = WhereHead(cfg.rnn_hidden)
         self.what_encoder = WhatEncoder(cfg.window_size**2, cfg.encoder_hidden, cfg.z_what_dim)
@@ -333,13 +324,9 @@ class AIR(nn.Module):
             outs.append(net.out(state[0]).squeeze(1))
         return torch.stack(outs, dim=1)
 
-    def loss(
-        self, images: torch.Tensor, z_pres_prior: float | None = None, train_pres: bool = True
-    ) -> tuple[torch.Tensor, dict]:
+    def loss(self, images: torch.Tensor, z_pres_prior: float | None = None) -> tuple[torch.Tensor, dict]:
         """The training loss for a batch images (B, H, W): -surrogate ELBO + baseline regression loss.
 
-        train_pres=False leaves q(z_pres) out of the gradient (no REINFORCE term, its KL detached) while everything
-        else trains: a warm-up in which the decoder learns to draw before the count can settle on drawing nothing.
         Returns the scalar loss and detached per-batch statistics (elbo per image, mean count, ...).
         """
         rho = self.config.z_pres_prior if z_pres_prior is None else z_pres_prior
@@ -352,8 +339,7 @@ class AIR(nn.Module):
         kl_where = normal_kl(g.where_loc, g.where_scale, self.where_prior_loc, self.where_prior_scale).sum(-1)
         kl_what = normal_kl(g.what_loc, g.what_scale, 0.0, 1.0).sum(-1)
         kl_obj = g.z_pres * (kl_where + kl_what)  # (B, T): continuous latents of present objects only
-        pres_prob = g.pres_prob if train_pres else g.pres_prob.detach()
-        kl_pres = prev * bernoulli_kl(pres_prob, rho)  # (B, T): z_pres of active steps only (analytic)
+        kl_pres = prev * bernoulli_kl(g.pres_prob, rho)  # (B, T): z_pres of active steps only (analytic)
         elbo = log_lik - kl_obj.sum(1) - kl_pres.sum(1)  # (B,)
 
         # REINFORCE for z_pres_t: the signal is every term downstream of it (the likelihood, the object KLs of
@@ -364,7 +350,7 @@ class AIR(nn.Module):
         centred = signal - self.signal_mean  # input-independent part of the baseline
         # No division by the signal's spread (NVIL does it when every gradient is a score-function one): here it
         # would shrink REINFORCE against the analytic terms and tilt the balance towards z_pres = 0.
-        log_q = g.z_pres * torch.log(pres_prob) + (1 - g.z_pres) * torch.log1p(-pres_prob)
+        log_q = g.z_pres * torch.log(g.pres_prob) + (1 - g.z_pres) * torch.log1p(-g.pres_prob)
         surrogate = elbo + score_function_surrogate(log_q, centred, baseline, active=prev)
         baseline_loss = (prev * (baseline - centred) ** 2).sum(1).mean()
         if self.training:
@@ -420,10 +406,7 @@ class AIR(nn.Module):
         `guide`. Returns z_pres (B, T), z_where (B, T, 3), z_what (B, T, D), pres_prob (B, T)."""
         cfg, B = self.config, images.shape[0]
         H, D, w = cfg.rnn_hidden, cfg.z_what_dim, cfg.window_size
-        if isinstance(self.encoder, ImageEncoder):
-            embedding = F.relu(F.linear(images.reshape(B, -1), self.encoder.fc.weight, self.encoder.fc.bias))
-        else:
-            embedding = self.encoder(images)
+        embedding = F.relu(F.linear(images.reshape(B, -1), self.encoder.fc.weight, self.encoder.fc.bias))
         image_gates = F.linear(embedding, self.rnn.image_proj.weight, self.rnn.image_proj.bias)  # (B, 4H)
         step_weight_t = self.rnn.step_proj.weight.t()
         head = self.where_head.fc

@@ -42,7 +42,6 @@ _ONLY_2D = {
     "lr_half_life": "lr_half_life",
     "lr_floor": "lr_floor",
     "max_steps": "max_steps",
-    "pres_warmup": "pres_warmup_steps",
     "z_pres_prior": "z_pres_prior",
     "z_pres_prior_start": "z_pres_prior_start",
     "anneal_steps": "anneal_steps",
@@ -100,7 +99,6 @@ def _add_train(sub) -> None:
     g.add_argument("--lr-half-life", type=int, help="steps per halving of the main rate")
     g.add_argument("--lr-floor", type=float)
     g.add_argument("--max-steps", type=int, help="T, the most objects per scene")
-    g.add_argument("--pres-warmup", type=int, help="first steps in which q(z_pres) does not train")
     g.add_argument("--z-pres-prior", type=float)
     g.add_argument("--z-pres-prior-start", type=float, help="anneal from this value")
     g.add_argument("--anneal-steps", type=int)
@@ -108,7 +106,6 @@ def _add_train(sub) -> None:
     g.add_argument(
         "--dair-memory", action="store_true", help="dair: steps also see the recurrent state (the older variant)"
     )
-    g.add_argument("--image-encoder", choices=["mlp", "conv"], help="air, dair: the inference network's image encoder")
     g = p.add_argument_group("tabletop models (air-tabletop, supervised-tabletop)")
     g.add_argument("--recipe", choices=["wake", "sleep", "sleep-then-wake", "wake-sleep"], help="air-tabletop")
     g.add_argument("--gradient", choices=["fd", "soft"], help="air-tabletop: finite differences or soft raster")
@@ -140,7 +137,6 @@ def _check_applies(args, names: dict[str, str]) -> None:
     foreign = [o for o in every if o not in names and getattr(args, o) is not None]
     foreign += ["naive_yaw"] if args.naive_yaw and args.model != "supervised-tabletop" else []
     foreign += ["dair_memory"] if args.dair_memory and args.model != "dair" else []
-    foreign += ["image_encoder"] if args.image_encoder and args.model not in MODELS_2D else []
     if foreign:
         listed = ", ".join("--" + o.replace("_", "-") for o in foreign)
         raise ValueError(f"{listed} do(es) not apply to `train {args.model}`; see `inverse-graphics train --help`")
@@ -155,9 +151,7 @@ def _run_train(args) -> int:
     if args.model in MODELS_2D:
         from inverse_graphics.train import TrainConfig, train
 
-        overrides = {"image_encoder": args.image_encoder} if args.image_encoder else {}
-        cfg = TrainConfig(model=args.model, dair_memory=args.dair_memory, model_overrides=overrides, **kw)
-        rec = train(cfg, resume, progress)
+        rec = train(TrainConfig(model=args.model, dair_memory=args.dair_memory, **kw), resume, progress)
     elif args.model == "air-tabletop":
         from inverse_graphics.train_air3d import AIR3DTrainConfig, train_air3d
 

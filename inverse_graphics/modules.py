@@ -23,41 +23,6 @@ class ImageEncoder(nn.Module):
         return F.relu(self.fc(images.flatten(1)))
 
 
-class ConvImageEncoder(nn.Module):
-    """Canvas -> embedding through three strided convolutions (5x5 then 3x3, stride 2 each) and one dense layer.
-
-    Translation-equivariant features: a digit's evidence looks the same wherever it sits, so where to look next and
-    whether anything is left to explain are learnt once for the whole canvas, not pixel position by pixel position
-    (as the dense `ImageEncoder` must). The option `AIRConfig.image_encoder = "conv"`.
-    """
-
-    def __init__(self, canvas_size: int, embed_dim: int, channels: tuple[int, int, int] = (16, 32, 32)):
-        super().__init__()
-        c1, c2, c3 = channels
-        self.convs = nn.Sequential(
-            nn.Conv2d(1, c1, 5, stride=2, padding=2),
-            nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(c2, c3, 3, stride=2, padding=1),
-            nn.ReLU(),
-        )
-        side = canvas_size
-        for _ in range(3):
-            side = (side - 1) // 2 + 1  # each stride-2 convolution with "same" padding
-        self.fc = nn.Linear(c3 * side * side, embed_dim)
-        # He initialisation: PyTorch's default shrinks the signal at every layer, and an embedding that barely
-        # varies between images leaves q(z_pres) blind at the start; one such run settled on drawing nothing.
-        for layer in [*self.convs, self.fc]:
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-                nn.init.zeros_(layer.bias)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, H, W) -> (B, embed_dim)."""
-        return F.relu(self.fc(self.convs(images[:, None]).flatten(1)))
-
-
 class GatedRecurrence(nn.Module):
     """An LSTM cell whose input is split into a per-image part (same at every step) and a per-step part.
 

@@ -54,9 +54,6 @@ class TrainConfig:
     z_pres_prior_start: float | None = None  # if set, anneal geometrically from this to z_pres_prior
     anneal_steps: int = 100_000  # steps of that annealing
     max_steps: int = 3  # T, the most objects per scene
-    # First steps in which q(z_pres) does not train (AIR.loss's train_pres): the decoder learns to draw before the
-    # count can collapse to 0 (a convolutional DAIR on 0-2 digit scenes drew nothing after 200 steps without it).
-    pres_warmup_steps: int = 0
     # DAIR: False (default) makes each step see only the image minus the reconstruction so far, no recurrent state;
     # it generalises to unseen counts far better (benchmarks/results/dair_generalisation.md). True: the older variant.
     dair_memory: bool = False
@@ -276,7 +273,7 @@ def train(
             idx = batch_indices(cfg.seed, step, cfg.batch_size, len(train_data)).numpy()
             x = torch.from_numpy(train_data.images[idx].astype(np.float32) / 255.0).to(cfg.device)
             opt.param_groups[0]["lr"] = lr_at(cfg, step)
-            loss, stats = model.loss(x, z_pres_prior_at(cfg, step), train_pres=step >= cfg.pres_warmup_steps)
+            loss, stats = model.loss(x, z_pres_prior_at(cfg, step))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

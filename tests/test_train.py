@@ -110,28 +110,6 @@ def test_cli_train_dair_variant(tmp_path, data_dir, memory):
     assert torch.equal(again.decoder.fc2.weight, model.decoder.fc2.weight)
 
 
-def test_cli_image_encoder_is_carried_into_the_checkpoint(tmp_path, data_dir, capsys):
-    args = ["train", "dair", "--out", str(tmp_path), "--steps", "1", "--batch-size", "4", "--n-train", "32"]
-    args += ["--eval-n", "8", "--no-progress", "--threads", "1", "--image-encoder", "conv"]
-    assert cli_main(args) == 0
-    model = ig.load(tmp_path / "checkpoint.pt")
-    assert model.config.image_encoder == "conv" and hasattr(model.encoder, "convs")
-    assert cli_main(["train", "air-tabletop", "--out", str(tmp_path / "t"), "--image-encoder", "conv"]) == 2
-    assert "--image-encoder do(es) not apply to `train air-tabletop`" in capsys.readouterr().err
-
-
-def test_pres_warmup_steps_do_not_move_the_z_pres_head(tmp_path, data_dir):
-    train(tiny(tmp_path / "a", model="dair", steps=2, pres_warmup_steps=2), progress=False)
-    train(tiny(tmp_path / "b", model="dair", steps=2), progress=False)
-    torch.manual_seed(0)
-    fresh = ig.AIR(TrainConfig(model="dair").model_config())
-    warm, plain = (ig.load(tmp_path / r / "checkpoint.pt") for r in "ab")
-    row = lambda m: m.where_head.fc.weight[0]  # noqa: E731
-    assert torch.equal(row(warm), row(fresh)) and not torch.equal(row(plain), row(fresh))
-    assert not torch.equal(warm.decoder.fc2.weight, fresh.decoder.fc2.weight)  # the rest trains
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["pres_warmup_steps"] == 2
-
-
 def test_cli_refuses_dair_memory_for_air(tmp_path, capsys):
     assert cli_main(["train", "air", "--out", str(tmp_path), "--dair-memory"]) == 2
     assert "--dair-memory do(es) not apply to `train air`" in capsys.readouterr().err
