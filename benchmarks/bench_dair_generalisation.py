@@ -90,6 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--resume", action="store_true", help="reuse runs that finished; continue interrupted ones up to --minutes"
     )
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="with --resume: leave (model, seed) pairs that have no run out of the table instead of training them",
+    )
     return p.parse_args(argv)
 
 
@@ -144,15 +149,26 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
     return json.loads(done.read_text())  # the same record (string keys) whether fresh or resumed
 
 
+def failures_figure(net, test: multi_mnist.MultiMnist, path: Path, n: int = 8, pool: int = 1000) -> Path | None:
+    """The first n test scenes (of the first `pool`) whose count the model gets wrong, with its attention windows
+    and reconstructions: what the errors look like (None if it gets all of them right)."""
+    x = torch.from_numpy(test.float_images(0, pool))
+    wrong = (net.infer(x).counts.cpu().numpy() != test.counts[:pool]).nonzero()[0][:n]
+    if len(wrong) == 0:
+        return None
+    shown = x[wrong]
+    return attention_figure(shown, net.infer(shown, reconstruct=True), path, truth=test.counts[wrong])
+
+
 def bar_figure(results: dict[str, list[dict]], path: Path) -> Path:
-    """Test-count accuracy per task and model (bars: this run, mean over seeds) beside the paper's (markers)."""
+    """Test-count accuracy per task and model (bars: median over seeds) beside the paper's (markers)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     colours = {"air": "tab:blue", "dair": "tab:orange", "dair-memory": "tab:green"}
     for i, (task, rows) in enumerate(results.items()):
         models = [m for m in MODELS if any(r["model"] == m for r in rows)]
         width = 0.8 / len(models)
         for j, model in enumerate(models):
-            acc = np.mean([r["test_count_acc"] for r in rows if r["model"] == model])
+            acc = np.median([r["test_count_acc"] for r in rows if r["model"] == model])
             x = i + (j - (len(models) - 1) / 2) * width
             ax.bar(x, acc, width, color=colours[model], label=MODELS[model] if i == 0 else None)
             paper = TASKS[task].paper[kind(model)]
@@ -168,11 +184,22 @@ def bar_figure(results: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
+def medians(recs: list[dict]) -> list[dict]:
+    """One summary record per model that has several seeds: the median of each accuracy (seed "median of n")."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in recs):
+        mine = [r for r in recs if r["model"] == model]
+        if len(mine) > 1:
+            med = {k: float(np.median([r[k] for r in mine])) for k in ("test_count_acc", "train_counts_acc")}
+            out.append({"model": model, "seed": f"median of {len(mine)}", **med, "steps": "-"})
+    return out
+
+
 def table(results: dict[str, list[dict]], args) -> str:
     rows = []
     for task, recs in results.items():
         t = TASKS[task]
-        for r in recs:
+        for r in recs + medians(recs):
             target = f">= {t.target:.0%}" if kind(r["model"]) == "dair" else "-"
             rows.append(
                 [
@@ -186,7 +213,7 @@ def table(results: dict[str, list[dict]], args) -> str:
                     target,
                     f"{r['train_counts_acc']:.1%}",
                     r["steps"],
-                    f"{r['train_time_s'] / 60:.1f}",
+                    f"{r['train_time_s'] / 60:.1f}" if "train_time_s" in r else "-",
                 ]
             )
     header = ["task", "train counts", "test count", "model", "seed", f"count acc ({args.test_n} test scenes)"]
@@ -220,12 +247,17 @@ def main(argv: list[str] | None = None) -> dict:
         for model in args.models:
             for seed in args.seeds:
                 run = Path(args.runs) / name / f"{model}_seed{seed}"
+                if args.resume and args.skip_missing and not (run / "checkpoint.pt").exists():
+                    continue
                 results[name].append(run_one(task, model, seed, run, tests, args))
                 curves[f"{name} {model} seed {seed}"] = read_metrics(run / "metrics.jsonl")
-                x = torch.from_numpy(tests["test"].float_images(0, 8))
                 net = load(run / "checkpoint.pt")
-                shown = out / f"{args.name}_{name}_{model}_seed{seed}_attention.png"
-                attention_figure(x, net.infer(x, reconstruct=True), shown, truth=tests["test"].counts[:8])
+                stem = out / f"{args.name}_{name}_{model}_seed{seed}"
+                x = torch.from_numpy(tests["test"].float_images(0, 8))
+                attention_figure(
+                    x, net.infer(x, reconstruct=True), f"{stem}_attention.png", truth=tests["test"].counts[:8]
+                )
+                failures_figure(net, tests["test"], Path(f"{stem}_failures.png"))
                 print(name, model, seed, f"{results[name][-1]['test_count_acc']:.1%}", flush=True)
     bar_figure(results, out / f"{args.name}.png")
     curve_figure(curves, out / f"{args.name}_curve.png", thresholds=(0.85, 0.97))

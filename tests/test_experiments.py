@@ -47,6 +47,21 @@ def test_dair_generalisation_smoke(tmp_path, data_dir):
     longer = bench_dair_generalisation.main(more + ["--resume", "--models", "dair"])["interpolation"][0]
     assert longer["steps"] == 3
     assert not load(tmp_path / "runs" / "interpolation" / "dair_seed0" / "checkpoint.pt").config.difference_memory
+    # --skip-missing: a seed without a run is left out, not trained; failures are shown where there are any
+    only = bench_dair_generalisation.main(args + ["--resume", "--skip-missing", "--seeds", "0", "1"])
+    assert [(r["model"], r["seed"]) for r in only["interpolation"]] == [("air", 0), ("dair", 0)]
+    assert not (tmp_path / "runs" / "interpolation" / "dair_seed1").exists()
+    figures = sorted(p.name for p in (tmp_path / "out").glob("gen_interpolation_*_failures.png"))
+    assert figures == ["gen_interpolation_air_seed0_failures.png", "gen_interpolation_dair_seed0_failures.png"]
+
+
+def test_dair_generalisation_medians_over_seeds():
+    recs = [
+        {"model": "dair", "test_count_acc": a, "train_counts_acc": 0.9, "train_time_s": 60.0} for a in (0.7, 0.8, 0.9)
+    ]
+    recs.append({"model": "air", "test_count_acc": 0.1, "train_counts_acc": 0.9, "train_time_s": 60.0})
+    (med,) = bench_dair_generalisation.medians(recs)
+    assert med["model"] == "dair" and med["seed"] == "median of 3" and med["test_count_acc"] == 0.8
 
 
 def test_representation_smoke(tmp_path, data_dir):
