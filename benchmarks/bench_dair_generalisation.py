@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=4, help="T, inference steps")
     p.add_argument("--n-train", type=int, default=60_000)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--lr-floor", type=float, default=TrainConfig.lr_floor, help="the main learning rate's floor (train.lr_at)"
+    )
     p.add_argument("--eval-n", type=int, default=1000, help="test-count scenes for the learning curve")
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between evaluations")
     p.add_argument("--test-n", type=int, default=10_000, help="scenes for each final score")
@@ -115,6 +118,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
         minutes=args.minutes,
         steps=args.steps,
         batch_size=args.batch_size,
+        lr_floor=args.lr_floor,
         n_train=args.n_train,
         train_counts=task.train_counts,
         eval_counts=task.test_counts,
@@ -225,8 +229,9 @@ def table(results: dict[str, list[dict]], args) -> str:
         budget += " (runs reused by --resume keep the budget they were trained with: the train min column)"
     return (
         markdown_table(header, rows) + f"\n\nBudget: each run trained for at most {budget}, batch "
-        f"{args.batch_size}, T = {args.max_steps} steps, {args.n_train} training scenes, overlap rule "
-        f"'{args.overlap}', on {args.device}. Paper numbers are approximate, read off Eslami et al. 2016.\n\n"
+        f"{args.batch_size}, learning-rate floor {args.lr_floor:g}, T = {args.max_steps} steps, {args.n_train} "
+        f"training scenes, overlap rule '{args.overlap}', on {args.device}. Paper numbers are approximate, read off "
+        "Eslami et al. 2016.\n\n"
         f"![accuracy]({args.name}.png)\n\n![curves]({args.name}_curve.png)"
     )
 
