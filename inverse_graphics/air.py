@@ -12,9 +12,11 @@ once (the paper and Pyro feed raw pixels to the LSTM at every step); the model i
 
 DAIR (`difference_input`): from step 2 on, the recurrence reads x minus the reconstruction of the steps so far instead
 of x. By default (`difference_memory=False`) a DAIR step sees nothing else: no recurrent state, no previous latents,
-so whether to add an object and where is a function of what is left to explain, and the network cannot learn to
-count steps (the paper's argument for DAIR's generalisation to unseen counts; with memory it generalised less well
-here, benchmarks/results/dair_generalisation.md).
+so whether to add an object and where is a function of what is left to explain, and the network cannot count steps
+in a memory (the paper's argument for DAIR's generalisation to unseen counts; with memory it generalised less well
+here, benchmarks/results/dair_generalisation.md). It can still read, from the halos and overshoot that blurry glyphs
+leave in the residual, roughly how many were drawn: its errors on unseen counts lean towards its training counts
+(benchmarks/README.md).
 
 Objective: the ELBO, reparameterised for z_where and z_what (KLs in closed form), REINFORCE for z_pres with
 per-step learned baselines (NVIL, Mnih & Gregor 2014): the learning signal of z_pres_t is everything downstream of
@@ -71,7 +73,7 @@ class AIRConfig:
     difference_input: bool = False  # DAIR: the recurrence sees x minus the reconstruction so far
     # DAIR only: whether each step also sees the recurrent state and the previous step's latents. Without them
     # (False) a step's q(z_pres, z_where) is a function of what is left to explain alone, so the network cannot
-    # learn to count steps; it has to look. Checkpoints written before this field existed had memory (True).
+    # count steps in a memory; it has to look. Checkpoints written before this field existed had memory (True).
     difference_memory: bool = False
     model_name: str = field(default="air")
 
