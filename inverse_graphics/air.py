@@ -14,9 +14,8 @@ DAIR (`difference_input`): from step 2 on, the recurrence reads x minus the reco
 of x. By default (`difference_memory=False`) a DAIR step sees nothing else: no recurrent state, no previous latents,
 so whether to add an object and where is a function of what is left to explain, and the network cannot count steps
 in a memory (the paper's argument for DAIR's generalisation to unseen counts; with memory it generalised less well
-here, benchmarks/results/dair_generalisation.md). It can still read, from the halos and overshoot that blurry glyphs
-leave in the residual, roughly how many were drawn: its errors on unseen counts lean towards its training counts
-(benchmarks/README.md).
+here, benchmarks/results/dair_generalisation.md). The residual itself may still hint at how many glyphs were drawn
+(the halos and overshoot of blurry glyphs); the variants that remove them did worse (benchmarks/README.md).
 
 Objective: the ELBO, reparameterised for z_where and z_what (KLs in closed form), REINFORCE for z_pres with
 per-step learned baselines (NVIL, Mnih & Gregor 2014): the learning signal of z_pres_t is everything downstream of
