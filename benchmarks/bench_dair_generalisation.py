@@ -226,7 +226,7 @@ def table(results: dict[str, list[dict]], args) -> str:
     if args.steps is not None:
         budget = f"{args.steps} steps (or {args.minutes:g} minutes, whichever ended first)"
     if args.resume:
-        budget += " (runs reused by --resume keep the budget they were trained with: the train min column)"
+        budget += " (runs reused by --resume keep the budget and settings they were trained with: train min column)"
     return (
         markdown_table(header, rows) + f"\n\nBudget: each run trained for at most {budget}, batch "
         f"{args.batch_size}, learning-rate floor {args.lr_floor:g}, T = {args.max_steps} steps, {args.n_train} "
