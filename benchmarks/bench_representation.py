@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-labels", type=int, nargs="+", default=[10, 30, 100, 300, 1000, 3000, 10_000, 30_000])
     p.add_argument("--test-n", type=int, default=5000)
     p.add_argument("--counts", type=int, nargs="+", default=[2], help="digits per scene")
-    p.add_argument("--overlap", choices=["reject", "clip"], default="reject")
+    p.add_argument("--overlap", choices=["reject", "clip", "separate"], default="reject")
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps per classifier")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -94,7 +94,11 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("multi-MNIST models (air, dair)")
     g.add_argument("--train-counts", type=_counts, help="e.g. 0,1,2")
     g.add_argument("--eval-counts", type=_counts)
-    g.add_argument("--overlap", choices=["clip", "reject"], help="clip (sum and clip) or reject (Pyro's: redraw)")
+    g.add_argument(
+        "--overlap",
+        choices=["clip", "reject", "separate"],
+        help="clip (sum and clip), reject (Pyro's: redraw crossing strokes) or separate (redraw touching ink boxes)",
+    )
     g.add_argument("--lr-decay-start", type=int, help="step where the main rate decays")
     g.add_argument("--lr-half-life", type=int, help="steps per halving of the main rate")
     g.add_argument("--lr-floor", type=float)
@@ -214,7 +218,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--counts", type=_counts, default=(0, 1, 2))
     p.add_argument("--seed", type=int, default=2016)
-    p.add_argument("--overlap", choices=["clip", "reject"], default="clip")
+    p.add_argument("--overlap", choices=["clip", "reject", "separate"], default="clip")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_run_eval)

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from scenes import mnist, multi_mnist
 
@@ -105,3 +106,28 @@ def test_reject_mode_removes_crossing_strokes():
     assert close["clip"] > 0.01 and close["reject"] < close["clip"] / 5, close
     with pytest.raises(ValueError, match="overlap"):
         multi_mnist.generate(digits, 1, np.random.default_rng(0), overlap="maybe")
+
+
+def test_separate_mode_keeps_ink_boxes_apart():
+    # Glyphs whose ink is a faint block in the middle of the 28x28 square: "reject" lets such blocks overlap (their
+    # sum stays under 255), "separate" must not. Each digit's ink box is recomputed from its square box alone.
+    glyph = np.zeros((28, 28), np.uint8)
+    glyph[9:19, 11:17] = 100
+    digits = mnist.Digits(images=np.repeat(glyph[None], 4, 0), labels=np.arange(4))
+
+    def ink_box(square):
+        x0, y0, x1, y1 = (int(v) for v in square)
+        ys, xs = np.nonzero(np.asarray(Image.fromarray(glyph).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)))
+        return x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1
+
+    def any_intersect(scene_boxes):
+        ink = [ink_box(b) for b in scene_boxes]
+        return any(
+            a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3] for i, a in enumerate(ink) for b in ink[:i]
+        )
+
+    touching = {}
+    for mode in ("reject", "separate"):
+        data = multi_mnist.generate(digits, 200, np.random.default_rng(2), counts=(3,), overlap=mode)
+        touching[mode] = np.mean([any_intersect(boxes) for boxes in data.boxes])
+    assert touching["reject"] > 0.3 and touching["separate"] == 0, touching
