@@ -1,6 +1,7 @@
 """The paper's 2D experiments: a smoke run of each benchmark script on a tiny budget (results in a tmp dir), the
 representation tasks' labels, and DAIR's input (the image minus the reconstruction so far)."""
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -149,6 +150,54 @@ def test_object_net_sum_matches_enumeration():
     assert g_fast[3].abs().max() == 0  # an empty scene's answer does not depend on its (absent) steps
 
 
+def test_digit_reference_matches_steps_to_digits_by_position():
+    # Two true digits, a 7 on the left and a 2 on the right (50 px canvas). AIR's steps are ordered by x: the first
+    # step sits on the 7, the second on the 2, a third (extra) step finds nothing true left to match.
+    scene = MultiMnist(
+        images=np.zeros((1, 50, 50), np.uint8),
+        counts=np.array([2]),
+        labels=np.array([[2, 7]]),  # in order of placement: the 2 (right) was placed first
+        boxes=np.array([[[30, 5, 50, 25], [0, 20, 20, 40]]], np.float32),  # centres (40, 15), (10, 30)
+    )
+    raw = torch.zeros(1, 3, 6)
+    raw[0, :, 0] = 1.0  # three present steps: [z_pres, s, x, y, ...]
+    raw[0, 0, 2:4] = torch.tensor([10 / 25 - 1, 30 / 25 - 1])  # on the 7
+    raw[0, 1, 2:4] = torch.tensor([40 / 25 - 1 + 0.05, 15 / 25 - 1])  # near the 2
+    raw[0, 2, 2:4] = torch.tensor([0.9, 0.9])  # the extra step
+    assert bench_representation.matched_digits(raw, scene).tolist() == [[7, 2, -1]]
+
+
+def brute_force_ascending_probs(p: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """P(present digits non-decreasing) by enumerating every assignment of digits to the present steps."""
+    out = []
+    for b in range(p.shape[0]):
+        steps = [t for t in range(p.shape[1]) if present[b, t, 0]]
+        total = p.new_zeros(())
+        for digits in itertools.product(range(p.shape[2]), repeat=len(steps)):
+            if all(d1 <= d2 for d1, d2 in zip(digits, digits[1:])):
+                total = total + torch.stack([p.new_ones(())] + [p[b, t, d] for t, d in zip(steps, digits)]).prod()
+        out.append(total)
+    return torch.stack(out)
+
+
+def test_ascending_probability_matches_enumeration_with_gradients():
+    B, T, D = 6, 3, 4
+    logits = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    present = torch.ones(B, T, 1, dtype=torch.bool)
+    present[1, 2] = False  # two digits
+    present[2, 1:] = False  # one digit: vacuously ascending
+    present[3] = False  # empty
+    p = logits.softmax(-1)
+    logp = bench_representation.ascending_log_probs(p, present)
+    fast, slow = logp[:, 1].exp(), brute_force_ascending_probs(p, present)
+    assert_close(fast, slow, atol=1e-9)
+    assert_close(logp.exp().sum(1), torch.ones(B, dtype=torch.float64), atol=1e-9)
+    assert_close(fast[2:4], torch.ones(2, dtype=torch.float64))
+    (g_fast,) = torch.autograd.grad(fast.sum(), logits, retain_graph=True)
+    (g_slow,) = torch.autograd.grad(slow.sum(), logits)
+    assert_close(g_fast, g_slow, atol=1e-9)
+
+
 @pytest.mark.parametrize("task, classes", [("sum", 19), ("ascending", 2)])
 def test_object_net_gives_normalised_log_probs(task, classes):
     net = bench_representation.ObjectNet(features=8, task=task, classes=classes)
@@ -160,11 +209,17 @@ def test_object_net_gives_normalised_log_probs(task, classes):
     assert logp.shape == (6, classes) and torch.allclose(logp.exp().sum(1), torch.ones(6), atol=1e-5)
     if task == "ascending":
         assert logp[4:, 1].exp().allclose(torch.ones(2)) and logp[:4, 1].exp().lt(1).all()
-        v = net.net(z)[..., 0]  # the comparison model, by hand: sigmoid(a (v_right - v_left) + b)
-        a, b = net.scale_bias
-        assert_close(logp[:4, 1].exp(), torch.sigmoid(a * (v[:4, 1] - v[:4, 0]) + b), atol=1e-6)
-    torch.nn.functional.cross_entropy(logp[:4], torch.arange(4) % classes).backward()
-    assert all(p.grad is not None for name, p in net.named_parameters() if task == "ascending" or "scale" not in name)
+    y = torch.arange(6) % classes
+    assert_close(net.loss(z, y), torch.nn.functional.nll_loss(logp, y) + net.spread * spread_term(net, z))
+    net.loss(z, y).backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def spread_term(net, z) -> torch.Tensor:
+    """The negative entropy of the mean digit distribution over present objects, by hand."""
+    p = [net.net(z[b, t]).softmax(-1) for b in range(z.shape[0]) for t in range(z.shape[1]) if z[b, t, 0] > 0.5]
+    mean = torch.stack(p).mean(0)
+    return (mean * mean.log()).sum()
 
 
 # ----------------------------------------------------------------------------------------------- DAIR's input
