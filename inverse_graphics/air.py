@@ -125,6 +125,18 @@ class Guide:
 
 
 @dataclass(frozen=True)
+class Dream:
+    """Scenes sampled from the generative model (`AIR.dream`). z_pres (B, T) of 0/1, present steps first;
+    where_latent (B, T, 3) as (log s, x, y); z_where (B, T, 3) as (s, x, y); z_what (B, T, D); images (B, H, W)."""
+
+    z_pres: torch.Tensor
+    where_latent: torch.Tensor
+    z_where: torch.Tensor
+    z_what: torch.Tensor
+    images: torch.Tensor
+
+
+@dataclass(frozen=True)
 class InferenceResult:
     """What `AIR.infer` returns (DESIGN.md's public interface).
 
@@ -364,6 +376,73 @@ class AIR(nn.Module):
             "baseline_loss": baseline_loss.item(),
         }
         return loss, stats
+
+    # ------------------------------------------------------------------------------------------- sleep phase
+    @torch.no_grad()
+    def dream(self, n: int, counts: tuple[int, ...]) -> Dream:
+        """n scenes from the generative model with a count drawn uniformly from `counts` (not the geometric prior,
+        whose small rho makes crowded dreams rare): the targets of the sleep phase."""
+        cfg, like = self.config, {"device": self.where_prior_loc.device, "dtype": self.where_prior_loc.dtype}
+        choices = torch.tensor(counts, device=like["device"])
+        k = choices[torch.randint(len(choices), (n,), device=like["device"])]
+        z_pres = (torch.arange(cfg.max_steps, device=like["device"]) < k[:, None]).to(like["dtype"])  # (n, T)
+        where_latent = self.where_prior_loc + self.where_prior_scale * torch.randn(n, cfg.max_steps, 3, **like)
+        z_where = torch.cat([where_latent[..., :1].exp(), where_latent[..., 1:]], dim=-1)
+        z_what = torch.randn(n, cfg.max_steps, cfg.z_what_dim, **like)
+        images = self.render(z_pres, z_where, z_what).clamp(0, 1)
+        return Dream(z_pres, where_latent, z_where, z_what, images)
+
+    def teacher_forced_log_q(self, d: Dream) -> torch.Tensor:
+        """log q(the dream's latents | its image), FloatTensor (B,): the sleep phase's objective (wake-sleep, Hinton
+        et al. 1995; not in Eslami et al.; the 3D model's `air3d_objective.sleep_loss` does the same).
+
+        The guide is sequential and the prior exchangeable, so the true objects need an order: each step's target
+        is the remaining object whose z_where is most probable under that step's q (greedy matching). Later steps
+        see the guide's own estimate of the earlier objects (its means, as `infer` takes them), not the true ones:
+        in DAIR's residual and in the step inputs, so that training sees the imperfect residuals of test time."""
+        cfg, images = self.config, d.images
+        B, T = d.z_pres.shape
+        zeros = images.new_zeros(B, cfg.rnn_hidden)
+        state = (zeros, zeros)
+        prev = torch.cat([images.new_zeros(B, 3 + cfg.z_what_dim), images.new_ones(B, 1)], dim=1)
+        image_gates = self.rnn.image_gates(self.encoder(images))
+        recon = torch.zeros_like(images)
+        count = d.z_pres.sum(1)
+        remaining = d.z_pres > 0.5
+        window_size = (cfg.window_size,) * 2
+        total = images.new_zeros(B)
+        for t in range(T):
+            if cfg.difference_input and t:
+                image_gates = self.rnn.image_gates(self.encoder(images - recon))
+            if cfg.difference_input and not cfg.difference_memory:
+                state, prev = (zeros, zeros), torch.zeros_like(prev)
+            h, c = self.rnn(image_gates, prev, state)
+            pres_logit, where_loc, where_scale = self.where_head(h)
+            pres_prob = PROB_EPS + (1 - 2 * PROB_EPS) * torch.sigmoid(pres_logit)
+            target = (count > t).to(images.dtype)  # (B,): z_pres_t of the dream
+            where_q = torch.distributions.Normal(where_loc[:, None], where_scale[:, None])
+            candidates = where_q.log_prob(d.where_latent).sum(-1).masked_fill(~remaining, -math.inf)  # (B, T)
+            j = candidates.detach().argmax(1)  # the greedy order: an index choice, not a gradient path
+            rows = torch.arange(B, device=images.device)
+            log_where = candidates.gather(1, j[:, None]).squeeze(1)
+            what_loc, what_scale = self.what_encoder(canvas_to_window(images, d.z_where[rows, j], window_size))
+            log_what = torch.distributions.Normal(what_loc, what_scale).log_prob(d.z_what[rows, j]).sum(-1)
+            log_obj = torch.where(target > 0, log_where + log_what, torch.zeros_like(target))
+            log_pres = target * torch.log(pres_prob) + (1 - target) * torch.log1p(-pres_prob)
+            total = total + (count >= t).to(images.dtype) * (log_pres + log_obj)  # active steps only
+            remaining = remaining & ~(F.one_hot(j, T).bool() & (target > 0)[:, None])
+            with torch.no_grad():  # the guide's own estimate of this step: an input to later steps, not a path
+                est_where = torch.cat([where_loc[:, :1].exp(), where_loc[:, 1:]], dim=1)
+                est_what = self.what_encoder(canvas_to_window(images, est_where, window_size))[0]
+                if cfg.difference_input:
+                    recon = recon + self.render_step(target, est_where, est_what)
+                prev = torch.cat([est_where, est_what, target[:, None]], dim=1)
+            state = (h, c)
+        return total
+
+    def sleep_loss(self, n: int, counts: tuple[int, ...]) -> torch.Tensor:
+        """-mean log q(latents | image) on n fresh dreams (`dream`, `teacher_forced_log_q`); trains the guide only."""
+        return -self.teacher_forced_log_q(self.dream(n, counts)).mean()
 
     @torch.no_grad()
     def _update_signal_mean(self, centred: torch.Tensor, active: torch.Tensor) -> None:

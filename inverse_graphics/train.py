@@ -57,6 +57,12 @@ class TrainConfig:
     # DAIR: False (default) makes each step see only the image minus the reconstruction so far, no recurrent state;
     # it generalises to unseen counts far better (benchmarks/results/dair_generalisation.md). True: the older variant.
     dair_memory: bool = False
+    # Sleep phase (wake-sleep; not in the paper): from step sleep_start on, each step also maximises
+    # log q(latents | image) on batch_size scenes dreamt by the model itself, with counts uniform over sleep_counts
+    # (None: 0..max_steps), weighted by sleep_weight (0: off). Dreams may hold more objects than any training scene.
+    sleep_weight: float = 0.0
+    sleep_start: int = 2000  # the decoder first has to draw glyphs worth dreaming
+    sleep_counts: tuple[int, ...] | None = None
     data_dir: str | None = None  # MNIST location (else $INVERSE_GRAPHICS_DATA, else the cache)
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch's default)
@@ -78,8 +84,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
-        for k in ("train_counts", "eval_counts"):
-            if k in d:
+        for k in ("train_counts", "eval_counts", "sleep_counts"):
+            if k in d and d[k] is not None:
                 d[k] = tuple(d[k])
         d.setdefault("dair_memory", True)  # runs saved before the field existed had memory
         return cls(**d)
@@ -274,6 +280,9 @@ def train(
             x = torch.from_numpy(train_data.images[idx].astype(np.float32) / 255.0).to(cfg.device)
             opt.param_groups[0]["lr"] = lr_at(cfg, step)
             loss, stats = model.loss(x, z_pres_prior_at(cfg, step))
+            if cfg.sleep_weight and step >= cfg.sleep_start:
+                counts = cfg.sleep_counts or tuple(range(cfg.max_steps + 1))
+                loss = loss + cfg.sleep_weight * model.sleep_loss(cfg.batch_size, counts)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
