@@ -46,7 +46,8 @@ class Task:
     target: float  # the issue's target for DAIR
 
 
-MODELS = {"air": "AIR", "dair": "DAIR", "dair-memory": "DAIR (memory)"}  # --models choice -> table name
+# --models choice -> table name. dair-sleep: DAIR trained with the sleep phase too (train.TrainConfig.sleep_weight).
+MODELS = {"air": "AIR", "dair": "DAIR", "dair-memory": "DAIR (memory)", "dair-sleep": "DAIR + sleep"}
 
 
 def kind(model: str) -> str:
@@ -68,9 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=list(MODELS),
         default=["air", "dair"],
-        help="dair-memory: DAIR whose steps also "
-        "see the recurrent state (the variant before memoryless DAIR became the default)",
+        help="dair-memory: DAIR whose steps also see the recurrent state (the variant before memoryless DAIR became "
+        "the default); dair-sleep: DAIR whose guide also learns from scenes the model dreams, with 0..T objects",
     )
+    p.add_argument("--sleep-weight", type=float, default=1.0, help="dair-sleep's weight of the sleep loss")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock per run")
     p.add_argument("--steps", type=int, default=None, help="step budget instead (smoke runs)")
@@ -130,6 +132,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
         device=args.device,
         threads=args.threads,
         dair_memory=model == "dair-memory",
+        sleep_weight=args.sleep_weight if model == "dair-sleep" else 0.0,
     )
     interrupted = args.resume and (run / "checkpoint.pt").exists()  # killed before its score: continue it
     if not interrupted and (run / "metrics.jsonl").exists():
@@ -167,7 +170,7 @@ def failures_figure(net, test: multi_mnist.MultiMnist, path: Path, n: int = 8, p
 def bar_figure(results: dict[str, list[dict]], path: Path) -> Path:
     """Test-count accuracy per task and model (bars: median over seeds) beside the paper's (markers)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    colours = {"air": "tab:blue", "dair": "tab:orange", "dair-memory": "tab:green"}
+    colours = {"air": "tab:blue", "dair": "tab:orange", "dair-memory": "tab:green", "dair-sleep": "tab:red"}
     for i, (task, rows) in enumerate(results.items()):
         models = [m for m in MODELS if any(r["model"] == m for r in rows)]
         width = 0.8 / len(models)

@@ -42,6 +42,21 @@ def test_one_step_smoke_run(tmp_path, data_dir, model):
     assert isinstance(ig.load(tmp_path / "checkpoint.pt"), ig.AIR)
 
 
+def test_sleep_phase_changes_training_from_its_start_step(tmp_path, data_dir):
+    # Same seed and batches: without the sleep term, or before sleep_start, the weights match; with it they do not.
+    def weights(name, **kw):
+        train(tiny(tmp_path / name, model="dair", steps=2, max_steps=4, **kw), progress=False)
+        return load_checkpoint(tmp_path / name / "checkpoint.pt")["state_dict"]["encoder.fc.weight"]
+
+    plain = weights("plain")
+    assert torch.equal(weights("late", sleep_weight=1.0, sleep_start=2), plain)
+    assert not torch.equal(weights("sleep", sleep_weight=1.0, sleep_start=0, sleep_counts=(3, 4)), plain)
+    saved = json.loads((tmp_path / "sleep" / "config.json").read_text())
+    assert saved["sleep_weight"] == 1.0 and saved["sleep_counts"] == [3, 4]
+    resumed = TrainConfig.from_dict(load_checkpoint(tmp_path / "sleep" / "checkpoint.pt")["train_config"])
+    assert resumed.sleep_counts == (3, 4)
+
+
 def test_resume_continues_exactly(tmp_path, data_dir):
     straight = tmp_path / "straight"
     train(tiny(straight, steps=4), progress=False)
