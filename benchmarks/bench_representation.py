@@ -27,7 +27,6 @@ sets are nested prefixes of one pool. Sum is a (9 * max count + 1)-way classific
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import matplotlib
@@ -53,6 +52,7 @@ INPUTS = {  # --inputs choice -> the name in tables and figures
     "pixels": "CNN on pixels",
     "digits": "AIR latents, digit labels (reference)",
 }
+ORDER_EPS = 1e-6  # probabilities of the order are kept this far from 0 and 1
 PAPER_ACCURACY = 0.95  # both tasks, with AIR's latents (approximate, read off the paper's figure)
 
 
@@ -186,8 +186,10 @@ def ascending_log_probs(p: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     alpha = p[:, 0]  # (B, 10)
     for t in range(1, p.shape[1]):
         alpha = torch.where(present[:, t], p[:, t] * alpha.cumsum(-1), alpha)  # P(..., last <= k) * p_t(k)
-    yes = alpha.sum(-1).clamp(1e-12, 1.0)  # (B,)
-    return torch.stack([torch.log1p(-yes).clamp_min(math.log(1e-12)), yes.log()], dim=1)
+    # Kept inside [eps, 1 - eps] before the logs: at P = 1, log(1 - P) has an infinite derivative, and a clamp
+    # after it would turn that into NaN gradients (0 * inf) on every vacuously ordered scene.
+    yes = alpha.sum(-1).clamp(ORDER_EPS, 1 - ORDER_EPS)  # (B,)
+    return torch.stack([torch.log1p(-yes), yes.log()], dim=1)
 
 
 def sum_log_probs(p: torch.Tensor, present: torch.Tensor, classes: int) -> torch.Tensor:
