@@ -21,7 +21,8 @@ Objective: the ELBO, reparameterised for z_where and z_what (KLs in closed form)
 per-step learned baselines (NVIL, Mnih & Gregor 2014): the learning signal of z_pres_t is everything downstream of
 it (the likelihood, and the KL terms of steps >= t), centred by a running mean and an input-dependent baseline
 (NVIL's variance normalisation is left out: see `loss`). Steps after the first z_pres = 0 are masked out of every
-term.
+term. Optional, not in the paper: a sleep phase (`dream`, `teacher_forced_log_q`; `train.TrainConfig.sleep_weight`)
+that also fits the guide to scenes the model dreams; it did not help DAIR's count here (benchmarks/README.md).
 """
 
 from __future__ import annotations
