@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
                 gen = torch.Generator().manual_seed(args.seed * 1000 + n)  # the same batches for every input
                 torch.manual_seed(args.seed * 1000 + n)  # and the same initialisation for a given input
                 x_pool, x_test = data[i]
-                if i == "digits":
+                if digits_pool is not None and i == "digits":
                     pred = digit_reference(x_pool[:n], digits_pool[:n], x_test, task, args, gen)
                     acc = float((pred == y_test).float().mean())
                 else:

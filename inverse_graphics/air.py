@@ -383,13 +383,14 @@ class AIR(nn.Module):
     def dream(self, n: int, counts: tuple[int, ...]) -> Dream:
         """n scenes from the generative model with a count drawn uniformly from `counts` (not the geometric prior,
         whose small rho makes crowded dreams rare): the targets of the sleep phase."""
-        cfg, like = self.config, {"device": self.where_prior_loc.device, "dtype": self.where_prior_loc.dtype}
-        choices = torch.tensor(counts, device=like["device"])
-        k = choices[torch.randint(len(choices), (n,), device=like["device"])]
-        z_pres = (torch.arange(cfg.max_steps, device=like["device"]) < k[:, None]).to(like["dtype"])  # (n, T)
-        where_latent = self.where_prior_loc + self.where_prior_scale * torch.randn(n, cfg.max_steps, 3, **like)
+        cfg, device, dtype = self.config, self.where_prior_loc.device, self.where_prior_loc.dtype
+        choices = torch.tensor(counts, device=device)
+        k = choices[torch.randint(len(choices), (n,), device=device)]
+        z_pres = (torch.arange(cfg.max_steps, device=device) < k[:, None]).to(dtype)  # (n, T)
+        noise = torch.randn(n, cfg.max_steps, 3, device=device, dtype=dtype)
+        where_latent = self.where_prior_loc + self.where_prior_scale * noise
         z_where = torch.cat([where_latent[..., :1].exp(), where_latent[..., 1:]], dim=-1)
-        z_what = torch.randn(n, cfg.max_steps, cfg.z_what_dim, **like)
+        z_what = torch.randn(n, cfg.max_steps, cfg.z_what_dim, device=device, dtype=dtype)
         images = self.render(z_pres, z_where, z_what).clamp(0, 1)
         return Dream(z_pres, where_latent, z_where, z_what, images)
 
