@@ -27,6 +27,7 @@ DIGIT_SIZE = 28
 SCALE_MEAN, SCALE_SD = 1.3, 0.1
 MIN_SIZE = 8  # guard against the Gaussian's far tail
 OVERLAP_RULES = ("clip", "reject", "separate")
+MAX_REDRAWS = 10_000  # draws of one scene before "reject" / "separate" give up (3 separate digits need ~10)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def generate(
     labels = np.full((n, M), -1, dtype=np.int64)
     boxes = np.full((n, M, 4), np.nan, dtype=np.float32)
     for i, k in enumerate(scene_counts):
-        while True:
+        for _ in range(MAX_REDRAWS):
             images[i] = 0
             ink: list[tuple[int, int, int, int]] = []  # x0, y0, x1, y1 (exclusive) of each digit's nonzero pixels
             for j in range(k):
@@ -105,11 +106,16 @@ def generate(
                 images[i, top : top + size, left : left + size] += glyph
                 labels[i, j] = digits.labels[idx]
                 boxes[i, j] = (left, top, left + size, top + size)
-                if overlap == "separate":
-                    rows, cols = np.nonzero(glyph.any(1))[0], np.nonzero(glyph.any(0))[0]
+                rows, cols = np.nonzero(glyph.any(1))[0], np.nonzero(glyph.any(0))[0]
+                if overlap == "separate" and len(rows):  # a blank glyph has no ink to keep apart
                     ink.append((left + cols[0], top + rows[0], left + cols[-1] + 1, top + rows[-1] + 1))
             if overlap == "clip" or (overlap == "reject" and images[i].max() <= 255):
                 break
             if overlap == "separate" and not any(_intersect(a, b) for j, a in enumerate(ink) for b in ink[:j]):
                 break
+        else:
+            raise ValueError(
+                f"overlap={overlap!r}: no scene of {k} digits on a {canvas_size}-pixel canvas passed the rule in "
+                f"{MAX_REDRAWS} draws; use fewer digits, a larger canvas or overlap='clip'"
+            )
     return MultiMnist(images=np.minimum(images, 255).astype(np.uint8), counts=scene_counts, labels=labels, boxes=boxes)

@@ -131,3 +131,9 @@ def test_separate_mode_keeps_ink_boxes_apart():
         data = multi_mnist.generate(digits, 200, np.random.default_rng(2), counts=(3,), overlap=mode)
         touching[mode] = np.mean([any_intersect(boxes) for boxes in data.boxes])
     assert touching["reject"] > 0.3 and touching["separate"] == 0, touching
+
+
+@pytest.mark.parametrize("overlap", ["reject", "separate"])
+def test_impossible_scenes_fail_clearly_instead_of_looping(overlap):
+    with pytest.raises(ValueError, match="passed the rule"):
+        multi_mnist.generate(mnist.load_sample(), 1, np.random.default_rng(0), counts=(12,), overlap=overlap)
