@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", default="runs/bench_air_training")
     p.add_argument("--n-train", type=int, default=60_000)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument(
-        "--overlap", choices=["reject", "clip", "separate"], default="reject", help="multi-MNIST overlap rule"
-    )
+    p.add_argument("--overlap", choices=multi_mnist.OVERLAP_RULES, default="reject", help="multi-MNIST overlap rule")
     p.add_argument("--name", default="air_training")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--resume", action="store_true", help="skip seeds whose run already finished")

@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-n", type=int, default=1000, help="test-count scenes for the learning curve")
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between evaluations")
     p.add_argument("--test-n", type=int, default=10_000, help="scenes for each final score")
-    p.add_argument("--overlap", choices=["reject", "clip", "separate"], default="reject")
+    p.add_argument("--overlap", choices=multi_mnist.OVERLAP_RULES, default="reject")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None, help="MNIST location")

@@ -186,6 +186,11 @@ def check_unit_range(images: torch.Tensor) -> None:
             raise ValueError(f"images must lie in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
 
 
+def pres_probability(logit: torch.Tensor) -> torch.Tensor:
+    """q(z_pres = 1) from its logit, squashed into [eps, 1 - eps] (not clamped: keeps the gradient)."""
+    return PROB_EPS + (1 - 2 * PROB_EPS) * torch.sigmoid(logit)
+
+
 def reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
     """(B, T) -> (B, T) with out[:, t] = sum_{t' >= t} x[:, t']."""
     return x.flip(1).cumsum(1).flip(1)
@@ -242,7 +247,7 @@ class AIR(nn.Module):
         """
         h, c = self.rnn(image_gates, prev, state)
         pres_logit, where_loc, where_scale = self.where_head(h)
-        pres_prob = PROB_EPS + (1 - 2 * PROB_EPS) * torch.sigmoid(pres_logit)  # squashed, not clamped: keeps gradient
+        pres_prob = pres_probability(pres_logit)
         if sample:
             # A discrete sample carries no pathwise gradient (detach); REINFORCE in `loss` trains pres_prob.
             z_pres = torch.bernoulli(pres_prob.detach()) * prev_pres
@@ -412,6 +417,7 @@ class AIR(nn.Module):
         count = d.z_pres.sum(1)
         remaining = d.z_pres > 0.5
         window_size = (cfg.window_size,) * 2
+        rows = torch.arange(B, device=images.device)
         total = images.new_zeros(B)
         for t in range(T):
             if cfg.difference_input and t:
@@ -420,12 +426,11 @@ class AIR(nn.Module):
                 state, prev = (zeros, zeros), torch.zeros_like(prev)
             h, c = self.rnn(image_gates, prev, state)
             pres_logit, where_loc, where_scale = self.where_head(h)
-            pres_prob = PROB_EPS + (1 - 2 * PROB_EPS) * torch.sigmoid(pres_logit)
+            pres_prob = pres_probability(pres_logit)
             target = (count > t).to(images.dtype)  # (B,): z_pres_t of the dream
             where_q = torch.distributions.Normal(where_loc[:, None], where_scale[:, None])
             candidates = where_q.log_prob(d.where_latent).sum(-1).masked_fill(~remaining, -math.inf)  # (B, T)
             j = candidates.detach().argmax(1)  # the greedy order: an index choice, not a gradient path
-            rows = torch.arange(B, device=images.device)
             log_where = candidates.gather(1, j[:, None]).squeeze(1)
             what_loc, what_scale = self.what_encoder(canvas_to_window(images, d.z_where[rows, j], window_size))
             log_what = torch.distributions.Normal(what_loc, what_scale).log_prob(d.z_what[rows, j]).sum(-1)
@@ -499,7 +504,7 @@ class AIR(nn.Module):
         for _ in range(cfg.max_steps):
             h, c = lstm_update(torch.addmm(image_gates, torch.cat([prev, h], dim=1), step_weight_t), c, H)
             out = F.linear(h, head.weight[:4], head.bias[:4])  # pres logit, where loc; scales are not needed
-            pres_prob = PROB_EPS + (1 - 2 * PROB_EPS) * torch.sigmoid(out[:, 0])
+            pres_prob = pres_probability(out[:, 0])
             z_pres = (pres_prob > 0.5).to(images.dtype) * prev[:, -1]
             z_where = torch.cat([out[:, 1:2].exp(), out[:, 2:4]], dim=1)
             window = canvas_to_window(images, z_where, (w, w)).reshape(B, -1)

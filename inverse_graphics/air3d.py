@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from inverse_graphics.air import PROB_EPS
+from inverse_graphics.air import pres_probability
 from inverse_graphics.data3d import data_renderer
 from inverse_graphics.modules import GatedRecurrence
 from inverse_graphics.modules3d import (
@@ -323,7 +323,7 @@ class AIR3D(nn.Module):
     @staticmethod
     def pres_probability(logit: torch.Tensor) -> torch.Tensor:
         """q(z_pres = 1) from its logit, squashed into [eps, 1 - eps] (not clamped: keeps the gradient; air.py)."""
-        return PROB_EPS + (1 - 2 * PROB_EPS) * torch.sigmoid(logit)
+        return pres_probability(logit)
 
     def initial_state(self, images: torch.Tensor):
         """(prev step input, prev_pres, LSTM state) before the first step."""

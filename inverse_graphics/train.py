@@ -273,6 +273,7 @@ def train(
     )
     rec = {}
     acc = {"elbo": 0.0, "count": 0.0, "n": 0}
+    dream_counts = cfg.sleep_counts or tuple(range(cfg.max_steps + 1))  # the sleep phase's (if it is on)
     with StopFlag() as flag:
         while step < budget_steps and train_time < budget_s and not flag.stop:
             t0 = time.perf_counter()
@@ -281,8 +282,7 @@ def train(
             opt.param_groups[0]["lr"] = lr_at(cfg, step)
             loss, stats = model.loss(x, z_pres_prior_at(cfg, step))
             if cfg.sleep_weight and step >= cfg.sleep_start:
-                counts = cfg.sleep_counts or tuple(range(cfg.max_steps + 1))
-                loss = loss + cfg.sleep_weight * model.sleep_loss(cfg.batch_size, counts)
+                loss = loss + cfg.sleep_weight * model.sleep_loss(cfg.batch_size, dream_counts)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

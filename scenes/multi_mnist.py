@@ -106,8 +106,8 @@ def generate(
                 images[i, top : top + size, left : left + size] += glyph
                 labels[i, j] = digits.labels[idx]
                 boxes[i, j] = (left, top, left + size, top + size)
-                rows, cols = np.nonzero(glyph.any(1))[0], np.nonzero(glyph.any(0))[0]
-                if overlap == "separate" and len(rows):  # a blank glyph has no ink to keep apart
+                if overlap == "separate" and glyph.any():  # a blank glyph has no ink to keep apart
+                    rows, cols = np.nonzero(glyph.any(1))[0], np.nonzero(glyph.any(0))[0]
                     ink.append((left + cols[0], top + rows[0], left + cols[-1] + 1, top + rows[-1] + 1))
             if overlap == "clip" or (overlap == "reject" and images[i].max() <= 255):
                 break
