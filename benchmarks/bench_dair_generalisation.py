@@ -11,6 +11,9 @@ for --minutes of training wall-clock (periodic evaluation excluded) or --steps, 
 training scores the test count (a learning curve only: the final model is reported, nothing is selected on it).
 The final model is scored on --test-n scenes of the test count and on --test-n scenes of the training counts
 (in-distribution), both composed from MNIST test digits. Overlaps: Pyro's rejection rule by default (`--overlap`).
+With --search-steps N > 0, the first --search-n test scenes are also counted by `inverse_graphics.count_search`
+(every count hypothesis refined for N Adam steps and scored by its importance-weighted bound under the model: the
+model chooses the count, not only the guide); that score is a separate column, beside the guide's on the same scenes.
 Prints the table and writes it with its figures via benchmarks.common.write_results (to --out).
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
+from inverse_graphics.count_search import CountSearchConfig, search_counts  # noqa: E402
 from inverse_graphics.evaluate import count_accuracy  # noqa: E402
 from inverse_graphics.figures import attention_figure, curve_figure, read_metrics  # noqa: E402
 from inverse_graphics.pretrained import load  # noqa: E402
@@ -86,6 +91,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between evaluations")
     p.add_argument("--test-n", type=int, default=10_000, help="scenes for each final score")
     p.add_argument("--overlap", choices=multi_mnist.OVERLAP_RULES, default="reject")
+    p.add_argument(
+        "--search-steps", type=int, default=0, help="count search (count_search.py): Adam steps per hypothesis; 0: off"
+    )
+    p.add_argument("--search-n", type=int, default=1000, help="test scenes (the first ones) for the count search")
+    p.add_argument("--search-models", nargs="+", choices=list(MODELS), default=["dair"], help="models to search with")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None, help="MNIST location")
@@ -156,6 +166,37 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
     return json.loads(done.read_text())  # the same record (string keys) whether fresh or resumed
 
 
+def add_search(record: dict, run: Path, test: multi_mnist.MultiMnist, args) -> dict:
+    """Score the run's model with the count search on the first --search-n test scenes (once per setting: the
+    result is kept in the run's final.json) and add it to the record."""
+    settings = {"search_steps": args.search_steps, "search_n": min(args.search_n, len(test))}
+    if all(record.get(k) == v for k, v in settings.items()):
+        return record
+    net = load(run / "checkpoint.pt", device=args.device)
+    n = settings["search_n"]
+    x = torch.from_numpy(test.float_images(0, n))
+    start = time.perf_counter()
+    found = search_counts(
+        net,
+        x,
+        CountSearchConfig(steps=args.search_steps),
+        progress=lambda done, total: print(f"  count search {run.name}: {done}/{total} scenes", flush=True),
+    )
+    truth = test.counts[:n]
+    counts, guide = found.counts.cpu().numpy(), found.guide_counts.cpu().numpy()
+    record.update(
+        settings,
+        search_acc=float((counts == truth).mean()),
+        search_guide_acc=float((guide == truth).mean()),
+        search_confusion={
+            f"{t}->{p}": int(((truth == t) & (counts == p)).sum()) for t in np.unique(truth) for p in np.unique(counts)
+        },
+        search_seconds=round(time.perf_counter() - start, 1),
+    )
+    (run / "final.json").write_text(json.dumps(record))
+    return record
+
+
 def failures_figure(net, test: multi_mnist.MultiMnist, path: Path, n: int = 8, pool: int = 1000) -> Path | None:
     """The first n test scenes (of the first `pool`) whose count the model gets wrong, with its attention windows
     and reconstructions: what the errors look like (None if it gets all of them right)."""
@@ -170,6 +211,7 @@ def failures_figure(net, test: multi_mnist.MultiMnist, path: Path, n: int = 8, p
 def bar_figure(results: dict[str, list[dict]], path: Path) -> Path:
     """Test-count accuracy per task and model (bars: median over seeds) beside the paper's (markers)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    searched_shown = False
     colours = {"air": "tab:blue", "dair": "tab:orange", "dair-memory": "tab:green", "dair-sleep": "tab:red"}
     for i, (task, rows) in enumerate(results.items()):
         models = [m for m in MODELS if any(r["model"] == m for r in rows)]
@@ -180,6 +222,10 @@ def bar_figure(results: dict[str, list[dict]], path: Path) -> Path:
             ax.bar(x, acc, width, color=colours[model], label=MODELS[model] if i == 0 else None)
             paper = TASKS[task].paper[kind(model)]
             ax.plot(x, paper, "k_", ms=18, mew=2, label="paper" if i == j == 0 else None)
+            searched = [r["search_acc"] for r in rows if r["model"] == model and "search_acc" in r]
+            if searched:
+                ax.plot(x, np.median(searched), "kD", ms=5, label="with count search" if not searched_shown else None)
+                searched_shown = True
     ax.set_xticks(range(len(results)), [f"{t}\n(test on {TASKS[t].test_counts[0]})" for t in results])
     ax.set_ylabel("count accuracy on the unseen count")
     ax.set_ylim(0, 1)
@@ -197,9 +243,18 @@ def medians(recs: list[dict]) -> list[dict]:
     for model in dict.fromkeys(r["model"] for r in recs):
         mine = [r for r in recs if r["model"] == model]
         if len(mine) > 1:
-            med = {k: float(np.median([r[k] for r in mine])) for k in ("test_count_acc", "train_counts_acc")}
+            keys = ["test_count_acc", "train_counts_acc"] + ["search_acc"] * all("search_acc" in r for r in mine)
+            med = {k: float(np.median([r[k] for r in mine])) for k in keys}
             out.append({"model": model, "seed": f"median of {len(mine)}", **med, "steps": "-"})
     return out
+
+
+def search_cell(r: dict) -> str:
+    if "search_acc" not in r:
+        return "-"
+    if "search_guide_acc" not in r:  # a median row
+        return f"{r['search_acc']:.1%}"
+    return f"{r['search_acc']:.1%} ({r['search_guide_acc']:.1%}; {r['search_n']} scenes, {r['search_steps']} steps)"
 
 
 def table(results: dict[str, list[dict]], args) -> str:
@@ -216,6 +271,7 @@ def table(results: dict[str, list[dict]], args) -> str:
                     MODELS[r["model"]],
                     r["seed"],
                     f"{r['test_count_acc']:.1%}",
+                    search_cell(r),
                     f"~{t.paper[kind(r['model'])]:.0%}",
                     target,
                     f"{r['train_counts_acc']:.1%}",
@@ -224,6 +280,7 @@ def table(results: dict[str, list[dict]], args) -> str:
                 ]
             )
     header = ["task", "train counts", "test count", "model", "seed", f"count acc ({args.test_n} test scenes)"]
+    header += ["with count search (guide on the same scenes)"]
     header += ["paper", "target", "acc on train counts", "steps", "train min"]
     budget = f"{args.minutes:g} minutes of training wall-clock (evaluation excluded)"
     if args.steps is not None:
@@ -258,6 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.resume and args.skip_missing and not (run / "checkpoint.pt").exists():
                     continue
                 results[name].append(run_one(task, model, seed, run, tests, args))
+                if args.search_steps and model in args.search_models:
+                    results[name][-1] = add_search(results[name][-1], run, tests["test"], args)
                 curves[f"{name} {model} seed {seed}"] = read_metrics(run / "metrics.jsonl")
                 net = load(run / "checkpoint.pt")
                 stem = out / f"{args.name}_{name}_{model}_seed{seed}"

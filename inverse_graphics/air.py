@@ -28,14 +28,14 @@ that also fits the guide to scenes the model dreams; it did not help DAIR's coun
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from inverse_graphics.estimators import score_function_surrogate
+from inverse_graphics.estimators import gaussian_log_likelihood, score_function_surrogate
 from inverse_graphics.modules import (
     Baseline,
     GatedRecurrence,
@@ -261,8 +261,12 @@ class AIR(nn.Module):
         z_what = what_loc + what_scale * torch.randn_like(what_loc) if sample else what_loc
         return GuideStep(z_pres, z_where, z_what, pres_prob, where_loc, where_scale, what_loc, what_scale, (h, c))
 
-    def guide(self, images: torch.Tensor, sample: bool = True) -> Guide:
-        """Run all T steps on images (B, H, W); returns the stacked latents (see `Guide`)."""
+    def guide(self, images: torch.Tensor, sample: bool = True, count: int | None = None) -> Guide:
+        """Run all T steps on images (B, H, W); returns the stacked latents (see `Guide`).
+
+        count: if given, z_pres is forced to 1 for the first `count` steps and 0 after (whatever q(z_pres) says),
+        so the later steps see those objects (DAIR's residual, the step inputs): the guide's proposal for a scene of
+        `count` objects, which `count_search` refines. pres_prob is still q's."""
         B = images.shape[0]
         cfg = self.config
         image_gates = self.rnn.image_gates(self.encoder(images))  # (B, 4 hidden), once per image
@@ -280,6 +284,8 @@ class AIR(nn.Module):
             if cfg.difference_input and not cfg.difference_memory:  # memoryless DAIR: the residual alone
                 state, prev = (zeros, zeros), torch.zeros_like(prev)
             step = self.guide_step(images, image_gates, prev, prev_pres, state, sample)
+            if count is not None:
+                step = replace(step, z_pres=images.new_full((B,), float(len(steps) < count)))
             if cfg.difference_input:
                 recon = recon + self.render_step(step.z_pres, step.z_where, step.z_what)
             steps.append(step)
@@ -309,6 +315,10 @@ class AIR(nn.Module):
         B, T = z_pres.shape
         canvases = self.render_step(z_pres.reshape(B * T), z_where.reshape(B * T, 3), z_what.flatten(0, 1))
         return canvases.view(B, T, *canvases.shape[1:]).sum(1)  # (B, H, W)
+
+    def log_likelihood(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """log p(images | latents) given their rendering: images (..., H, W), recon broadcastable -> (...)."""
+        return gaussian_log_likelihood(images, recon, self.config.likelihood_sd, event_dims=2)
 
     def prior_step(self, n: int, prev_pres: torch.Tensor, z_pres_prior: float | None = None):
         """Sample one step of the generative model for n scenes: returns (z_pres, z_where, z_what)."""
@@ -352,9 +362,7 @@ class AIR(nn.Module):
         g = self.guide(images, sample=True)
         B, T = g.z_pres.shape
         prev = torch.cat([g.z_pres.new_ones(B, 1), g.z_pres[:, :-1]], dim=1)  # step t is active iff prev[:, t]
-        recon = self.render(g.z_pres, g.z_where, g.z_what)
-        sd = self.config.likelihood_sd
-        log_lik = (-0.5 * ((images - recon) / sd) ** 2 - math.log(sd * math.sqrt(2 * math.pi))).sum((1, 2))
+        log_lik = self.log_likelihood(images, self.render(g.z_pres, g.z_where, g.z_what))
         kl_where = normal_kl(g.where_loc, g.where_scale, self.where_prior_loc, self.where_prior_scale).sum(-1)
         kl_what = normal_kl(g.what_loc, g.what_scale, 0.0, 1.0).sum(-1)
         kl_obj = g.z_pres * (kl_where + kl_what)  # (B, T): continuous latents of present objects only

@@ -35,7 +35,7 @@ from inverse_graphics.air3d import (
     decode_position,
     decode_yaw,
 )
-from inverse_graphics.estimators import score_function_surrogate
+from inverse_graphics.estimators import gaussian_log_likelihood, score_function_surrogate
 from inverse_graphics.modules3d import ObjectDists
 from scenes.tabletop_objects import SHAPES
 
@@ -60,7 +60,7 @@ class ElboTerms:
 
 def log_likelihood(images: torch.Tensor, recon: torch.Tensor, sd: float) -> torch.Tensor:
     """(B, 3, H, W) observed and rendered -> (B,) Gaussian log density summed over pixels and channels."""
-    return (-0.5 * ((images - recon) / sd) ** 2 - math.log(sd * math.sqrt(2 * math.pi))).flatten(1).sum(1)
+    return gaussian_log_likelihood(images, recon, sd, event_dims=3)
 
 
 def elbo_terms(model: AIR3D, images: torch.Tensor, g: Guide3D, gradient: str) -> ElboTerms:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def gaussian_log_likelihood(images: torch.Tensor, recon: torch.Tensor, sd: float, event_dims: int) -> torch.Tensor:
+    """log N(images; recon, sd^2 I), summed over the last `event_dims` dimensions (the pixels of one image)."""
+    log_density = -0.5 * ((images - recon) / sd) ** 2 - math.log(sd * math.sqrt(2 * math.pi))
+    return log_density.sum(tuple(range(-event_dims, 0)))
 
 
 def score_function_surrogate(
