@@ -219,6 +219,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--counts", type=_counts, default=(0, 1, 2))
     p.add_argument("--seed", type=int, default=2016)
     p.add_argument("--overlap", choices=["clip", "reject", "separate"], default="clip")
+    p.add_argument(
+        "--search-steps",
+        type=int,
+        default=0,
+        help="> 0: let the model choose each count (every count refined for this many steps, scored by its bound; "
+        "~0.6 s per scene at 200 on one CPU thread) instead of the guide",
+    )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_run_eval)
@@ -236,6 +243,7 @@ def _run_eval(args) -> int:
             overlap=args.overlap,
             data_dir=args.data_dir,
             device=args.device,
+            search_steps=args.search_steps,
         )
     )
     print(json.dumps(rec))

@@ -1,6 +1,7 @@
 """Count search (`inverse_graphics.count_search`): the guide's forced proposals, the bounds against closed forms and
 a slow Monte Carlo reference, the ELBO's gradients against finite differences, and the search on real scenes."""
 
+import json
 import math
 
 import numpy as np
@@ -188,3 +189,14 @@ def test_search_on_real_scenes(data_dir):
         ours = model.log_likelihood(x, model.render(found.z_pres, found.z_where, found.z_what))
         guide = model.infer(x, reconstruct=True).recon
     assert ours.mean() > model.log_likelihood(x, guide).mean()
+
+
+def test_eval_command_counts_by_search(data_dir, capsys):
+    from inverse_graphics.cli import main as cli_main
+
+    args = ["eval", "--model", "dair-multi-mnist", "--n", "4", "--counts", "3", "--overlap", "separate"]
+    assert cli_main(args + ["--search-steps", "2", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "count search: 4/4 scenes" in out
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert rec["search_steps"] == 2 and rec["n"] == 4 and 0 <= rec["count_acc"] <= 1
