@@ -169,7 +169,12 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
 def add_search(record: dict, run: Path, test: multi_mnist.MultiMnist, args) -> dict:
     """Score the run's model with the count search on the first --search-n test scenes (once per setting: the
     result is kept in the run's final.json) and add it to the record."""
-    settings = {"search_steps": args.search_steps, "search_n": min(args.search_n, len(test))}
+    search = CountSearchConfig(steps=args.search_steps)
+    settings = {
+        "search_steps": search.steps,
+        "search_n": min(args.search_n, len(test)),
+        "search_deletion": search.deletion,
+    }
     if all(record.get(k) == v for k, v in settings.items()):
         return record
     net = load(run / "checkpoint.pt", device=args.device)
@@ -179,7 +184,7 @@ def add_search(record: dict, run: Path, test: multi_mnist.MultiMnist, args) -> d
     found = search_counts(
         net,
         x,
-        CountSearchConfig(steps=args.search_steps),
+        search,
         progress=lambda done, total: print(f"  count search {run.name}: {done}/{total} scenes", flush=True),
     )
     truth = test.counts[:n]

@@ -48,6 +48,9 @@ class CountSearchConfig:
     lr_where: float = 0.03  # of the (log s, x, y) means (canvas units: x, y in [-1, 1])
     lr_scale: float = 0.1  # of every log standard deviation
     counts: tuple[int, ...] | None = None  # hypotheses; None: 0..T
+    # Also propose k objects as the refined k + 1 minus the object whose removal costs least, refine that too and
+    # keep the better bound (module docstring: against overcounting when the guide's k-object proposal is poor).
+    deletion: bool = True
     batch_size: int = 500  # scenes refined together
     seed: int = 0  # the draws of every estimate
 
@@ -203,6 +206,28 @@ def refine(model: AIR, images: torch.Tensor, q: Posterior, cfg: CountSearchConfi
     return Posterior(*(t.detach() for t in (q.where_loc, q.where_scale, q.what_loc, q.what_scale)))
 
 
+def drop_weakest(model: AIR, images: torch.Tensor, q: Posterior, generator=None) -> Posterior:
+    """q without, in each scene, the object whose removal leaves the highest ELBO (4 draws): a (k-1)-object
+    proposal made from a k-object fit."""
+    k = q.k
+    if k == 0:
+        raise ValueError("no object to drop")
+    fields = (q.where_loc, q.where_scale, q.what_loc, q.what_scale)
+    without = [[i for i in range(k) if i != j] for j in range(k)]  # object indices kept when j is dropped
+    values = [elbo(model, images, Posterior(*(t[:, keep] for t in fields)), 4, generator) for keep in without]
+    keep = torch.tensor(without, device=images.device)[torch.stack(values, 1).argmax(1)]  # (B, k - 1)
+    return Posterior(*(torch.gather(t, 1, keep[..., None].expand(-1, -1, t.shape[-1])) for t in fields))
+
+
+def _where(mask: torch.Tensor, a: Posterior, b: Posterior) -> Posterior:
+    """Per scene, a where mask (B,) is true, else b."""
+    m = mask.view(-1, 1, 1)
+    pairs = zip(
+        (a.where_loc, a.where_scale, a.what_loc, a.what_scale), (b.where_loc, b.where_scale, b.what_loc, b.what_scale)
+    )
+    return Posterior(*(torch.where(m, x, y) for x, y in pairs))
+
+
 def search_counts(model: AIR, images, cfg: CountSearchConfig | None = None, progress=None) -> CountSearch:
     """Choose each scene's count by the refined, importance-weighted bound of every count hypothesis.
 
@@ -228,25 +253,32 @@ def search_counts(model: AIR, images, cfg: CountSearchConfig | None = None, prog
     fits: list[list[Posterior]] = []
     for start in range(0, B, cfg.batch_size):
         x = images[start : start + cfg.batch_size]
-        batch_fits = []
-        for j, k in enumerate(hypotheses):
+        batch_fits: dict[int, Posterior] = {}
+        rows = slice(start, start + len(x))
+        for j, k in reversed(list(enumerate(hypotheses))):  # from the most objects down, for the deletion proposals
             with torch.no_grad():
                 q = propose(model, x, k)
             q = refine(model, x, q, cfg, generator)
-            scores[start : start + len(x), j] = iwae(model, x, q, cfg.score_samples, generator) + count_log_prior(
-                model, k
-            )
-            batch_fits.append(q)
-        fits.append(batch_fits)
+            score = iwae(model, x, q, cfg.score_samples, generator)
+            if cfg.deletion and k > 0 and k + 1 in batch_fits:
+                with torch.no_grad():
+                    q_del = drop_weakest(model, x, batch_fits[k + 1], generator)
+                q_del = refine(model, x, q_del, cfg, generator)
+                score_del = iwae(model, x, q_del, cfg.score_samples, generator)
+                q = _where(score_del > score, q_del, q)
+                score = torch.maximum(score, score_del)
+            scores[rows, j] = score + count_log_prior(model, k)
+            batch_fits[k] = q
+        fits.append([batch_fits[k] for k in hypotheses])
         if progress is not None:
             progress(min(start + cfg.batch_size, B), B)
     best = scores.argmax(1)
     counts = torch.tensor(hypotheses, device=images.device)[best]
     z_where = images.new_zeros(B, T, 3)
     z_what = images.new_zeros(B, T, D)
-    for b, batch_fits in enumerate(fits):
-        rows = slice(b * cfg.batch_size, b * cfg.batch_size + batch_fits[0].where_loc.shape[0])
-        for j, q in enumerate(batch_fits):
+    for b, chosen_fits in enumerate(fits):
+        rows = slice(b * cfg.batch_size, b * cfg.batch_size + chosen_fits[0].where_loc.shape[0])
+        for j, q in enumerate(chosen_fits):
             chosen = (best[rows] == j).nonzero().squeeze(1)
             if q.k and len(chosen):
                 loc = q.where_loc[chosen]

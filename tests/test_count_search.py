@@ -14,6 +14,7 @@ from inverse_graphics.count_search import (
     CountSearchConfig,
     Posterior,
     count_log_prior,
+    drop_weakest,
     elbo,
     iwae,
     propose,
@@ -146,6 +147,38 @@ def test_refinement_raises_the_elbo_and_leaves_the_model_alone():
         assert torch.equal(v, before[k]), k
     assert [p.requires_grad for p in model.parameters()] == grads
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_drop_weakest_removes_the_object_that_explains_least():
+    # Two objects drawn by the model, a third proposed far off the ink: dropping it costs nothing, dropping a drawn
+    # one costs its whole glyph; the kept objects keep their order and their posteriors.
+    model = tiny(max_steps=3)
+    where = torch.tensor([[math.log(0.43), -0.4, -0.4], [math.log(0.43), 0.4, 0.4], [math.log(0.43), -0.5, 0.6]])
+    where = where.double().expand(2, 3, 3).clone()
+    where[1] = where[1, [2, 0, 1]]  # in the second scene the stray object comes first
+    what = torch.randn(2, 3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        z_where = torch.cat([where[..., :1].exp(), where[..., 1:]], -1)
+        drawn = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+        x = model.render(drawn, z_where, what).clamp(0, 1)
+    scale = lambda t: torch.full_like(t, 0.01)  # noqa: E731
+    q = Posterior(where, scale(where), what, scale(what))
+    kept = drop_weakest(model, x, q, torch.Generator().manual_seed(0))
+    assert kept.k == 2
+    assert_close(kept.where_loc[0], where[0, :2], atol=0, rtol=0)
+    assert_close(kept.where_loc[1], where[1, 1:], atol=0, rtol=0)
+    assert_close(kept.what_loc[1], what[1, 1:], atol=0, rtol=0)
+    assert_close(kept.what_scale, torch.full((2, 2, 2), 0.01, dtype=torch.float64), atol=0, rtol=0)
+
+
+def test_deletion_proposals_never_lower_a_score():
+    model = tiny(max_steps=2)
+    x = one_object_scene(model, 3)
+    plain = search_counts(model, x, CountSearchConfig(steps=20, deletion=False, score_samples=256))
+    both = search_counts(model, x, CountSearchConfig(steps=20, deletion=True, score_samples=256))
+    assert_close(both.scores[:, 2], plain.scores[:, 2], atol=0, rtol=0)  # T objects: nothing to delete from
+    assert_close(both.scores[:, 0], plain.scores[:, 0], atol=0, rtol=0)  # exact
+    assert (both.scores[:, 1] >= plain.scores[:, 1]).all()  # the same draws up to there, then the better of two
 
 
 @pytest.mark.parametrize(
