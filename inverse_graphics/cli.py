@@ -224,7 +224,7 @@ def _add_eval(sub) -> None:
         type=int,
         default=0,
         help="> 0: let the model choose each count (every count refined for this many steps, scored by its bound; "
-        "~0.6 s per scene at 200 on one CPU thread) instead of the guide",
+        "~1 s per scene at 200 on one CPU thread for T = 4) instead of the guide",
     )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu")

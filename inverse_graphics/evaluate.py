@@ -28,7 +28,7 @@ class EvalConfig:
     device: str = "cpu"
     batch_size: int = 1000
     # > 0: counts chosen by the model (inverse_graphics.count_search: every count refined for this many Adam steps
-    # and scored by its importance-weighted bound) instead of the guide's; ~0.6 s per scene on one CPU thread at 200
+    # and scored by its importance-weighted bound) instead of the guide's; ~1 s per scene (T = 4, 200 steps, 1 thread)
     search_steps: int = 0
 
 
