@@ -22,7 +22,9 @@ per-step learned baselines (NVIL, Mnih & Gregor 2014): the learning signal of z_
 it (the likelihood, and the KL terms of steps >= t), centred by a running mean and an input-dependent baseline
 (NVIL's variance normalisation is left out: see `loss`). Steps after the first z_pres = 0 are masked out of every
 term. Optional, not in the paper: a sleep phase (`dream`, `teacher_forced_log_q`; `train.TrainConfig.sleep_weight`)
-that also fits the guide to scenes the model dreams; it did not help DAIR's count here (benchmarks/README.md).
+that also fits the guide to scenes the model dreams; it did not help DAIR's count here (benchmarks/README.md). At
+test time, `count_search.search_counts` lets the model choose the count (each count's proposal, `guide(count=k)`,
+refined and scored by its bound): slower than `infer`, and far more often right on counts unseen in training.
 """
 
 from __future__ import annotations
