@@ -54,6 +54,15 @@ def test_dair_generalisation_smoke(tmp_path, data_dir):
     assert not (tmp_path / "runs" / "interpolation" / "dair_seed1").exists()
     figures = sorted(p.name for p in (tmp_path / "out").glob("gen_interpolation_*_failures.png"))
     assert figures == ["gen_interpolation_air_seed0_failures.png", "gen_interpolation_dair_seed0_failures.png"]
+    # --search-steps: the count search scores the searched models once per setting, as its own column
+    search = args + ["--resume", "--search-steps", "2", "--search-n", "6"]
+    searched = bench_dair_generalisation.main(search)["interpolation"]
+    assert "search_acc" not in searched[0] and searched[1]["search_n"] == 6 and searched[1]["search_steps"] == 2
+    assert 0 <= searched[1]["search_acc"] <= 1 and 0 <= searched[1]["search_guide_acc"] <= 1
+    assert sum(searched[1]["search_confusion"].values()) == 6
+    assert "; 6 scenes, 2 steps)" in (tmp_path / "out" / "gen.md").read_text()
+    cached = bench_dair_generalisation.main(search)["interpolation"][1]
+    assert cached["search_seconds"] == searched[1]["search_seconds"]  # not searched again
 
 
 def test_dair_generalisation_medians_over_seeds():
