@@ -215,7 +215,7 @@ def failures_figure(net, test: multi_mnist.MultiMnist, path: Path, n: int = 8, p
 
 def bar_figure(results: dict[str, list[dict]], path: Path) -> Path:
     """Test-count accuracy per task and model (bars: median over seeds) beside the paper's (markers)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.0, 3.6))
     searched_shown = False
     colours = {"air": "tab:blue", "dair": "tab:orange", "dair-memory": "tab:green", "dair-sleep": "tab:red"}
     for i, (task, rows) in enumerate(results.items()):
@@ -235,7 +235,7 @@ def bar_figure(results: dict[str, list[dict]], path: Path) -> Path:
     ax.set_ylabel("count accuracy on the unseen count")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
