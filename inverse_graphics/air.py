@@ -188,6 +188,11 @@ def check_unit_range(images: torch.Tensor) -> None:
             raise ValueError(f"images must lie in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
 
 
+def where_from_latent(latent: torch.Tensor) -> torch.Tensor:
+    """(..., 3) as (log s, x, y), the Gaussian's space -> (..., 3) as (s, x, y), the spatial transformer's."""
+    return torch.cat([latent[..., :1].exp(), latent[..., 1:]], dim=-1)
+
+
 def pres_probability(logit: torch.Tensor) -> torch.Tensor:
     """q(z_pres = 1) from its logit, squashed into [eps, 1 - eps] (not clamped: keeps the gradient)."""
     return PROB_EPS + (1 - 2 * PROB_EPS) * torch.sigmoid(logit)
@@ -257,7 +262,7 @@ class AIR(nn.Module):
         else:
             z_pres = (pres_prob > 0.5).to(images.dtype) * prev_pres
             where_latent = where_loc
-        z_where = torch.cat([where_latent[:, :1].exp(), where_latent[:, 1:]], dim=1)  # (log s, x, y) -> (s, x, y)
+        z_where = where_from_latent(where_latent)
         window = canvas_to_window(images, z_where, (self.config.window_size,) * 2)  # (B, h, w)
         what_loc, what_scale = self.what_encoder(window)
         z_what = what_loc + what_scale * torch.randn_like(what_loc) if sample else what_loc
@@ -327,7 +332,7 @@ class AIR(nn.Module):
         rho = self.config.z_pres_prior if z_pres_prior is None else z_pres_prior
         z_pres = torch.bernoulli(torch.full_like(prev_pres, rho)) * prev_pres
         latent = self.where_prior_loc + self.where_prior_scale * torch.randn(n, 3, device=prev_pres.device)
-        z_where = torch.cat([latent[:, :1].exp(), latent[:, 1:]], dim=1)
+        z_where = where_from_latent(latent)
         z_what = torch.randn(n, self.config.z_what_dim, device=prev_pres.device)
         return z_pres, z_where, z_what
 
@@ -404,7 +409,7 @@ class AIR(nn.Module):
         z_pres = (torch.arange(cfg.max_steps, device=device) < k[:, None]).to(dtype)  # (n, T)
         noise = torch.randn(n, cfg.max_steps, 3, device=device, dtype=dtype)
         where_latent = self.where_prior_loc + self.where_prior_scale * noise
-        z_where = torch.cat([where_latent[..., :1].exp(), where_latent[..., 1:]], dim=-1)
+        z_where = where_from_latent(where_latent)
         z_what = torch.randn(n, cfg.max_steps, cfg.z_what_dim, device=device, dtype=dtype)
         images = self.render(z_pres, z_where, z_what).clamp(0, 1)
         return Dream(z_pres, where_latent, z_where, z_what, images)
@@ -449,7 +454,7 @@ class AIR(nn.Module):
             total = total + (count >= t).to(images.dtype) * (log_pres + log_obj)  # active steps only
             remaining = remaining & ~(F.one_hot(j, T).bool() & (target > 0)[:, None])
             with torch.no_grad():  # the guide's own estimate of this step: an input to later steps, not a path
-                est_where = torch.cat([where_loc[:, :1].exp(), where_loc[:, 1:]], dim=1)
+                est_where = where_from_latent(where_loc)
                 est_what = self.what_encoder(canvas_to_window(images, est_where, window_size))[0]
                 if cfg.difference_input:
                     recon = recon + self.render_step(target, est_where, est_what)

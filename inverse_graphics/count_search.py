@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inverse_graphics.air import AIR, normal_kl
+from inverse_graphics.air import AIR, normal_kl, where_from_latent
 
 __all__ = ["CountSearchConfig", "CountSearch", "Posterior", "count_log_prior", "elbo", "iwae", "search_counts"]
 
@@ -84,6 +84,9 @@ class Posterior:
     def k(self) -> int:
         return self.where_loc.shape[1]
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.where_loc, self.where_scale, self.what_loc, self.what_scale
+
 
 @dataclass(frozen=True)
 class CountSearch:
@@ -117,8 +120,7 @@ def propose(model: AIR, images: torch.Tensor, k: int) -> Posterior:
 
 def _render(model: AIR, where_latent: torch.Tensor, what: torch.Tensor) -> torch.Tensor:
     """(N, k, 3) as (log s, x, y) and (N, k, D) -> (N, H, W)."""
-    z_where = torch.cat([where_latent[..., :1].exp(), where_latent[..., 1:]], dim=-1)
-    return model.render(what.new_ones(what.shape[:2]), z_where, what)
+    return model.render(what.new_ones(what.shape[:2]), where_from_latent(where_latent), what)
 
 
 def _draw(q: Posterior, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,8 +211,7 @@ def refine(model: AIR, images: torch.Tensor, q: Posterior, cfg: CountSearchConfi
     finally:
         for p, flag in zip(model.parameters(), frozen, strict=True):
             p.requires_grad_(flag)
-    q = current()
-    return Posterior(*(t.detach() for t in (q.where_loc, q.where_scale, q.what_loc, q.what_scale)))
+    return Posterior(*(t.detach() for t in current().tensors()))
 
 
 def drop_weakest(model: AIR, images: torch.Tensor, q: Posterior, generator=None) -> Posterior:
@@ -219,7 +220,7 @@ def drop_weakest(model: AIR, images: torch.Tensor, q: Posterior, generator=None)
     k = q.k
     if k == 0:
         raise ValueError("no object to drop")
-    fields = (q.where_loc, q.where_scale, q.what_loc, q.what_scale)
+    fields = q.tensors()
     without = [[i for i in range(k) if i != j] for j in range(k)]  # object indices kept when j is dropped
     values = [elbo(model, images, Posterior(*(t[:, keep] for t in fields)), 4, generator) for keep in without]
     keep = torch.tensor(without, device=images.device)[torch.stack(values, 1).argmax(1)]  # (B, k - 1)
@@ -229,10 +230,7 @@ def drop_weakest(model: AIR, images: torch.Tensor, q: Posterior, generator=None)
 def _where(mask: torch.Tensor, a: Posterior, b: Posterior) -> Posterior:
     """Per scene, a where mask (B,) is true, else b."""
     m = mask.view(-1, 1, 1)
-    pairs = zip(
-        (a.where_loc, a.where_scale, a.what_loc, a.what_scale), (b.where_loc, b.where_scale, b.what_loc, b.what_scale)
-    )
-    return Posterior(*(torch.where(m, x, y) for x, y in pairs))
+    return Posterior(*(torch.where(m, x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True)))
 
 
 def search_counts(model: AIR, images, cfg: CountSearchConfig | None = None, progress=None) -> CountSearch:
@@ -257,7 +255,8 @@ def search_counts(model: AIR, images, cfg: CountSearchConfig | None = None, prog
     generator = torch.Generator().manual_seed(cfg.seed)
     B, D = images.shape[0], model.config.z_what_dim
     scores = images.new_empty(B, len(hypotheses))
-    fits: list[list[Posterior]] = []
+    z_where = images.new_zeros(B, T, 3)  # the chosen hypothesis's means, filled batch by batch
+    z_what = images.new_zeros(B, T, D)
     for start in range(0, B, cfg.batch_size):
         x = images[start : start + cfg.batch_size]
         batch_fits: dict[int, Posterior] = {}
@@ -276,21 +275,14 @@ def search_counts(model: AIR, images, cfg: CountSearchConfig | None = None, prog
                 score = torch.maximum(score, score_del)
             scores[rows, j] = score + count_log_prior(model, k)
             batch_fits[k] = q
-        fits.append([batch_fits[k] for k in hypotheses])
+        best = scores[rows].argmax(1)
+        for j, k in enumerate(hypotheses):
+            chosen = (best == j).nonzero().squeeze(1) + start
+            z_where[chosen, :k] = where_from_latent(batch_fits[k].where_loc[chosen - start])
+            z_what[chosen, :k] = batch_fits[k].what_loc[chosen - start]
         if progress is not None:
             progress(min(start + cfg.batch_size, B), B)
-    best = scores.argmax(1)
-    counts = torch.tensor(hypotheses, device=images.device)[best]
-    z_where = images.new_zeros(B, T, 3)
-    z_what = images.new_zeros(B, T, D)
-    for b, chosen_fits in enumerate(fits):
-        rows = slice(b * cfg.batch_size, b * cfg.batch_size + chosen_fits[0].where_loc.shape[0])
-        for j, q in enumerate(chosen_fits):
-            chosen = (best[rows] == j).nonzero().squeeze(1)
-            if q.k and len(chosen):
-                loc = q.where_loc[chosen]
-                z_where[rows][chosen, : q.k] = torch.cat([loc[..., :1].exp(), loc[..., 1:]], dim=-1)
-                z_what[rows][chosen, : q.k] = q.what_loc[chosen]
+    counts = torch.tensor(hypotheses, device=images.device)[scores.argmax(1)]
     z_pres = (torch.arange(T, device=images.device) < counts[:, None]).to(images.dtype)
     with torch.no_grad():
         guide_counts = model.infer(images).counts
