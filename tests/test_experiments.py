@@ -85,6 +85,8 @@ def test_representation_smoke(tmp_path, data_dir):
     for curves in record["curves"].values():
         assert all(len(accs) == 2 and all(0 <= a <= 1 for a in accs) for accs in curves.values())
     assert written(out, "rep")["model"] == str(run / "checkpoint.pt")
+    table = (out / "rep.md").read_text()  # a classifier stuck at the majority class is marked, and the mark explained
+    assert (" \\*" in table) == ("of the majority class: that classifier learned nothing" in table)
 
 
 @pytest.fixture
