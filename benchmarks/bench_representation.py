@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         K = n_classes(task, max(args.counts))
         curves[task] = {INPUTS[i]: [] for i in args.inputs}
         for n in args.n_labels:
-            row = [task, n]
+            accs = []
             for i in args.inputs:
                 gen = torch.Generator().manual_seed(args.seed * 1000 + n)  # the same batches for every input
                 torch.manual_seed(args.seed * 1000 + n)  # and the same initialisation for a given input
@@ -373,13 +373,11 @@ def main(argv: list[str] | None = None) -> dict:
                     net = make_net(i, task, K, T, Fdim)
                     acc = fit_and_score(net, x_pool[:n], y_pool[:n], x_test, y_test, args, gen)
                 curves[task][INPUTS[i]].append(acc)
-                row.append(acc)
+                accs.append(acc)
             majority = float((y_test == torch.mode(y_pool[:n]).values).float().mean())
-            marks = [" \\*" if acc <= majority + STUCK_MARGIN else "" for acc in row[2:]]
+            marks = [" \\*" if acc <= majority + STUCK_MARGIN else "" for acc in accs]
             stuck = stuck or any(marks)
-            rows.append(
-                row[:2] + [f"{acc:.1%}{m}" for acc, m in zip(row[2:], marks, strict=True)] + [f"{majority:.1%}"]
-            )
+            rows.append([task, n, *(f"{acc:.1%}{m}" for acc, m in zip(accs, marks, strict=True)), f"{majority:.1%}"])
             print(rows[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

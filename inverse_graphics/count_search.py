@@ -277,9 +277,9 @@ def search_counts(model: AIR, images, cfg: CountSearchConfig | None = None, prog
             batch_fits[k] = q
         best = scores[rows].argmax(1)
         for j, k in enumerate(hypotheses):
-            chosen = (best == j).nonzero().squeeze(1) + start
-            z_where[chosen, :k] = where_from_latent(batch_fits[k].where_loc[chosen - start])
-            z_what[chosen, :k] = batch_fits[k].what_loc[chosen - start]
+            chosen = (best == j).nonzero().squeeze(1)  # within the batch
+            z_where[start + chosen, :k] = where_from_latent(batch_fits[k].where_loc[chosen])
+            z_what[start + chosen, :k] = batch_fits[k].what_loc[chosen]
         if progress is not None:
             progress(min(start + cfg.batch_size, B), B)
     counts = torch.tensor(hypotheses, device=images.device)[scores.argmax(1)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import inverse_graphics as ig
-from inverse_graphics.air import AIR, AIRConfig
+from inverse_graphics.air import AIR, AIRConfig, where_from_latent
 from inverse_graphics.count_search import (
     CountSearchConfig,
     Posterior,
@@ -158,7 +158,7 @@ def test_drop_weakest_removes_the_object_that_explains_least():
     where[1] = where[1, [2, 0, 1]]  # in the second scene the stray object comes first
     what = torch.randn(2, 3, 2, dtype=torch.float64)
     with torch.no_grad():
-        z_where = torch.cat([where[..., :1].exp(), where[..., 1:]], -1)
+        z_where = where_from_latent(where)
         drawn = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
         x = model.render(drawn, z_where, what).clamp(0, 1)
     scale = lambda t: torch.full_like(t, 0.01)  # noqa: E731
