@@ -84,8 +84,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=4, help="T, inference steps")
     p.add_argument("--n-train", type=int, default=60_000)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="the main learning rate at step 0 (train.lr_at)")
     p.add_argument(
         "--lr-floor", type=float, default=TrainConfig.lr_floor, help="the main learning rate's floor (train.lr_at)"
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="runs laid out like --runs: each run starts from the weights of its namesake there "
+        "(<task>/<model>_seed<seed>/checkpoint.pt; fresh optimiser, step count and schedule), to train it on "
+        "further, e.g. on a GPU",
     )
     p.add_argument("--eval-n", type=int, default=1000, help="test-count scenes for the learning curve")
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between evaluations")
@@ -130,6 +138,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
         minutes=args.minutes,
         steps=args.steps,
         batch_size=args.batch_size,
+        lr=args.lr,
         lr_floor=args.lr_floor,
         n_train=args.n_train,
         train_counts=task.train_counts,
@@ -143,6 +152,7 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
         threads=args.threads,
         dair_memory=model == "dair-memory",
         sleep_weight=args.sleep_weight if model == "dair-sleep" else 0.0,
+        init_from=str(Path(args.init_from) / run.parent.name / run.name / "checkpoint.pt") if args.init_from else None,
     )
     interrupted = args.resume and (run / "checkpoint.pt").exists()  # killed before its score: continue it
     if not interrupted and (run / "metrics.jsonl").exists():
@@ -290,13 +300,18 @@ def table(results: dict[str, list[dict]], args) -> str:
     budget = f"{args.minutes:g} minutes of training wall-clock (evaluation excluded)"
     if args.steps is not None:
         budget = f"{args.steps} steps (or {args.minutes:g} minutes, whichever ended first)"
+    if args.init_from:
+        budget += (
+            f" on top of the runs under {args.init_from} (their weights, a fresh optimiser and learning-rate schedule;"
+            " the steps and train min columns count this training only)"
+        )
     if args.resume:
         budget += " (runs reused by --resume keep the budget and settings they were trained with: train min column)"
     return (
         markdown_table(header, rows) + f"\n\nBudget: each run trained for at most {budget}, batch "
-        f"{args.batch_size}, learning-rate floor {args.lr_floor:g}, T = {args.max_steps} steps, {args.n_train} "
-        f"training scenes, overlap rule '{args.overlap}', on {args.device}. Paper numbers are approximate, read off "
-        "Eslami et al. 2016.\n\n"
+        f"{args.batch_size}, learning rate {args.lr:g} decaying to {args.lr_floor:g}, T = {args.max_steps} steps, "
+        f"{args.n_train} training scenes, overlap rule '{args.overlap}', on {args.device}. Paper numbers are "
+        "approximate, read off Eslami et al. 2016.\n\n"
         f"![accuracy]({args.name}.png)\n\n![curves]({args.name}_curve.png)"
     )
 

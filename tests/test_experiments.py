@@ -12,6 +12,7 @@ import torch
 
 from benchmarks import bench_dair_generalisation, bench_omniglot, bench_representation, bench_tabletop
 from inverse_graphics.air import AIR, AIRConfig
+from inverse_graphics.checkpoint import CheckpointError
 from inverse_graphics.pretrained import load
 from inverse_graphics.train import TrainConfig, train
 from inverse_graphics.train_supervised3d import SupervisedTrainConfig, train_supervised
@@ -63,6 +64,17 @@ def test_dair_generalisation_smoke(tmp_path, data_dir):
     assert "; 6 scenes, 2 steps)" in (tmp_path / "out" / "gen.md").read_text()
     cached = bench_dair_generalisation.main(search)["interpolation"][1]
     assert cached["search_seconds"] == searched[1]["search_seconds"]  # not searched again
+    # --init-from: a run starts from its namesake's weights (with a zero learning rate it keeps them exactly)
+    on = args + ["--models", "dair", "--runs", str(tmp_path / "more"), "--init-from"]
+    bench_dair_generalisation.main(on + [str(tmp_path / "runs"), "--lr", "0", "--lr-floor", "0"])
+    before = torch.load(tmp_path / "runs" / "interpolation" / "dair_seed0" / "checkpoint.pt", weights_only=False)
+    after = torch.load(tmp_path / "more" / "interpolation" / "dair_seed0" / "checkpoint.pt", weights_only=False)
+    for k, v in before["state_dict"].items():
+        if not k.startswith(("baseline.", "signal_")):  # the NVIL baseline has its own learning rate
+            assert torch.equal(after["state_dict"][k], v), k
+    assert after["train_config"]["init_from"].endswith("interpolation/dair_seed0/checkpoint.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        bench_dair_generalisation.main(on + [str(tmp_path / "elsewhere")])
 
 
 def test_dair_generalisation_medians_over_seeds():
