@@ -297,6 +297,7 @@ def table(results: dict[str, list[dict]], args) -> str:
     header = ["task", "train counts", "test count", "model", "seed", f"count acc ({args.test_n} test scenes)"]
     header += ["with count search (guide on the same scenes)"]
     header += ["paper", "target", "acc on train counts", "steps", "train min"]
+    where = ", ".join(sorted({r["trained_on"] for recs in results.values() for r in recs if "trained_on" in r}))
     budget = f"{args.minutes:g} minutes of training wall-clock (evaluation excluded)"
     if args.steps is not None:
         budget = f"{args.steps} steps (or {args.minutes:g} minutes, whichever ended first)"
@@ -310,8 +311,8 @@ def table(results: dict[str, list[dict]], args) -> str:
     return (
         markdown_table(header, rows) + f"\n\nBudget: each run trained for at most {budget}, batch "
         f"{args.batch_size}, learning rate {args.lr:g} decaying to {args.lr_floor:g}, T = {args.max_steps} steps, "
-        f"{args.n_train} training scenes, overlap rule '{args.overlap}', on {args.device}. Paper numbers are "
-        "approximate, read off Eslami et al. 2016.\n\n"
+        f"{args.n_train} training scenes, overlap rule '{args.overlap}', trained on {where or args.device}. Paper "
+        "numbers are approximate, read off Eslami et al. 2016.\n\n"
         f"![accuracy]({args.name}.png)\n\n![curves]({args.name}_curve.png)"
     )
 
@@ -335,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.resume and args.skip_missing and not (run / "checkpoint.pt").exists():
                     continue
                 results[name].append(run_one(task, model, seed, run, tests, args))
+                # where it trained, from the run's own config: a run reused by --resume may have trained elsewhere
+                results[name][-1]["trained_on"] = json.loads((run / "config.json").read_text())["device"]
                 if args.search_steps and model in args.search_models:
                     results[name][-1] = add_search(results[name][-1], run, tests["test"], args)
                 curves[f"{name} {model} seed {seed}"] = read_metrics(run / "metrics.jsonl")

@@ -38,6 +38,7 @@ def test_dair_generalisation_smoke(tmp_path, data_dir):
     assert all(0 <= r["test_count_acc"] <= 1 for r in rows)
     record = written(tmp_path / "out", "gen")
     assert record["budget_steps"] == 2 and "~95%" in (tmp_path / "out" / "gen.md").read_text()
+    assert "trained on cpu." in (tmp_path / "out" / "gen.md").read_text()  # read from the runs' own configs
     assert (tmp_path / "out" / "gen_curve.png").is_file()
     # --resume reuses finished runs instead of training again
     again = bench_dair_generalisation.main(args + ["--resume", "--models", "dair"])
