@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import bench_dair_generalisation, bench_omniglot, bench_representation, bench_tabletop
 from inverse_graphics.air import AIR, AIRConfig
-from inverse_graphics.checkpoint import CheckpointError
+from inverse_graphics.checkpoint import CheckpointError, load_checkpoint
 from inverse_graphics.pretrained import load
 from inverse_graphics.train import TrainConfig, train
 from inverse_graphics.train_supervised3d import SupervisedTrainConfig, train_supervised
@@ -68,8 +68,8 @@ def test_dair_generalisation_smoke(tmp_path, data_dir):
     # --init-from: a run starts from its namesake's weights (with a zero learning rate it keeps them exactly)
     on = args + ["--models", "dair", "--runs", str(tmp_path / "more"), "--init-from"]
     bench_dair_generalisation.main(on + [str(tmp_path / "runs"), "--lr", "0", "--lr-floor", "0"])
-    before = torch.load(tmp_path / "runs" / "interpolation" / "dair_seed0" / "checkpoint.pt", weights_only=False)
-    after = torch.load(tmp_path / "more" / "interpolation" / "dair_seed0" / "checkpoint.pt", weights_only=False)
+    before = load_checkpoint(tmp_path / "runs" / "interpolation" / "dair_seed0" / "checkpoint.pt")
+    after = load_checkpoint(tmp_path / "more" / "interpolation" / "dair_seed0" / "checkpoint.pt")
     for k, v in before["state_dict"].items():
         if not k.startswith(("baseline.", "signal_")):  # the NVIL baseline has its own learning rate
             assert torch.equal(after["state_dict"][k], v), k
