@@ -108,6 +108,12 @@ def _add_train(sub) -> None:
     g.add_argument("--anneal-steps", type=int)
     g.add_argument("--data-dir")
     g.add_argument(
+        "--likelihood-sd",
+        type=float,
+        help="sigma of the Gaussian pixel likelihood (default 0.3, the paper's); with --init-from, the loaded "
+        "model is trained on under this one",
+    )
+    g.add_argument(
         "--dair-memory", action="store_true", help="dair: steps also see the recurrent state (the older variant)"
     )
     g = p.add_argument_group("tabletop models (air-tabletop, supervised-tabletop)")
@@ -141,6 +147,7 @@ def _check_applies(args, names: dict[str, str]) -> None:
     foreign = [o for o in every if o not in names and getattr(args, o) is not None]
     foreign += ["naive_yaw"] if args.naive_yaw and args.model != "supervised-tabletop" else []
     foreign += ["dair_memory"] if args.dair_memory and args.model != "dair" else []
+    foreign += ["likelihood_sd"] if args.likelihood_sd is not None and args.model not in MODELS_2D else []
     if foreign:
         listed = ", ".join("--" + o.replace("_", "-") for o in foreign)
         raise ValueError(f"{listed} do(es) not apply to `train {args.model}`; see `inverse-graphics train --help`")
@@ -155,7 +162,9 @@ def _run_train(args) -> int:
     if args.model in MODELS_2D:
         from inverse_graphics.train import TrainConfig, train
 
-        rec = train(TrainConfig(model=args.model, dair_memory=args.dair_memory, **kw), resume, progress)
+        overrides = {} if args.likelihood_sd is None else {"likelihood_sd": args.likelihood_sd}
+        cfg2d = TrainConfig(model=args.model, dair_memory=args.dair_memory, model_overrides=overrides, **kw)
+        rec = train(cfg2d, resume, progress)
     elif args.model == "air-tabletop":
         from inverse_graphics.train_air3d import AIR3DTrainConfig, train_air3d
 

@@ -123,11 +123,17 @@ def test_cli_train_dair_variant(tmp_path, data_dir, memory):
     assert cli_main(args[:3] + [str(tmp_path / "again")] + args[4:] + start) == 0
     again = ig.load(tmp_path / "again" / "checkpoint.pt")
     assert torch.equal(again.decoder.fc2.weight, model.decoder.fc2.weight)
+    # --likelihood-sd: the same weights, trained on under a sharper pixel likelihood
+    sharper = start + ["--likelihood-sd", "0.2"]
+    assert cli_main(args[:3] + [str(tmp_path / "sharper")] + args[4:] + sharper) == 0
+    assert ig.load(tmp_path / "sharper" / "checkpoint.pt").config.likelihood_sd == 0.2 != model.config.likelihood_sd
 
 
 def test_cli_refuses_dair_memory_for_air(tmp_path, capsys):
     assert cli_main(["train", "air", "--out", str(tmp_path), "--dair-memory"]) == 2
     assert "--dair-memory do(es) not apply to `train air`" in capsys.readouterr().err
+    assert cli_main(["train", "air-tabletop", "--out", str(tmp_path), "--likelihood-sd", "0.2"]) == 2
+    assert "--likelihood-sd do(es) not apply to `train air-tabletop`" in capsys.readouterr().err
 
 
 def test_dair_starts_from_an_air_checkpoint(tmp_path, data_dir):
