@@ -16,6 +16,13 @@ def _counts(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from err
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 MODELS_2D = ("air", "dair")
 MODELS_3D = ("air-tabletop", "supervised-tabletop")
 
@@ -109,7 +116,7 @@ def _add_train(sub) -> None:
     g.add_argument("--data-dir")
     g.add_argument(
         "--likelihood-sd",
-        type=float,
+        type=_positive,
         help="sigma of the Gaussian pixel likelihood (default 0.3, the paper's); with --init-from, the loaded "
         "model is trained on under this one",
     )

@@ -134,6 +134,9 @@ def test_cli_refuses_dair_memory_for_air(tmp_path, capsys):
     assert "--dair-memory do(es) not apply to `train air`" in capsys.readouterr().err
     assert cli_main(["train", "air-tabletop", "--out", str(tmp_path), "--likelihood-sd", "0.2"]) == 2
     assert "--likelihood-sd do(es) not apply to `train air-tabletop`" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's usage error
+        cli_main(["train", "air", "--out", str(tmp_path), "--likelihood-sd", "0"])
+    assert "expected a number > 0, got '0'" in capsys.readouterr().err
 
 
 def test_dair_starts_from_an_air_checkpoint(tmp_path, data_dir):
