@@ -132,42 +132,48 @@ def _probe_points(mesh: trimesh.Trimesh, seed: int = 0) -> np.ndarray:
     surface sample (so that large flat faces count), deterministic."""
     rng = np.random.default_rng(seed)
     verts = np.asarray(mesh.vertices)
-    if len(verts) > 400:
-        verts = verts[rng.choice(len(verts), 400, replace=False)]
-    samples, _ = trimesh.sample.sample_surface(mesh, 400, seed=seed)
+    if len(verts) > 300:
+        verts = verts[rng.choice(len(verts), 300, replace=False)]
+    samples, _ = trimesh.sample.sample_surface(mesh, 300, seed=seed)
     return np.concatenate([verts, np.asarray(samples)])
 
 
 class _SurfaceDistance:
-    """Exact distances from points to a mesh's surface (no spatial-index dependency): for each point, the
-    triangles that can be nearer than its nearest vertex are found by a KD-tree on triangle centres, then
-    measured exactly with `trimesh.triangles.closest_point`."""
+    """Exact distances from points to a mesh's surface (no spatial-index dependency): for each point, only the
+    triangles that can be nearer than its nearest vertex (centre distance minus the triangle's reach) are
+    measured, with `trimesh.triangles.closest_point`."""
 
     def __init__(self, mesh: trimesh.Trimesh):
         self.triangles = np.asarray(mesh.triangles)  # (F, 3, 3)
-        centres = self.triangles.mean(1)  # (F, 3)
-        self.reach = float(np.linalg.norm(self.triangles - centres[:, None], axis=2).max())  # centre to corner
-        self.centre_tree = cKDTree(centres)
+        self.centres = self.triangles.mean(1)  # (F, 3)
+        self.reaches = np.linalg.norm(self.triangles - self.centres[:, None], axis=2).max(1)  # (F,) centre to corner
+        self.centre_tree = cKDTree(self.centres)
         self.vertex_tree = cKDTree(np.asarray(mesh.vertices))
 
-    def __call__(self, points: np.ndarray) -> np.ndarray:
-        """(P,) distance of each of `points` (P, 3) to the surface."""
+    def exceeds(self, points: np.ndarray, tolerance: float) -> bool:
+        """True if any of `points` (P, 3) is farther than `tolerance` from the surface."""
         upper = self.vertex_tree.query(points)[0]  # (P,) a vertex is on the surface
-        candidates = self.centre_tree.query_ball_point(points, upper + self.reach)
+        far = upper > tolerance  # only these need an exact distance
+        points, upper = points[far], upper[far]
+        if len(points) == 0:
+            return False
+        candidates = self.centre_tree.query_ball_point(points, upper + self.reaches.max())
         owner = np.repeat(np.arange(len(points)), [len(c) for c in candidates])  # (Q,) point of each pair
         faces = np.concatenate([np.asarray(c, dtype=int) for c in candidates])  # (Q,)
+        near = np.linalg.norm(self.centres[faces] - points[owner], axis=1) - self.reaches[faces] <= upper[owner]
+        owner, faces = owner[near], faces[near]
         nearest = trimesh.triangles.closest_point(self.triangles[faces], points[owner])  # (Q, 3)
-        d = np.linalg.norm(nearest - points[owner], axis=1)
         best = upper.copy()
-        np.minimum.at(best, owner, d)
-        return best
+        np.minimum.at(best, owner, np.linalg.norm(nearest - points[owner], axis=1))
+        return bool((best > tolerance).any())
 
 
-def _turn_deviation(distance: _SurfaceDistance, points: np.ndarray, angle: float) -> float:
-    """The farthest any of `points` lands from the surface after a turn by `angle` about the z axis."""
+def _turn_exceeds(distance: _SurfaceDistance, points: np.ndarray, angle: float, tolerance: float) -> bool:
+    """True if some of `points`, turned by `angle` about the z axis, land farther than `tolerance` from the
+    surface (checked in chunks, so that a clear asymmetry is found after the first)."""
     c, s = math.cos(angle), math.sin(angle)
     turned = points @ np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]).T
-    return float(distance(turned).max())
+    return any(distance.exceeds(turned[i : i + 100], tolerance) for i in range(0, len(turned), 100))
 
 
 def detect_yaw_period(mesh: trimesh.Trimesh) -> float:
@@ -190,7 +196,7 @@ def detect_yaw_period(mesh: trimesh.Trimesh) -> float:
     points = _probe_points(mesh)
 
     def symmetric(angles) -> bool:
-        return all(_turn_deviation(tree, points, a) <= tolerance for a in angles)
+        return not any(_turn_exceeds(tree, points, a, tolerance) for a in angles)
 
     if symmetric([math.radians(a) for a in ANY_YAW_TEST_DEGREES]):
         return 0.0
