@@ -13,6 +13,7 @@ from renderers import opengl
 from renderers.finite_difference import FiniteDifferenceRenderer, FiniteDifferenceSettings
 from renderers.mesh import Appearance, Camera, MeshRenderer3D, MeshRenderSettings
 from scenes import tabletop
+from scenes.tabletop_objects import library
 from tests.conftest import assert_close
 
 UNAVAILABLE = opengl.opengl_available()
@@ -25,8 +26,8 @@ def _renderer(kind: str, stage=STAGE):
     if kind == "opengl":
         if UNAVAILABLE is not None:
             pytest.skip(f"OpenGL renderer unavailable: {UNAVAILABLE}")
-        return opengl.OpenGLRenderer(tabletop.library(), stage, opengl.OpenGLSettings(image_size=SIZE))
-    return MeshRenderer3D(tabletop.library(), stage, MeshRenderSettings(image_size=SIZE, mode=kind))
+        return opengl.OpenGLRenderer(library(), stage, opengl.OpenGLSettings(image_size=SIZE))
+    return MeshRenderer3D(library(), stage, MeshRenderSettings(image_size=SIZE, mode=kind))
 
 
 def _varied(batch: int, seed: int = 0) -> Appearance:

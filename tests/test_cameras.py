@@ -19,6 +19,7 @@ from renderers import opengl
 from renderers.finite_difference import FiniteDifferenceRenderer, FiniteDifferenceSettings
 from renderers.mesh import Appearance, Camera, MeshLibrary, MeshRenderer3D, MeshRenderSettings, image_width_height
 from scenes import tabletop
+from scenes.tabletop_objects import library
 from tests.conftest import assert_close
 
 UNAVAILABLE = opengl.opengl_available()
@@ -161,8 +162,8 @@ def _scenes(n=6, seed=9, max_objects=4):
 def _renderer(camera, size, mode="hard", backend="pytorch3d"):
     stage = replace(tabletop.make_stage(), camera=camera)
     if backend == "opengl":
-        return opengl.OpenGLRenderer(tabletop.library(), stage, opengl.OpenGLSettings(image_size=size))
-    return MeshRenderer3D(tabletop.library(), stage, MeshRenderSettings(image_size=size, mode=mode))
+        return opengl.OpenGLRenderer(library(), stage, opengl.OpenGLSettings(image_size=size))
+    return MeshRenderer3D(library(), stage, MeshRenderSettings(image_size=size, mode=mode))
 
 
 def _assert_same_images(a, b, msg):
@@ -216,8 +217,8 @@ def test_opengl_matches_pytorch3d_on_non_square_intrinsics_with_appearance(size)
         table_color=torch.rand(16, 3, generator=g),
         eye=torch.tensor(camera.eye) + 0.03 * torch.randn(16, 3, generator=g),
     )
-    p3d = MeshRenderer3D(tabletop.library(), stage, MeshRenderSettings(image_size=size))
-    gl = opengl.OpenGLRenderer(tabletop.library(), stage, opengl.OpenGLSettings(image_size=size))
+    p3d = MeshRenderer3D(library(), stage, MeshRenderSettings(image_size=size))
+    gl = opengl.OpenGLRenderer(library(), stage, opengl.OpenGLSettings(image_size=size))
     for appearance in (None, look):
         a = p3d(t.shape_ids, t.positions, t.yaws, colors, appearance)
         b = gl(t.shape_ids, t.positions, t.yaws, colors, appearance)
