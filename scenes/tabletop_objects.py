@@ -55,7 +55,7 @@ def yaw_distance(shape: str, yaw_a: float, yaw_b: float) -> float:
 
 def _primitive(shape: str) -> trimesh.Trimesh:
     """The trimesh primitive for `shape`, resting on z = 0 and centred on the z axis."""
-    sizes = {
+    sizes: dict[str, dict] = {
         "cube": {"size": CUBE_SIDE},
         "sphere": {"radius": SPHERE_RADIUS},
         "cylinder": {"radius": CYLINDER_RADIUS, "height": CYLINDER_HEIGHT},

@@ -62,13 +62,20 @@ def tube(path: np.ndarray, radius: float, sides: int = 10) -> trimesh.Trimesh:
     return mesh
 
 
+def _join(parts: list[trimesh.Trimesh]) -> trimesh.Trimesh:
+    """One mesh of overlapping closed parts (no boolean union: each part stays closed)."""
+    mesh = trimesh.util.concatenate(parts)
+    assert isinstance(mesh, trimesh.Trimesh)
+    return mesh
+
+
 def mug() -> trimesh.Trimesh:
     """A mug: a cup with 4 mm walls and a 7 mm bottom, and a round handle on its +x side."""
     r, h, wall, floor = 0.040, 0.095, 0.004, 0.007
     cup = revolved([(0, 0), (r, 0), (r, h), (r - wall, h), (r - wall, floor), (0, floor)])
     t = np.linspace(-math.pi / 2, math.pi / 2, 9)
     arc = np.stack([r - 0.002 + 0.028 * np.cos(t), np.zeros_like(t), 0.050 + 0.028 * np.sin(t)], axis=1)
-    return trimesh.util.concatenate([cup, tube(arc, 0.006)])
+    return _join([cup, tube(arc, 0.006)])
 
 
 def bowl() -> trimesh.Trimesh:
@@ -99,12 +106,12 @@ def cracker_box() -> trimesh.Trimesh:
 
 
 def spatula() -> trimesh.Trimesh:
-    """A flat spatula lying on the table: a 0.175 m handle along -x and a 0.075 x 0.065 m blade at +x."""
+    """A flat spatula lying on the table: a 0.18 m handle along -x and a 0.075 x 0.065 m blade at +x."""
     handle = trimesh.creation.box(extents=(0.180, 0.022, 0.012))
     handle.apply_translation((-0.035, 0, 0.006))
     blade = trimesh.creation.box(extents=(0.075, 0.065, 0.005))
     blade.apply_translation((0.0875, 0, 0.0025))
-    return trimesh.util.concatenate([handle, blade])
+    return _join([handle, blade])
 
 
 def write_all(out: Path) -> dict[str, int]:
