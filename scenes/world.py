@@ -60,7 +60,8 @@ WORLDS_DIR = Path(__file__).parent / "worlds"
 BUILTIN_WORLDS = ("primitives", "kitchen")  # names load_world knows: scenes/worlds/NAME.toml
 MAX_TRIES = 100  # positions tried for one object before the scene is restarted
 MAX_RESTARTS = 1000  # restarts of one scene before sampling gives up (load-time validation makes this rare)
-CAPACITY_RESTARTS = 50  # restarts allowed when validating that the largest count fits
+CAPACITY_RESTARTS = 10  # restarts allowed when validating that the largest count fits
+MAX_COVER = 0.5  # a count whose largest footprints would cover more of the table is refused without trying
 TOP_KEYS = ("name", "image_size", "objects_per_scene", "min_gap", "camera", "light", "table", "randomize", "objects")
 
 
@@ -613,13 +614,18 @@ def _check_fit(world: World, source: str) -> None:
     high = world.objects_per_scene[1]
     areas = [_area(o.footprint) for o in world.objects]
     largest = int(np.argmax(areas))
+    table = f"{world.table.size[0]:g} x {world.table.size[1]:g} m table"
+    cover = high * areas[largest] / (world.table.size[0] * world.table.size[1])
+    if cover > MAX_COVER:  # random placement jams long before: no need to try
+        raise WorldError(f"{source}: objects_per_scene: {high} objects may not fit on the {table}: {high} x "
+                         f"{world.objects[largest].name!r} (the largest footprint) would cover {cover:.0%} of it; "
+                         "lower the maximum or enlarge the table")  # fmt: skip
     scene = world._sample_scene(np.random.default_rng(0), high, [largest] * high, CAPACITY_RESTARTS)
     if scene is None:
         raise WorldError(
-            f"{source}: objects_per_scene: {high} objects may not fit on the {world.table.size[0]:g} x "
-            f"{world.table.size[1]:g} m table: {high} x {world.objects[largest].name!r} (the largest footprint) "
-            f"could not be placed {world.min_gap:g} m apart in {CAPACITY_RESTARTS} tries; lower the maximum or "
-            "enlarge the table"
+            f"{source}: objects_per_scene: {high} objects may not fit on the {table}: {high} x "
+            f"{world.objects[largest].name!r} (the largest footprint) could not be placed {world.min_gap:g} m apart "
+            f"in {CAPACITY_RESTARTS} tries; lower the maximum or enlarge the table"
         )
 
 
