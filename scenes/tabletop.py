@@ -1,4 +1,7 @@
-"""Tabletop scenes: a few rigid objects resting on a square table, seen from one fixed camera.
+"""Tabletop scenes of the built-in "primitives" world: a few rigid primitives resting on a square table, seen from
+one fixed camera. The general form is `scenes.world.World` (any meshes, table, camera, light, image size): the
+constants below are the primitives world's (scenes/worlds/primitives.toml, checked equal by tests/test_world.py),
+and `make_renderer` / `render_scenes` render through it.
 
 Conventions (written once, here; docs/tabletop.md summarises them)
 - Table frame = world frame: metres, origin at the centre of the table top, x to the right and y away from the

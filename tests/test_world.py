@@ -171,6 +171,15 @@ def test_mesh_formats_units_and_axes(tmp_path, fmt):
     assert mesh.is_watertight
 
 
+def test_an_obj_material_library_is_not_opened(tmp_path):
+    """Mesh files are parsed from memory without a resolver: an OBJ naming a material library (here one that does
+    not exist, outside the directory) still loads, and nothing is looked up."""
+    (tmp_path / "tri.obj").write_text("mtllib ../../elsewhere/secret.mtl\nusemtl x\nv 0 0 0\nv 1 0 0\nv 0 1 0\n"
+                                      "v 0 0 1\nf 1 3 2\nf 1 2 4\nf 2 3 4\nf 1 4 3\n")  # fmt: skip
+    mesh = world_meshes.read_mesh_file(tmp_path / "tri.obj")
+    assert len(mesh.faces) == 4
+
+
 def test_a_multi_part_glb_is_one_mesh_with_node_transforms(tmp_path):
     scene = trimesh.Scene()
     moved = trimesh.transformations.translation_matrix((2, 0, 0))
@@ -386,3 +395,16 @@ def test_the_kitchen_world():
     assert {p.suffix for p in files} >= {".obj", ".ply", ".stl", ".glb"}
     scenes = w.sample_scenes(4, seed=0)
     assert w.render_scenes(scenes, randomize=True, seed=0).shape == (4, 3, w.image_size[1], w.image_size[0])
+
+
+def test_the_example_in_the_docs_loads(tmp_path):
+    """docs/tabletop.md's example world file, with a millimetre mug at the path it names."""
+    doc = (Path(__file__).parents[1] / "docs" / "tabletop.md").read_text()
+    example = doc.split("### Example")[1].split("```toml")[1].split("```")[0]
+    (tmp_path / "meshes").mkdir()
+    trimesh.creation.cylinder(radius=40.0, height=95.0, sections=24).export(tmp_path / "meshes" / "mug.obj")
+    (tmp_path / "my_kitchen.toml").write_text(example)
+    w = load_world(tmp_path / "my_kitchen.toml")
+    assert w.image_size == (160, 120) and w.camera.intrinsics() == (175.0, 175.0, 80.0, 60.0)
+    assert_close(np.array(w.objects[0].mesh.extents), [0.08, 0.08, 0.095], atol=1e-9)
+    assert w.render_scenes(w.sample_scenes(1, seed=0), randomize=True, seed=0).shape == (1, 3, 120, 160)
