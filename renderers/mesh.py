@@ -457,6 +457,9 @@ class MeshRenderer3D(torch.nn.Module):
         if appearance is not None:
             appearance.validate(B)
             appearance = None if appearance.is_nominal() else appearance
+        if B == 0:  # PyTorch3D cannot take an empty batch of meshes
+            images = positions.new_zeros(0, 3, self.settings.height, self.settings.width)
+            return RenderOutput(images=images, object_mask=images[:, 0].bool())
         soft = self.settings.mode == "soft"
         if soft and not (shape_ids >= 0).any():  # nothing but the table, which PyTorch3D cannot take as empty
             return self._empty_table(B, positions, appearance)

@@ -165,6 +165,14 @@ def test_finite_differences_under_a_batch_of_appearances_equal_each_scene_alone(
         assert_close(batch_yaw[b : b + 1], yaw, atol=1e-3, msg=f"yaws {b}")
 
 
+@pytest.mark.parametrize("kind", ["hard", "soft", "opengl"])
+def test_an_empty_batch_gives_empty_images(kind):
+    t, _ = _scenes(1)
+    none = Appearance.nominal(STAGE, 0)
+    out = _renderer(kind)(t.shape_ids[:0], t.positions[:0], t.yaws[:0], None, none)
+    assert out.images.shape == (0, 3, SIZE[1], SIZE[0]) and out.object_mask.shape == (0, SIZE[1], SIZE[0])
+
+
 def test_take_selects_rows_and_keeps_unset_fields_unset():
     look = Appearance(ambient=torch.tensor([0.1, 0.2, 0.3]))
     picked = look.take(torch.tensor([2, 2, 0]))
