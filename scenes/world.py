@@ -284,13 +284,13 @@ class World:
         if backend not in ("auto", "pytorch3d", "opengl"):
             raise ValueError(f"backend must be 'auto', 'pytorch3d' or 'opengl', got {backend!r}")
         size = self.image_size if image_size is None else image_size
-        wh = (size, size) if isinstance(size, int) else tuple(size)
+        wh = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         stage = self.stage
         if wh != self.image_size and self.camera.pixel is not None:
             from dataclasses import replace
 
             stage = replace(stage, camera=self.camera.renderer_camera(wh))  # type: ignore[arg-type]
-        settings_size = size if isinstance(size, int) else (size if size[0] != size[1] else size[0])
+        settings_size = wh[0] if wh[0] == wh[1] else wh  # an int for square images, as the renderers always took
         if backend == "auto" and mode == "hard":
             from renderers.opengl import OpenGLUnavailableError
 
