@@ -422,3 +422,23 @@ def test_opengl_backend_renders_the_world_as_pytorch3d_does(small):
     reference = small.render_scenes(scenes, randomize=True, seed=1, backend="pytorch3d")
     differs = (gl - reference).abs().amax(1) > 0.1  # (B, H, W)
     assert differs.float().mean() < 0.01 and (gl - reference).abs().mean() < 0.005
+
+
+def test_gain_and_pixel_noise_act_on_the_rendered_image_as_specified(small):
+    """Only brightness on: each image is the nominal one times a gain in [0.8, 1.2]; only pixel noise on: the
+    residual's standard deviation is the given one (pixels clear of 0 and 1, where clipping cuts it)."""
+    scenes = small.sample_scenes(6, seed=8)
+    nominal = small.render_scenes(scenes)
+    d = small.to_dict()
+    zeros = dict.fromkeys(d["randomize"], 0.0)
+    bright = World.from_dict({**d, "randomize": {**zeros, "brightness": 0.2}})
+    images = bright.render_scenes(scenes, randomize=True, seed=0)
+    lit = (nominal > 0.05) & (nominal < 0.8)  # clear of float32 rounding and of clipping at 1
+    ratios = [(images[b][lit[b]] / nominal[b][lit[b]]) for b in range(6)]
+    for r in ratios:
+        assert r.std() < 1e-4 and 0.8 - 1e-6 <= r.mean() <= 1.2 + 1e-6
+    assert max(float(r.mean()) for r in ratios) - min(float(r.mean()) for r in ratios) > 0.05
+    noisy = World.from_dict({**d, "randomize": {**zeros, "pixel_noise": 0.05}})
+    residual = noisy.render_scenes(scenes, randomize=True, seed=0) - nominal
+    inside = (nominal > 0.2) & (nominal < 0.8)
+    assert abs(float(residual[inside].std()) - 0.05) < 0.003 and abs(float(residual[inside].mean())) < 0.003
