@@ -114,7 +114,9 @@ def contact_sheet(world: World, n: int = 8, seed: int = 0, zoom: int = 2) -> Ima
     fx, fy, cx, cy = world.camera.intrinsics()
     draw.text((PADDING, 1), f"world {world.name!r}: {world.image_size[0]} x {world.image_size[1]} px, "
               f"f = ({fx:.0f}, {fy:.0f}) px, {world.objects_per_scene[0]}-{world.objects_per_scene[1]} objects, "
-              f"table {world.table.size[0]:g} x {world.table.size[1]:g} m", fill=(0, 0, 0))  # fmt: skip
+              f"table {world.table.size[0]:g} x {world.table.size[1]:g} m"
+              f"{'' if world.randomize else ', no [randomize] section: training images are nominal'}",
+              fill=(0, 0, 0))  # fmt: skip
     for r, (title, images, labels) in enumerate(rows):
         top = LABEL_HEIGHT + r * row_h
         draw.text((PADDING, top + 1), title, fill=(0, 0, 0))
