@@ -34,12 +34,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import trimesh
 
-from renderers.mesh import Appearance, Camera, Light, MeshLibrary, MeshRenderer3D, MeshRenderSettings, Stage
+from renderers.mesh import Appearance, Light, MeshLibrary, MeshRenderer3D, MeshRenderSettings, Stage
 from scenes import world_file
 from scenes.world_file import FORMAT, Reader, WorldError
-from scenes.world_meshes import footprint_hull, render_mesh
+from scenes.world_meshes import render_mesh
+from scenes.world_parts import (
+    AppearanceSample,
+    Randomize,
+    SceneTensors,
+    WorldCamera,
+    WorldLight,
+    WorldObject,
+    WorldTable,
+    ball,
+    cone_directions,
+    unit,
+)
 
 __all__ = [
     "BUILTIN_WORLDS",
@@ -63,155 +74,6 @@ MAX_RESTARTS = 1000  # restarts of one scene before sampling gives up (load-time
 CAPACITY_RESTARTS = 10  # restarts allowed when validating that the largest count fits
 MAX_COVER = 0.5  # a count whose largest footprints would cover more of the table is refused without trying
 TOP_KEYS = ("name", "image_size", "objects_per_scene", "min_gap", "camera", "light", "table", "randomize", "objects")
-
-
-@dataclass(frozen=True)
-class WorldCamera:
-    """A pinhole camera in the table frame; `fov_degrees` or pixel intrinsics (fx, fy, cx, cy), not both."""
-
-    eye: tuple[float, float, float]  # camera centre, metres
-    at: tuple[float, float, float]  # a point on the optical axis, metres
-    up: tuple[float, float, float]  # world direction that appears upwards in the image
-    znear: float  # near clipping depth, metres
-    zfar: float  # far clipping depth, metres (soft rendering normalises depth by zfar - znear: keep it tight)
-    image_size: tuple[int, int]  # (W, H) that `pixel` refers to
-    fov_degrees: float | None = None  # vertical field of view; square pixels, principal point at the centre
-    pixel: tuple[float, float, float, float] | None = None  # (fx, fy, cx, cy) in pixels of `image_size`
-
-    def intrinsics(self, image_size: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
-        """(fx, fy, cx, cy) in pixels, for the world's image size or the same view at another (W, H)."""
-        W, H = image_size or self.image_size
-        if self.pixel is None:
-            return Camera(self.eye, self.at, self.up, self.fov_degrees or 40.0).pixel_intrinsics(W, H)
-        sx, sy = W / self.image_size[0], H / self.image_size[1]
-        fx, fy, cx, cy = self.pixel
-        return fx * sx, fy * sy, cx * sx, cy * sy
-
-    def renderer_camera(self, image_size: tuple[int, int] | None = None) -> Camera:
-        """The `renderers.mesh.Camera` of this camera for images of (W, H) (default: the world's)."""
-        if self.pixel is None:
-            assert self.fov_degrees is not None
-            return Camera(self.eye, self.at, self.up, self.fov_degrees, self.znear, self.zfar)
-        return Camera(self.eye, self.at, self.up, znear=self.znear, zfar=self.zfar,
-                      intrinsics=self.intrinsics(image_size))  # fmt: skip
-
-
-@dataclass(frozen=True)
-class WorldLight:
-    """A directional light plus ambient light, Lambertian: albedo * (ambient + diffuse * max(0, n . l))."""
-
-    direction: tuple[float, float, float]  # from a surface towards the light (any length)
-    ambient: float
-    diffuse: float
-
-
-@dataclass(frozen=True)
-class WorldTable:
-    """The rectangular table top at z = 0, centred on the origin."""
-
-    size: tuple[float, float]  # metres along x, y
-    color: tuple[float, float, float]  # albedo, RGB in [0, 1]
-
-    def mesh(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """FloatTensor (4, 3) vertices and LongTensor (2, 3) triangles facing +z."""
-        hx, hy = self.size[0] / 2, self.size[1] / 2
-        verts = torch.tensor([[-hx, -hy, 0.0], [hx, -hy, 0.0], [hx, hy, 0.0], [-hx, hy, 0.0]])
-        return verts, torch.tensor([[0, 1, 2], [0, 2, 3]])
-
-
-@dataclass(frozen=True)
-class Randomize:
-    """Appearance ranges of randomised (training) images; each 0 = that quantity stays nominal."""
-
-    brightness: float = 0.0  # image gain uniform in [1 - b, 1 + b]
-    light_direction_degrees: float = 0.0  # light direction uniform on the cone of this half-angle about nominal
-    ambient: float = 0.0  # ambient intensity uniform in nominal +- a (kept >= 0)
-    object_color: float = 0.0  # each object's albedo channels uniform in nominal +- c (clipped to [0, 1])
-    table_color: float = 0.0  # the table's albedo channels likewise
-    camera_position: float = 0.0  # eye moved uniformly within a ball of this radius, metres (still looks at `at`)
-    pixel_noise: float = 0.0  # Gaussian noise of this standard deviation added to every pixel and channel
-
-
-@dataclass(frozen=True, eq=False)
-class WorldObject:
-    """One object of the library."""
-
-    name: str  # the "shape" of scene JSON
-    mesh: trimesh.Trimesh  # object frame: metres, z up, resting on z = 0; posed about its origin
-    color: tuple[float, float, float]  # albedo, RGB in [0, 1]
-    yaw_period: float  # radians: 0 = any yaw, 2 pi = no symmetry
-    source: str  # where it came from: the mesh path as written in the world file, or "primitive KIND"
-
-    @cached_property
-    def footprint(self) -> np.ndarray:
-        """(P, 2) counter-clockwise convex hull of the mesh seen from above, object frame, metres."""
-        return footprint_hull(self.mesh)
-
-    def footprint_at(self, position: tuple[float, float], yaw: float) -> np.ndarray:
-        """(P, 2) the footprint posed at (x, y, yaw), table frame."""
-        c, s = math.cos(yaw), math.sin(yaw)
-        return self.footprint @ np.array([[c, -s], [s, c]]).T + np.asarray(position)
-
-    def yaw_distance(self, yaw_a: float, yaw_b: float) -> float:
-        """Smallest turn (radians, in [0, period / 2]) between two yaws modulo the object's symmetry."""
-        if self.yaw_period == 0.0:
-            return 0.0
-        d = (yaw_a - yaw_b) % self.yaw_period
-        return min(d, self.yaw_period - d)
-
-
-@dataclass(frozen=True)
-class SceneTensors:
-    """A batch of scenes as padded tensors, the renderers' input."""
-
-    shape_ids: torch.Tensor  # LongTensor (B, N): index into the world's objects, -1 for an empty slot
-    positions: torch.Tensor  # FloatTensor (B, N, 2): (x, y) in metres, zeros for empty slots
-    yaws: torch.Tensor  # FloatTensor (B, N): radians, zeros for empty slots
-
-    def render(self, renderer: torch.nn.Module, colors: torch.Tensor | None = None):
-        """renderer(shape_ids, positions, yaws, colors): the RenderOutput of any tabletop renderer."""
-        return renderer(self.shape_ids, self.positions, self.yaws, colors)
-
-
-@dataclass(frozen=True)
-class AppearanceSample:
-    """The appearance of B randomised (or nominal) images: what `render_scenes` applies."""
-
-    gain: torch.Tensor  # FloatTensor (B,) exposure gain multiplying the rendered image
-    light_direction: torch.Tensor  # FloatTensor (B, 3) unit direction towards the light
-    ambient: torch.Tensor  # FloatTensor (B,)
-    object_colors: torch.Tensor  # FloatTensor (B, N, 3) albedo of each object slot
-    table_color: torch.Tensor  # FloatTensor (B, 3)
-    eye: torch.Tensor  # FloatTensor (B, 3) camera centre
-    noise_sd: float  # standard deviation of the added pixel noise
-
-    def appearance(self) -> Appearance:
-        """The renderer's per-scene `Appearance` (gain and noise are applied to the images afterwards)."""
-        return Appearance(light_direction=self.light_direction, ambient=self.ambient, table_color=self.table_color,
-                          eye=self.eye)  # fmt: skip
-
-
-def _unit(v) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return v / np.linalg.norm(v)
-
-
-def _cone_directions(rng: np.random.Generator, axis: np.ndarray, half_angle: float, n: int) -> np.ndarray:
-    """(n, 3) unit vectors uniform (in solid angle) on the cap of `half_angle` radians about unit `axis`."""
-    cos_t = rng.uniform(math.cos(half_angle), 1.0, size=n)
-    phi = rng.uniform(0.0, 2 * math.pi, size=n)
-    helper = np.array([1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
-    u = _unit(np.cross(axis, helper))
-    v = np.cross(axis, u)
-    sin_t = np.sqrt(1 - cos_t**2)
-    return cos_t[:, None] * axis + sin_t[:, None] * (np.cos(phi)[:, None] * u + np.sin(phi)[:, None] * v)
-
-
-def _ball(rng: np.random.Generator, radius: float, n: int) -> np.ndarray:
-    """(n, 3) points uniform in a ball of `radius`."""
-    d = rng.normal(size=(n, 3))
-    d /= np.linalg.norm(d, axis=1, keepdims=True)
-    return d * (radius * rng.uniform(size=(n, 1)) ** (1 / 3))
 
 
 def _footprints_overlap(a: np.ndarray, b: np.ndarray, gap: float) -> bool:
@@ -416,7 +278,7 @@ class World:
         B, N = shape_ids.shape
         r = self.randomize if randomize and self.randomize is not None else Randomize()
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        axis = _unit(self.light.direction)
+        axis = unit(self.light.direction)
         base_colors = self.colors[shape_ids.clamp(min=0).cpu()].double().numpy()  # (B, N, 3)
 
         def jitter(amount: float, shape) -> np.ndarray:
@@ -424,13 +286,13 @@ class World:
 
         gain = 1.0 + jitter(r.brightness, (B,))
         if r.light_direction_degrees > 0:
-            light = _cone_directions(rng, axis, math.radians(r.light_direction_degrees), B)
+            light = cone_directions(rng, axis, math.radians(r.light_direction_degrees), B)
         else:
             light = np.tile(axis, (B, 1))
         ambient = np.maximum(self.light.ambient + jitter(r.ambient, (B,)), 0.0)
         object_colors = np.clip(base_colors + jitter(r.object_color, (B, N, 3)), 0.0, 1.0)
         table_color = np.clip(np.asarray(self.table.color) + jitter(r.table_color, (B, 3)), 0.0, 1.0)
-        eye = np.asarray(self.camera.eye) + (_ball(rng, r.camera_position, B) if r.camera_position > 0 else 0.0)
+        eye = np.asarray(self.camera.eye) + (ball(rng, r.camera_position, B) if r.camera_position > 0 else 0.0)
         eye = np.broadcast_to(eye, (B, 3))
 
         def f32(a) -> torch.Tensor:
@@ -513,46 +375,6 @@ class World:
         return _build(r, objects)
 
 
-def _camera(r: Reader, image_size: tuple[int, int], reach: tuple[float, float]) -> WorldCamera:
-    """[camera]: eye, at, up, znear, zfar and fov_degrees or fx, fy (cx, cy default to the image centre)."""
-    r.check_keys(("eye", "at", "up", "fov_degrees", "fx", "fy", "cx", "cy", "znear", "zfar"))
-    eye = r.vector("eye", 3, required=True)
-    at = r.vector("at", 3, (0.0, 0.0, 0.0))
-    up = r.vector("up", 3, (0.0, 0.0, 1.0))
-    axis = np.subtract(at, eye)
-    if np.linalg.norm(axis) < 1e-9:
-        raise r.fail("at", "must differ from eye")
-    if np.linalg.norm(np.cross(_unit(axis), up)) < 1e-6:
-        raise r.fail("up", "must not be parallel to the viewing direction (at - eye)")
-    has_fov, has_pixel = r.has("fov_degrees"), any(r.has(k) for k in ("fx", "fy", "cx", "cy"))
-    if has_fov == has_pixel:
-        raise WorldError(f"{r.source}: {r.path}: give either fov_degrees or the intrinsics fx, fy (cx, cy)")
-    fov = r.number("fov_degrees", low=0.0, low_open=True, high=179.0) if has_fov else None
-    pixel = None
-    if has_pixel:
-        W, H = image_size
-        fx = r.number("fx", required=True, low=0.0, low_open=True)
-        fy = r.number("fy", required=True, low=0.0, low_open=True)
-        pixel = (fx, fy, r.number("cx", W / 2), r.number("cy", H / 2))
-    near_default, far_default = reach
-    znear = r.number("znear", near_default, low=0.0, low_open=True)
-    zfar = r.number("zfar", far_default, low=0.0, low_open=True)
-    if zfar <= znear:
-        raise r.fail("zfar", f"must be > znear ({znear:g}), got {zfar:g}")
-    return WorldCamera(eye, at, up, znear, zfar, image_size, fov, pixel)  # type: ignore[arg-type]
-
-
-def _depth_reach(eye, table_size, height: float) -> tuple[float, float]:
-    """Default (znear, zfar): half the nearest and 1.5 x the farthest distance from the eye to the box of the
-    table and the tallest object (distances bound depths from above)."""
-    hx, hy = table_size[0] / 2, table_size[1] / 2
-    corners = np.array([[x, y, z] for x in (-hx, hx) for y in (-hy, hy) for z in (0.0, height)])
-    nearest = np.clip(eye, corners.min(0), corners.max(0))
-    near = float(np.linalg.norm(np.subtract(eye, nearest)))
-    far = float(np.linalg.norm(corners - np.asarray(eye), axis=1).max())
-    return max(0.5 * near, 0.01), 1.5 * far
-
-
 def _build(r: Reader, objects: list) -> World:
     """The World from a validated top-level reader and parsed objects (shared by files and dicts)."""
     source = r.source
@@ -585,7 +407,7 @@ def _build(r: Reader, objects: list) -> World:
     camera_r = r.table("camera", required=True)
     assert camera_r is not None
     eye = camera_r.vector("eye", 3, required=True)
-    camera = _camera(camera_r, (W, H), _depth_reach(eye, table.size, height))
+    camera = world_file.parse_camera(camera_r, (W, H), world_file.depth_reach(eye, table.size, height))
     randomize = None
     rand_r = r.table("randomize")
     if rand_r is not None:

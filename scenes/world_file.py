@@ -17,8 +17,9 @@ import tomllib
 import trimesh
 
 from scenes import world_meshes
+from scenes.world_parts import WorldCamera, unit
 
-__all__ = ["WorldError", "Reader", "parse_file_objects", "FORMAT"]
+__all__ = ["WorldError", "Reader", "parse_file_objects", "parse_dict_objects", "parse_camera", "depth_reach", "FORMAT"]
 
 FORMAT = "inverse-graphics-world/1"  # the `format` tag of `World.to_dict`
 DEFAULT_OBJECT_COLOR = (0.95, 0.95, 0.95)  # albedo of an object without `color` (the renderers' default)
@@ -231,3 +232,43 @@ def parse_dict_objects(objects: list[Reader]):
         mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=False)
         parsed.append((name, mesh, color, period, source))
     return parsed
+
+
+def parse_camera(r: Reader, image_size: tuple[int, int], reach: tuple[float, float]) -> WorldCamera:
+    """[camera]: eye, at, up, znear, zfar and fov_degrees or fx, fy (cx, cy default to the image centre)."""
+    r.check_keys(("eye", "at", "up", "fov_degrees", "fx", "fy", "cx", "cy", "znear", "zfar"))
+    eye = r.vector("eye", 3, required=True)
+    at = r.vector("at", 3, (0.0, 0.0, 0.0))
+    up = r.vector("up", 3, (0.0, 0.0, 1.0))
+    axis = np.subtract(at, eye)
+    if np.linalg.norm(axis) < 1e-9:
+        raise r.fail("at", "must differ from eye")
+    if np.linalg.norm(np.cross(unit(axis), up)) < 1e-6:
+        raise r.fail("up", "must not be parallel to the viewing direction (at - eye)")
+    has_fov, has_pixel = r.has("fov_degrees"), any(r.has(k) for k in ("fx", "fy", "cx", "cy"))
+    if has_fov == has_pixel:
+        raise WorldError(f"{r.source}: {r.path}: give either fov_degrees or the intrinsics fx, fy (cx, cy)")
+    fov = r.number("fov_degrees", low=0.0, low_open=True, high=179.0) if has_fov else None
+    pixel = None
+    if has_pixel:
+        W, H = image_size
+        fx = r.number("fx", required=True, low=0.0, low_open=True)
+        fy = r.number("fy", required=True, low=0.0, low_open=True)
+        pixel = (fx, fy, r.number("cx", W / 2), r.number("cy", H / 2))
+    near_default, far_default = reach
+    znear = r.number("znear", near_default, low=0.0, low_open=True)
+    zfar = r.number("zfar", far_default, low=0.0, low_open=True)
+    if zfar <= znear:
+        raise r.fail("zfar", f"must be > znear ({znear:g}), got {zfar:g}")
+    return WorldCamera(eye, at, up, znear, zfar, image_size, fov, pixel)  # type: ignore[arg-type]
+
+
+def depth_reach(eye, table_size, height: float) -> tuple[float, float]:
+    """Default (znear, zfar): half the nearest and 1.5 x the farthest distance from the eye to the box of the
+    table and the tallest object (distances bound depths from above)."""
+    hx, hy = table_size[0] / 2, table_size[1] / 2
+    corners = np.array([[x, y, z] for x in (-hx, hx) for y in (-hy, hy) for z in (0.0, height)])
+    nearest = np.clip(eye, corners.min(0), corners.max(0))
+    near = float(np.linalg.norm(np.subtract(eye, nearest)))
+    far = float(np.linalg.norm(corners - np.asarray(eye), axis=1).max())
+    return max(0.5 * near, 0.01), 1.5 * far
