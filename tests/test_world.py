@@ -388,6 +388,8 @@ def test_the_kitchen_world():
     for o in w.objects:
         assert 0.03 < max(o.mesh.extents) < 0.3, o.name  # household sizes in metres
         assert o.mesh.bounds[0, 2] == pytest.approx(0.0, abs=1e-12)
+    heights = {o.name: float(o.mesh.extents[2]) for o in w.objects}
+    assert heights["bottle"] == pytest.approx(0.23) and heights["can"] == pytest.approx(0.122)  # GLB y-up, STL mm
     colors = {o.color for o in w.objects}
     assert len(colors) == len(w.objects)  # one colour each
     files = [p for p in (Path(__file__).parents[1] / "scenes" / "worlds" / "kitchen").iterdir() if p.suffix != ".md"]
