@@ -444,3 +444,17 @@ def test_gain_and_pixel_noise_act_on_the_rendered_image_as_specified(small):
     residual = noisy.render_scenes(scenes, randomize=True, seed=0) - nominal
     inside = (nominal > 0.2) & (nominal < 0.8)
     assert abs(float(residual[inside].std()) - 0.05) < 0.003 and abs(float(residual[inside].mean())) < 0.003
+
+
+def test_the_soft_renderer_of_a_world_is_differentiable_in_poses_and_close_to_hard(small):
+    t = small.scenes_to_tensors(small.sample_scenes(2, seed=11))
+    colors = small.colors[t.shape_ids.clamp(min=0)]
+    hard = small.make_renderer("hard", "pytorch3d")(t.shape_ids, t.positions, t.yaws, colors).images
+    positions = t.positions.clone().requires_grad_(True)
+    soft = small.make_renderer("soft", "pytorch3d")(t.shape_ids, positions, t.yaws, colors).images
+    assert soft.shape == hard.shape == (2, 3, 32, 48) and (soft - hard).abs().mean() < 0.02
+    soft.sum().backward()
+    assert positions.grad is not None and torch.isfinite(positions.grad).all()
+    assert (positions.grad[t.shape_ids >= 0].abs().sum(-1) > 0).all()
+    with pytest.raises(ValueError, match="OpenGL backend renders hard images only"):
+        small.make_renderer("soft", "opengl")
