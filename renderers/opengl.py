@@ -152,7 +152,8 @@ def world_to_clip(
     if camera.intrinsics is None:
         width, height = (1, 1) if image_size is None else image_width_height(image_size)
         f = 1.0 / math.tan(math.radians(camera.fov_degrees) / 2)  # fy = H / (2 tan): 2 fy / H
-        scale_x, scale_y, shift_x, shift_y = f * height / width, f, 0.0, 0.0
+        scale_x = f if width == height else f * height / width  # square: exactly the matrix of old releases
+        scale_y, shift_x, shift_y = f, 0.0, 0.0
     else:
         width, height = image_width_height(image_size)  # type: ignore[arg-type]  # not None: checked above
         fx, fy, cx, cy = camera.intrinsics
