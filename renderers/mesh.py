@@ -158,8 +158,11 @@ class Appearance:
     """Per-scene overrides of the stage for one render call; each field None = the stage's nominal value.
 
     Every tabletop renderer takes it as `renderer(shape_ids, positions, yaws, colors, appearance)`. The PyTorch3D
-    renderer is differentiable in these tensors (light, ambient, diffuse, table colour; the eye too); the
-    OpenGL one is not. Exposure gain and pixel noise are not here: the caller applies them to the images.
+    renderer is differentiable in light_direction, ambient, diffuse and table_color (tested against central
+    differences, tests/test_appearance.py); autograd also flows into `eye`, but that gradient is incomplete (the
+    table's outline is hard-rendered in both modes, and object silhouettes in hard mode, so their motion is
+    missed): do not fit the eye by gradient. The OpenGL renderer carries no gradient. Exposure gain and pixel
+    noise are not here: the caller applies them to the images.
     """
 
     light_direction: torch.Tensor | None = None  # FloatTensor (B, 3) world direction towards the light (any length)
