@@ -304,6 +304,12 @@ def _add_scenes(sub) -> None:
     scenes_cli.register(sub)
 
 
+def _add_world(sub) -> None:
+    from inverse_graphics import world_cli
+
+    world_cli.register(sub)
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (same as python -m benchmarks.NAME)")
     p.add_argument("name")
@@ -324,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_infer, _add_eval, _add_scenes, _add_bench, _add_data, _add_export):
         add(sub)
+    _add_world(sub)
     return parser
 
 

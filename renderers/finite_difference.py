@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from renderers.mesh import RenderOutput
+from renderers.mesh import Appearance, Camera, RenderOutput, image_width_height
 
 __all__ = ["FiniteDifferenceSettings", "BlackBoxFunction", "finite_difference", "FiniteDifferenceRenderer"]
 
@@ -37,10 +37,27 @@ class FiniteDifferenceSettings:
     max_batch: int | None = None  # render at most this many perturbed inputs at once (None: all in one batch)
 
     @classmethod
-    def for_image_size(cls, image_size: int) -> FiniteDifferenceSettings:
-        """Steps of about one pixel at this image size (the defaults are for 64 px)."""
-        scale, base = 64 / image_size, cls()
-        return cls(position_step=base.position_step * scale, yaw_step=base.yaw_step * scale)
+    def for_image_size(
+        cls, image_size: int | tuple[int, int], camera: Camera | None = None, **overrides
+    ) -> FiniteDifferenceSettings:
+        """Steps of about one pixel for an image of `image_size` (int: square, or (W, H)).
+
+        Without `camera`: the defaults (64 x 64 on the 40-degree tabletop camera) scaled by 64 / H, as a
+        vertical field of view fixes the pixel size by the height. With `camera`: one pixel at the point the
+        camera looks at, |eye - at| / sqrt(fx fy) metres, and the yaw that moves a point at an object's rim
+        (0.055 m from its axis, as the defaults assume) that far. `overrides` set any other field.
+        """
+        width, height = image_width_height(image_size)
+        base = cls()
+        if camera is None:
+            scale = 64 / height
+            position, yaw = base.position_step * scale, base.yaw_step * scale
+        else:
+            fx, fy, _, _ = camera.pixel_intrinsics(width, height)
+            distance = sum((e - a) ** 2 for e, a in zip(camera.eye, camera.at, strict=True)) ** 0.5
+            position = distance / (fx * fy) ** 0.5
+            yaw = position / 0.055
+        return cls(**{"position_step": position, "yaw_step": yaw, **overrides})
 
     def __post_init__(self) -> None:
         if self.method not in ("central", "spsa"):
@@ -136,7 +153,7 @@ def finite_difference(
 class FiniteDifferenceRenderer(torch.nn.Module):
     """Wraps a forward-only tabletop renderer (call shape of `renderers.mesh.MeshRenderer3D`) so that its
     images are differentiable in object positions and yaws by finite differences. Shape ids and colours are
-    held fixed.
+    held fixed, and so is the per-scene `Appearance` (passed through unchanged to the black box, row by row).
     """
 
     def __init__(self, renderer: torch.nn.Module, settings: FiniteDifferenceSettings | None = None):
@@ -150,6 +167,7 @@ class FiniteDifferenceRenderer(torch.nn.Module):
         positions: torch.Tensor,
         yaws: torch.Tensor,
         colors: torch.Tensor | None = None,
+        appearance: Appearance | None = None,
     ) -> RenderOutput:
         """Same arguments as `MeshRenderer3D.forward`. Params per scene are
         (x_1, y_1, ..., x_N, y_N, yaw_1, ..., yaw_N): P = 3 N; empty slots are not perturbed."""
@@ -164,7 +182,9 @@ class FiniteDifferenceRenderer(torch.nn.Module):
         def black_box(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             M = p.shape[0]
             row_colors = None if colors is None else colors[rows]
-            out = self.renderer(shape_ids[rows], p[:, : 2 * N].reshape(M, N, 2), p[:, 2 * N :], row_colors)
+            args = (shape_ids[rows], p[:, : 2 * N].reshape(M, N, 2), p[:, 2 * N :], row_colors)
+            # a black box with the older 4-argument call shape still works when no appearance is given
+            out = self.renderer(*args) if appearance is None else self.renderer(*args, appearance.take(rows))
             if not masks:  # the forward call's mask; backward calls render perturbed scenes
                 masks.append(out.object_mask)
             return out.images

@@ -1,11 +1,12 @@
 """A fast forward-only OpenGL renderer (moderngl, headless EGL) for the black-box finite-difference path.
 
 It draws the same stage and objects as `renderers.mesh.MeshRenderer3D` in hard mode and matches its images
-(tolerance stated and tested in tests/test_opengl.py): the same camera (PyTorch3D's view and NDC conventions,
-converted to OpenGL's), the same Lambertian lighting with normals normalised per pixel, the same vertex
-normals (`renderers.mesh.vertex_normals`), and screen-space (`noperspective`) interpolation like PyTorch3D's
-`perspective_correct=False`. Pixels are sampled at their centres, without anti-aliasing, as PyTorch3D does.
-Measured: on 64 random scenes at 64 px, 1 pixel in 262,144 differs by more than 0.05 (an edge tie).
+(tolerance stated and tested in tests/test_opengl.py): the same camera (the pinhole conventions of
+`renderers.mesh`, as an OpenGL clip-space matrix: `world_to_clip`), the same per-scene `Appearance`, the same
+Lambertian lighting with normals normalised per pixel, the same vertex normals (`renderers.mesh.vertex_normals`),
+and screen-space (`noperspective`) interpolation like PyTorch3D's `perspective_correct=False`. Pixels are
+sampled at their centres, without anti-aliasing, as PyTorch3D does. Measured: on 64 random scenes at 64 px,
+1 pixel in 262,144 differs by more than 0.05 (an edge tie).
 
 A batch is drawn as tiles of one framebuffer (one viewport per scene) and read back once.
 
@@ -17,14 +18,23 @@ them `OpenGLRenderer` raises `OpenGLUnavailableError`, and callers fall back to 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
 import numpy as np
 import torch
 
-from renderers.mesh import Camera, MeshLibrary, RenderOutput, Stage, pytorch3d_cameras, vertex_normals
+from renderers.mesh import (
+    Appearance,
+    Camera,
+    MeshLibrary,
+    RenderOutput,
+    Stage,
+    image_width_height,
+    pytorch3d_cameras,
+    vertex_normals,
+)
 
 __all__ = ["OpenGLUnavailableError", "OpenGLSettings", "OpenGLRenderer", "opengl_available", "world_to_clip"]
 
@@ -67,9 +77,24 @@ class OpenGLUnavailableError(RuntimeError):
 class OpenGLSettings:
     """How to draw with OpenGL."""
 
-    image_size: int = 64  # H = W in pixels
+    image_size: int | tuple[int, int] = 64  # pixels: one int for H = W, or (W, H), width first
     max_tiles: int = 1024  # scenes drawn into one framebuffer before a read-back
     egl_device: int | None = None  # EGL device index (None: the default); pick a GPU on multi-GPU machines
+
+    def __post_init__(self) -> None:
+        width, height = image_width_height(self.image_size)
+        if not isinstance(self.image_size, int):
+            object.__setattr__(self, "image_size", (width, height))
+
+    @property
+    def width(self) -> int:
+        """W in pixels."""
+        return image_width_height(self.image_size)[0]
+
+    @property
+    def height(self) -> int:
+        """H in pixels."""
+        return image_width_height(self.image_size)[1]
 
 
 @cache
@@ -103,20 +128,41 @@ def opengl_available() -> str | None:
     return None
 
 
-def world_to_clip(camera: Camera) -> np.ndarray:
-    """(4, 4) float32 column-vector matrix from world points to OpenGL clip space, for the PyTorch3D camera.
+def world_to_clip(
+    camera: Camera, image_size: int | tuple[int, int] | None = None, eye: tuple[float, float, float] | None = None
+) -> np.ndarray:
+    """(4, 4) float32 column-vector matrix from world points (x, y, z, 1) to OpenGL clip space.
 
-    PyTorch3D's view frame has +X left, +Y up, +Z forward and draws NDC +X at the image's left; OpenGL draws
-    NDC +x at the right, so x is negated. Depth maps znear..zfar to OpenGL's -1..1.
+    OpenGL's NDC = clip[:2] / clip[3] spans the whole image, x from -1 (left edge) to 1 (right edge) and y from
+    -1 (bottom) to 1 (top): the continuous pixel coordinate (u, v) of `renderers.mesh` (from the top left) is
+    x = 2 u / W - 1, y = 1 - 2 v / H. So u = cx + fx x_cv / z with the view frame of PyTorch3D, X = -x_cv,
+    gives clip_x = -(2 fx / W) X + (2 cx / W - 1) Z, and v = cy - fy Y / Z gives
+    clip_y = (2 fy / H) Y + (1 - 2 cy / H) Z; clip_w = Z, the depth. Depth maps znear..zfar to -1..1.
+
+    Args:
+        camera: the camera (fov or intrinsics).
+        image_size: int (square) or (W, H); needed for intrinsics, None = square for a fov camera.
+        eye: camera centre to use instead of `camera.eye` (a per-scene `Appearance.eye`).
     """
+    if image_size is None and camera.intrinsics is not None:
+        raise ValueError("world_to_clip needs the image size (W, H) for a camera given by intrinsics")
+    camera = camera if eye is None else replace(camera, eye=(float(eye[0]), float(eye[1]), float(eye[2])))
     view = pytorch3d_cameras(camera, 1, torch.device("cpu")).get_world_to_view_transform().get_matrix()[0]
     view = view.T.double().numpy()  # PyTorch3D multiplies row vectors; transpose for column vectors
-    f = 1.0 / math.tan(math.radians(camera.fov_degrees) / 2)
+    if camera.intrinsics is None:
+        width, height = (1, 1) if image_size is None else image_width_height(image_size)
+        f = 1.0 / math.tan(math.radians(camera.fov_degrees) / 2)  # fy = H / (2 tan): 2 fy / H
+        scale_x = f if width == height else f * height / width  # square: exactly the matrix of old releases
+        scale_y, shift_x, shift_y = f, 0.0, 0.0
+    else:
+        width, height = image_width_height(image_size)  # type: ignore[arg-type]  # not None: checked above
+        fx, fy, cx, cy = camera.intrinsics
+        scale_x, scale_y, shift_x, shift_y = 2 * fx / width, 2 * fy / height, 2 * cx / width - 1, 1 - 2 * cy / height
     n, far = camera.znear, camera.zfar
     projection = np.array(
         [
-            [-f, 0, 0, 0],
-            [0, f, 0, 0],
+            [-scale_x, 0, shift_x, 0],
+            [0, scale_y, shift_y, 0],
             [0, 0, (far + n) / (far - n), -2 * far * n / (far - n)],
             [0, 0, 1, 0],  # w = view-frame depth
         ]
@@ -156,10 +202,13 @@ class OpenGLRenderer(torch.nn.Module):
         ibo = self.ctx.buffer(faces.numpy().astype("u4").tobytes())
         return self.ctx.vertex_array(self.program, [(vbo, "3f 3f", "in_position", "in_normal")], ibo)
 
-    def _set_stage_uniforms(self) -> None:
-        light = self.stage.light
+    def _set_stage_uniforms(self, stage: Stage | None = None) -> None:
+        """Camera and light uniforms of `stage` (default: the nominal one)."""
+        stage = stage or self.stage
+        light = stage.light
         direction = np.asarray(light.direction, dtype=np.float64)
-        self.program["world_to_clip"].write(world_to_clip(self.stage.camera).T.tobytes())  # column-major
+        clip = world_to_clip(stage.camera, self.settings.image_size)
+        self.program["world_to_clip"].write(clip.T.tobytes())  # column-major
         self.program["light_direction"].value = tuple(direction / np.linalg.norm(direction))
         self.program["ambient"].value = light.ambient
         self.program["diffuse"].value = light.diffuse
@@ -171,6 +220,7 @@ class OpenGLRenderer(torch.nn.Module):
         positions: torch.Tensor,
         yaws: torch.Tensor,
         colors: torch.Tensor | None = None,
+        appearance: Appearance | None = None,
     ) -> RenderOutput:
         """Same arguments and output as `MeshRenderer3D.forward` (images carry no gradient).
 
@@ -178,38 +228,50 @@ class OpenGLRenderer(torch.nn.Module):
             RenderOutput with images FloatTensor (B, 3, H, W) in [0, 1] and object_mask BoolTensor (B, H, W),
             on the device of `positions`.
         """
-        B, S, tiles = shape_ids.shape[0], self.settings.image_size, self.settings.max_tiles
+        B, W, H, tiles = shape_ids.shape[0], self.settings.width, self.settings.height, self.settings.max_tiles
+        if appearance is not None:
+            appearance.validate(B)
+            appearance = None if appearance.is_nominal() else appearance
         ids, pos = shape_ids.cpu().numpy(), positions.detach().cpu().double().numpy()
         yaw = yaws.detach().cpu().double().numpy()
         albedo = None if colors is None else colors.detach().cpu().numpy()
-        chunks = [np.zeros((0, 4, S, S), dtype=np.float32)]
+        stages = None if appearance is None else [appearance.scene_stage(self.stage, b) for b in range(B)]
+        chunks = [np.zeros((0, 4, H, W), dtype=np.float32)]
         for i in range(0, B, tiles):
             chunk_albedo = None if albedo is None else albedo[i : i + tiles]
-            chunks.append(self._render_tiles(ids[i : i + tiles], pos[i : i + tiles], yaw[i : i + tiles], chunk_albedo))
+            chunk_stages = None if stages is None else stages[i : i + tiles]
+            chunk = slice(i, i + tiles)
+            chunks.append(self._render_tiles(ids[chunk], pos[chunk], yaw[chunk], chunk_albedo, chunk_stages))
         rgba = torch.from_numpy(np.concatenate(chunks))  # (B, 4, H, W)
         images = rgba[:, :3].clamp(0.0, 1.0).to(positions.device)
         return RenderOutput(images=images, object_mask=(rgba[:, 3] > 0.5).to(positions.device))
 
-    def _render_tiles(self, ids, pos, yaw, albedo) -> np.ndarray:
-        """Draw scenes (numpy (b, N), (b, N, 2), (b, N), (b, N, 3) or None) as tiles; float32 (b, 4, H, W)."""
-        S, b = self.settings.image_size, ids.shape[0]
+    def _render_tiles(self, ids, pos, yaw, albedo, stages: list[Stage] | None = None) -> np.ndarray:
+        """Draw scenes (numpy (b, N), (b, N, 2), (b, N), (b, N, 3) or None; one Stage per scene or None for the
+        nominal one) as tiles; float32 (b, 4, H, W)."""
+        W, H, b = self.settings.width, self.settings.height, ids.shape[0]
         cols = math.ceil(math.sqrt(b))
         rows = math.ceil(b / cols)
-        fbo = self._framebuffer(cols * S, rows * S)
+        fbo = self._framebuffer(cols * W, rows * H)
         fbo.use()
         self.ctx.enable(self.ctx.DEPTH_TEST)
         fbo.clear(*self.stage.background_color, 0.0, depth=1.0)
         for i in range(b):
-            fbo.viewport = ((i % cols) * S, (i // cols) * S, S, S)
-            self._draw(self.table, (1.0, 0.0, 0.0, 0.0), self.stage.table_color, 0.0)
+            fbo.viewport = ((i % cols) * W, (i // cols) * H, W, H)
+            if stages is not None:
+                self._set_stage_uniforms(stages[i])
+            table_color = self.stage.table_color if stages is None else stages[i].table_color
+            self._draw(self.table, (1.0, 0.0, 0.0, 0.0), table_color, 0.0)
             for k, (x, y), angle, n in zip(ids[i], pos[i], yaw[i], range(ids.shape[1]), strict=True):
                 if k >= 0:
                     color = self.stage.object_color if albedo is None else tuple(albedo[i, n])
                     angle = 0.0 if k < len(self.yaw_invariant) and self.yaw_invariant[k] else angle
                     self._draw(self.shapes[k], (math.cos(angle), math.sin(angle), x, y), color, 1.0)
+        if stages is not None:
+            self._set_stage_uniforms()  # back to the nominal stage for the next call
         data = np.frombuffer(fbo.read(components=4, dtype="f4"), dtype=np.float32)
-        grid = data.reshape(rows, S, cols, S, 4)[:, ::-1]  # OpenGL's row 0 is the bottom; flip to top-first
-        tiles = grid.transpose(0, 2, 4, 1, 3).reshape(rows * cols, 4, S, S)[:b]  # (b, 4, H, W)
+        grid = data.reshape(rows, H, cols, W, 4)[:, ::-1]  # OpenGL's row 0 is the bottom; flip to top-first
+        tiles = grid.transpose(0, 2, 4, 1, 3).reshape(rows * cols, 4, H, W)[:b]  # (b, 4, H, W)
         return np.ascontiguousarray(tiles)
 
     def _draw(self, vao, pose: tuple[float, float, float, float], albedo, is_object: float) -> None:

@@ -1,4 +1,7 @@
-"""Tabletop scenes: a few rigid objects resting on a square table, seen from one fixed camera.
+"""Tabletop scenes of the built-in "primitives" world: a few rigid primitives resting on a square table, seen from
+one fixed camera. The general form is `scenes.world.World` (any meshes, table, camera, light, image size): the
+constants below are the primitives world's (scenes/worlds/primitives.toml, checked equal by tests/test_world.py),
+and `make_renderer` / `render_scenes` render through it.
 
 Conventions (written once, here; docs/tabletop.md summarises them)
 - Table frame = world frame: metres, origin at the centre of the table top, x to the right and y away from the
@@ -24,8 +27,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from renderers.mesh import Camera, Light, MeshRenderer3D, MeshRenderSettings, Stage
+from renderers.mesh import Camera, Light, Stage
 from scenes.tabletop_objects import SHAPES, footprint, footprints_overlap, library, table_mesh
+from scenes.world import SceneTensors, World, load_world
 
 __all__ = [
     "SHAPES",
@@ -42,7 +46,9 @@ __all__ = [
     "scene_from_json",
     "scenes_to_tensors",
     "tensors_to_scenes",
+    "library",
     "make_stage",
+    "primitives_world",
     "make_renderer",
     "render_scenes",
     "perturb_poses",
@@ -91,19 +97,6 @@ class Scene:
         scene = cls(tuple(_object_from_dict(i, o) for i, o in enumerate(data["objects"])))
         validate_scene(scene, allow_overlap=allow_overlap)
         return scene
-
-
-@dataclass(frozen=True)
-class SceneTensors:
-    """A batch of scenes as padded tensors, the renderers' input."""
-
-    shape_ids: torch.Tensor  # LongTensor (B, N): index into SHAPES (in order), -1 for an empty slot
-    positions: torch.Tensor  # FloatTensor (B, N, 2): (x, y) in metres, zeros for empty slots
-    yaws: torch.Tensor  # FloatTensor (B, N): radians, zeros for empty slots
-
-    def render(self, renderer: torch.nn.Module, colors: torch.Tensor | None = None):
-        """renderer(shape_ids, positions, yaws, colors): the RenderOutput of any tabletop renderer."""
-        return renderer(self.shape_ids, self.positions, self.yaws, colors)
 
 
 def _object_from_dict(index: int, data: object) -> TableObject:
@@ -239,21 +232,19 @@ def make_stage() -> Stage:
     return Stage(camera=CAMERA, light=LIGHT, table_verts=verts, table_faces=faces)
 
 
+def primitives_world() -> World:
+    """The built-in "primitives" world (scenes/worlds/primitives.toml): these constants as a World."""
+    return load_world("primitives")
+
+
 def make_renderer(image_size: int = 64, mode: str = "hard", backend: str = "pytorch3d") -> torch.nn.Module:
-    """A renderer for tabletop scenes with the shared call shape (shape_ids, positions, yaws, colors).
+    """A renderer for tabletop scenes with the shared call shape (shape_ids, positions, yaws, colors, appearance):
+    the primitives world's `World.make_renderer` at `image_size` (H = W).
 
-    backend: "pytorch3d" (hard or soft mode) or "opengl" (hard only, needs the `gl` extra and EGL;
-    raises `renderers.opengl.OpenGLUnavailableError` otherwise, so callers can fall back to "pytorch3d").
+    backend: "pytorch3d" (hard or soft mode), "opengl" (hard only, needs the `gl` extra and EGL; raises
+    `renderers.opengl.OpenGLUnavailableError` otherwise, so callers can fall back to "pytorch3d") or "auto".
     """
-    if backend == "pytorch3d":
-        return MeshRenderer3D(library(), make_stage(), MeshRenderSettings(image_size=image_size, mode=mode))
-    if backend == "opengl":
-        if mode != "hard":
-            raise ValueError("the OpenGL backend renders hard images only; use backend='pytorch3d' for soft")
-        from renderers.opengl import OpenGLRenderer, OpenGLSettings
-
-        return OpenGLRenderer(library(), make_stage(), OpenGLSettings(image_size=image_size))
-    raise ValueError(f"backend must be 'pytorch3d' or 'opengl', got {backend!r}")
+    return primitives_world().make_renderer(mode, backend, image_size=image_size)
 
 
 def render_scenes(

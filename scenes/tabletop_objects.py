@@ -15,6 +15,7 @@ import trimesh
 from scipy.spatial import ConvexHull
 
 from renderers.mesh import MeshLibrary
+from scenes.world_meshes import primitive_mesh
 
 __all__ = [
     "SHAPES",
@@ -52,29 +53,18 @@ def yaw_distance(shape: str, yaw_a: float, yaw_b: float) -> float:
     return min(d, period - d)
 
 
-def _wedge() -> trimesh.Trimesh:
-    """A triangular prism lying on a rectangular face: a ramp from height 0 at -x to WEDGE_HEIGHT at +x."""
-    x, y = WEDGE_LENGTH / 2, WEDGE_WIDTH / 2
-    corners = [(-x, -y, 0), (x, -y, 0), (x, -y, WEDGE_HEIGHT), (-x, y, 0), (x, y, 0), (x, y, WEDGE_HEIGHT)]
-    return trimesh.Trimesh(vertices=np.array(corners, dtype=float)).convex_hull
-
-
 def _primitive(shape: str) -> trimesh.Trimesh:
     """The trimesh primitive for `shape`, resting on z = 0 and centred on the z axis."""
-    if shape == "cube":
-        mesh = trimesh.creation.box(extents=(CUBE_SIDE,) * 3)
-    elif shape == "sphere":
-        mesh = trimesh.creation.icosphere(subdivisions=2, radius=SPHERE_RADIUS)
-    elif shape == "cylinder":
-        mesh = trimesh.creation.cylinder(radius=CYLINDER_RADIUS, height=CYLINDER_HEIGHT, sections=32)
-    elif shape == "box":
-        mesh = trimesh.creation.box(extents=BOX_EXTENTS)
-    elif shape == "wedge":
-        return _wedge()
-    else:
+    sizes: dict[str, dict] = {
+        "cube": {"size": CUBE_SIDE},
+        "sphere": {"radius": SPHERE_RADIUS},
+        "cylinder": {"radius": CYLINDER_RADIUS, "height": CYLINDER_HEIGHT},
+        "box": {"extents": BOX_EXTENTS},
+        "wedge": {"length": WEDGE_LENGTH, "width": WEDGE_WIDTH, "height": WEDGE_HEIGHT},
+    }
+    if shape not in sizes:
         raise ValueError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
-    mesh.apply_translation((0.0, 0.0, -mesh.bounds[0, 2]))
-    return mesh
+    return primitive_mesh(shape, **sizes[shape])
 
 
 @cache

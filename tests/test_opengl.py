@@ -11,6 +11,7 @@ import torch
 from renderers import opengl
 from renderers.finite_difference import FiniteDifferenceRenderer
 from scenes import tabletop
+from scenes.tabletop_objects import library
 
 UNAVAILABLE = opengl.opengl_available()
 requires_egl = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"OpenGL renderer unavailable: {UNAVAILABLE}")
@@ -40,7 +41,7 @@ def test_matches_the_pytorch3d_hard_renderer(image_size, colors):
 def test_batches_larger_than_one_framebuffer_and_empty_batches():
     scenes = tabletop.sample_scenes(5, seed=1)
     t = tabletop.scenes_to_tensors(scenes)
-    small = opengl.OpenGLRenderer(tabletop.library(), tabletop.make_stage(), opengl.OpenGLSettings(max_tiles=2))
+    small = opengl.OpenGLRenderer(library(), tabletop.make_stage(), opengl.OpenGLSettings(max_tiles=2))
     images = small(t.shape_ids, t.positions, t.yaws).images
     one_framebuffer = tabletop.make_renderer(64, backend="opengl")(t.shape_ids, t.positions, t.yaws).images
     assert (images - one_framebuffer).abs().max() < 1e-5  # float rounding differs with the tile's offset
