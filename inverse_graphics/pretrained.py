@@ -14,10 +14,10 @@ from inverse_graphics.checkpoint import CheckpointError, load_checkpoint, restor
 
 WEIGHTS = {
     # name: (file in inverse_graphics/weights, model kinds it may hold)
-    "air-multi-mnist": ("air-multi-mnist.pt", ("air",)),
-    "dair-multi-mnist": ("dair-multi-mnist.pt", ("dair",)),
-    "air-tabletop": ("air-tabletop.pt", ("air-tabletop",)),
-    "supervised-tabletop": ("supervised-tabletop.pt", ("supervised-tabletop",)),
+    "air-multi-mnist": ("air-multi-mnist.safetensors", ("air",)),
+    "dair-multi-mnist": ("dair-multi-mnist.safetensors", ("dair",)),
+    "air-tabletop": ("air-tabletop.safetensors", ("air-tabletop",)),
+    "supervised-tabletop": ("supervised-tabletop.safetensors", ("supervised-tabletop",)),
 }
 KINDS_2D = ("air", "dair")
 KINDS_3D = ("air-tabletop", "supervised-tabletop")
@@ -40,13 +40,18 @@ def load(path: str | os.PathLike, device: str = "cpu", expect_model: tuple[str, 
     """A model from a checkpoint written by `train` (or shipped), in eval mode on `device`: an `AIR` for
     "air" / "dair" checkpoints, an `AIR3D` for "air-tabletop", a `SupervisedRegressor` for "supervised-tabletop".
 
-    Raises CheckpointError for a missing, truncated or foreign file, or a model of another kind.
+    Raises CheckpointError for a missing, truncated, corrupt or foreign file (an old pickle checkpoint included:
+    it is never unpickled), a model of another kind, or a config that does not fit the weights.
     """
     ckpt = load_checkpoint(path, expect_model=expect_model)
     kind = ckpt["model"]
     if kind not in (*KINDS_2D, *KINDS_3D):
         raise CheckpointError(f"{path} holds a '{kind}' model, which this release cannot load")
-    return restore(_build(kind, ckpt["config"]), ckpt, path).to(device).eval()
+    try:
+        model = _build(kind, ckpt["config"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:  # from_dict and the modules' own checks
+        raise CheckpointError(f"{path} holds a '{kind}' config that does not make a model: {err}") from err
+    return restore(model, ckpt, path).to(device).eval()
 
 
 def weights_path(name: str) -> Path:
