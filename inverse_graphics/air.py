@@ -485,6 +485,8 @@ class AIR(nn.Module):
             ValueError / TypeError with a clear message for a wrong shape, dtype, NaN or values outside [0, 1].
         """
         images = self.check_images(images)
+        if images.shape[0] == 0:  # an empty batch: empty results of the usual shapes (as the 3D models return)
+            return self._empty_result(images, reconstruct)
         # No dropout or batch norm: train/eval mode does not matter here.
         g = self.guide(images, sample=False) if self.config.difference_input else self.guide_fast(images)
         recon = self.render(g.z_pres, g.z_where, g.z_what) if reconstruct else None
@@ -500,6 +502,18 @@ class AIR(nn.Module):
             pres_prob=g.pres_prob,
             boxes=boxes,
             recon=recon,
+        )
+
+    def _empty_result(self, images: torch.Tensor, reconstruct: bool) -> InferenceResult:
+        T, D = self.config.max_steps, self.config.z_what_dim
+        return InferenceResult(
+            counts=torch.zeros(0, dtype=torch.long, device=images.device),
+            z_pres=images.new_zeros(0, T),
+            z_where=images.new_zeros(0, T, 3),
+            z_what=images.new_zeros(0, T, D),
+            pres_prob=images.new_zeros(0, T),
+            boxes=[],
+            recon=images.new_zeros(images.shape) if reconstruct else None,
         )
 
     def guide_fast(self, images: torch.Tensor) -> SimpleNamespace:
