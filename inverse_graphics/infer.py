@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import struct
 import sys
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from inverse_graphics.air import AIR
 from inverse_graphics.evaluate import load_model
@@ -35,6 +38,13 @@ class InferConfig:
     refine_gradient: str = "fd"  # tabletop models: "fd" (black-box finite differences) or "soft" (soft rasterizer)
 
 
+PIL_BOMB = Image.DecompressionBombError  # an image of more pixels than Pillow's limit (about 179 million)
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read as an input: the message names the file and why."""
+
+
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of 16-bit, 32-bit int and float images
 
 
@@ -45,10 +55,10 @@ def _high_depth(im: Image.Image, path: str | Path) -> np.ndarray:
     arr = np.asarray(im).astype(np.float64)
     if im.mode != "F":
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise ValueError(f"{path}: 32-bit integer pixels beyond 16 bits are not supported; save it as 8/16 bits")
+            raise ImageReadError(f"{path}: 32-bit integer pixels beyond 16 bits are not supported; save 8/16 bits")
         arr = arr / 65535.0
     elif arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
-        raise ValueError(f"{path}: a floating-point image must hold finite values in [0, 1]")
+        raise ImageReadError(f"{path}: a floating-point image must hold finite values in [0, 1]")
     return arr.astype(np.float32)
 
 
@@ -56,19 +66,30 @@ def _open_image(path: str | Path, rgb: bool, size: int) -> tuple[np.ndarray, tup
     """The image as float32 in [0, 1], (size, size) grey or (size, size, 3) RGB, resized (bilinear), and its
     original (width, height); ValueError naming the file if it cannot be read. 8-bit images are divided by 255,
     16-bit ones by 65535; float images (TIFF) are kept as they are; grey images read as RGB are repeated."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            original = im.size
-            if im.mode in HIGH_DEPTH_MODES:
-                grey = Image.fromarray(_high_depth(im, path))  # mode "F": resized without 8-bit rounding
-                if grey.size != (size, size):
-                    grey = grey.resize((size, size), Image.Resampling.BILINEAR)
-                arr = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0)
-                return (np.repeat(arr[..., None], 3, axis=-1) if rgb else arr), original
-            converted = im.convert("RGB" if rgb else "L")
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # Pillow warns of e.g. corrupt EXIF: said on stderr, naming the file
+        try:
+            with Image.open(path) as im:
+                im.load()
+                original = im.size
+                if im.mode in HIGH_DEPTH_MODES:
+                    grey = Image.fromarray(_high_depth(im, path))  # mode "F": resized without 8-bit rounding
+                    converted = None
+                else:
+                    converted = im.convert("RGB" if rgb else "L")
+        except ImageReadError:
+            raise
+        # what Pillow raises for truncated or corrupt files (SyntaxError: "broken PNG file", ValueError: "invalid
+        # palette size", struct.error, zlib.error, ...), and UnidentifiedImageError (an OSError)
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, PIL_BOMB) as e:
+            raise ImageReadError(f"cannot read image {path}: {e}") from e
+    for w in caught:
+        print(f"warning: {path}: {w.message}", file=sys.stderr)
+    if converted is None:
+        if grey.size != (size, size):
+            grey = grey.resize((size, size), Image.Resampling.BILINEAR)
+        arr = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0)
+        return (np.repeat(arr[..., None], 3, axis=-1) if rgb else arr), original
     if converted.size != (size, size):
         converted = converted.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(converted, dtype=np.float32) / 255.0, original
