@@ -38,6 +38,7 @@ import torch
 FORMAT = "inverse-graphics-checkpoint"
 VERSION = 2
 CHECKPOINT_NAME = "checkpoint.safetensors"  # a run directory's checkpoint file
+LEGACY_NAME = "checkpoint.pt"  # a run directory's checkpoint file in format 1 (pickle), never read
 SUFFIX = ".safetensors"
 
 _INT64 = (-(2**63), 2**63 - 1)
@@ -286,11 +287,23 @@ def resume_state(
     run can be extended) and its checkpoint; otherwise (cfg, None). `cfg` needs out_dir, minutes and steps, and
     `config_cls` a `from_dict`."""
     path = Path(cfg.out_dir) / CHECKPOINT_NAME  # type: ignore[attr-defined]
+    legacy = path.with_name(LEGACY_NAME)
+    if resume and not path.exists() and legacy.exists():
+        raise CheckpointError(
+            f"{legacy} is an old-format (pickle) checkpoint, which is not read: unpickling can run arbitrary code. "
+            f"If you trust its source, convert it with `inverse-graphics convert {legacy} {path} --trusted`"
+        )
     if not (resume and path.exists()):
         return cfg, None
     state = load_checkpoint(path, expect_model=model_kinds)
     budgets = {"out_dir": cfg.out_dir, "minutes": cfg.minutes, "steps": cfg.steps}  # type: ignore[attr-defined]
-    return config_cls.from_dict({**state["train_config"], **budgets}), state
+    saved = state.get("train_config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} has no training config, so it cannot be resumed (is it an exported model?)")
+    try:
+        return config_cls.from_dict({**saved, **budgets}), state
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: its training config does not fit this release's: {err}") from err
 
 
 def _misfit(saved: torch.Tensor, own: torch.Tensor | None) -> bool:

@@ -23,6 +23,17 @@ KINDS_2D = ("air", "dair")
 KINDS_3D = ("air-tabletop", "supervised-tabletop")
 
 
+def build_model(kind: str, config: dict, path: str | os.PathLike = "<checkpoint>") -> torch.nn.Module:
+    """An untrained model of a checkpoint's kind and config; CheckpointError, naming `path`, for a kind this
+    release does not know or a config that does not make a model."""
+    if kind not in (*KINDS_2D, *KINDS_3D):
+        raise CheckpointError(f"{path} holds a '{kind}' model, which this release cannot load")
+    try:
+        return _build(kind, config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:  # from_dict and the modules' own checks
+        raise CheckpointError(f"{path} holds a '{kind}' config that does not make a model: {err}") from err
+
+
 def _build(kind: str, config: dict) -> torch.nn.Module:
     """An untrained model of a checkpoint's kind and config (the 3D modules are imported only when needed)."""
     if kind in KINDS_2D:
@@ -44,14 +55,7 @@ def load(path: str | os.PathLike, device: str = "cpu", expect_model: tuple[str, 
     it is never unpickled), a model of another kind, or a config that does not fit the weights.
     """
     ckpt = load_checkpoint(path, expect_model=expect_model)
-    kind = ckpt["model"]
-    if kind not in (*KINDS_2D, *KINDS_3D):
-        raise CheckpointError(f"{path} holds a '{kind}' model, which this release cannot load")
-    try:
-        model = _build(kind, ckpt["config"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as err:  # from_dict and the modules' own checks
-        raise CheckpointError(f"{path} holds a '{kind}' config that does not make a model: {err}") from err
-    return restore(model, ckpt, path).to(device).eval()
+    return restore(build_model(ckpt["model"], ckpt["config"], path), ckpt, path).to(device).eval()
 
 
 def weights_path(name: str) -> Path:

@@ -4,6 +4,7 @@ order, empty batches."""
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 
@@ -136,11 +137,16 @@ def test_every_float_option_of_every_command_is_checked():
     """No float option escapes the finite check (a new one must use cli._finite or cli._positive)."""
     from inverse_graphics.cli import _finite, _positive, build_parser
 
-    floats = []
+    def float_options(parser) -> list[str]:
+        found = [a.dest for a in parser._actions if a.type is float]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += [o for sub in action.choices.values() for o in float_options(sub)]
+        return found
+
     parser = build_parser()
-    for sub in parser._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
-        floats += [a.dest for a in sub._actions if a.type is float]
-    assert floats == [] and _positive("0.5") == 0.5 and _finite("-2") == -2.0
+    assert float_options(parser) == [] and _positive("0.5") == 0.5 and _finite("-2") == -2.0
+    assert "scenes" in parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]  # nested: searched
 
 
 @pytest.mark.parametrize("refine", ["-1", "-20"])

@@ -212,6 +212,18 @@ def test_no_cli_entry_point_unpickles_a_checkpoint(reader, payload, tmp_path, ca
         assert "not a readable checkpoint" in err
 
 
+@pytest.mark.parametrize("model", ["air", "dair", "air-tabletop", "supervised-tabletop"])
+def test_resume_of_an_old_run_directory_names_the_conversion(model, payload, tmp_path, capsys):
+    path, marker = payload
+    run = tmp_path / "old_run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(path.read_bytes())  # a run of an earlier release
+    assert cli_main(["train", model, "--out", str(run), "--resume", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"inverse-graphics convert {run / 'checkpoint.pt'} {run / CHECKPOINT_NAME} --trusted" in err
+    assert not marker.exists()
+
+
 def test_no_python_entry_point_unpickles_a_checkpoint(payload, tmp_path, monkeypatch):
     from inverse_graphics.evaluate import load_model
     from inverse_graphics.train_air3d import load_air3d
@@ -329,3 +341,32 @@ def test_shipped_models_give_the_outputs_of_the_pickle_files(name):
             np.testing.assert_allclose(flat, want, atol=1e-5)
         else:
             np.testing.assert_allclose(got[key], expected[key], atol=1e-5)
+
+
+def test_resume_refuses_a_checkpoint_whose_training_config_does_not_fit(tmp_path):
+    from inverse_graphics.checkpoint import resume_state
+    from inverse_graphics.train import TrainConfig
+
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=1)
+    save_atomic({**small_checkpoint(), "train_config": {"no_such_option": 1}}, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(CheckpointError, match="training config does not fit"):
+        resume_state(cfg, TrainConfig, ("air",), resume=True)
+    save_atomic(small_checkpoint(), tmp_path / CHECKPOINT_NAME)  # exported weights: nothing to resume
+    with pytest.raises(CheckpointError, match="no training config"):
+        resume_state(cfg, TrainConfig, ("air",), resume=True)
+
+
+def test_restore_names_what_does_not_fit(tmp_path):
+    from inverse_graphics.checkpoint import restore
+    from inverse_graphics.pretrained import build_model
+
+    ckpt = small_checkpoint()
+    shipped = {**ckpt, "state_dict": {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("baseline.")}}
+    restore(AIR(SMALL), shipped, "shipped")  # shipped weights lack the training-only baseline: fine
+    with pytest.raises(CheckpointError, match="missing .*baseline"):
+        restore(AIR(SMALL), shipped, "resumed", strict=True)  # a resume needs all of it
+    other = AIR(AIRConfig(**{**SMALL.to_dict(), "rnn_hidden": 6}))
+    with pytest.raises(CheckpointError, match=r"another shape: .*\(model"):
+        restore(other, ckpt, "x")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        build_model("gan", {}, "x")
