@@ -195,7 +195,8 @@ def _remove_stale_temps(path: Path) -> None:
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
     """Write `obj` (a dict of the types listed in the module docstring) to `path` atomically. TypeError, naming
-    the key path, for a value the format does not store."""
+    the key path, for a value the format does not store. One writer per checkpoint file (in a distributed run,
+    rank 0): a save first deletes the temp files of `path` that earlier, killed saves left."""
     path = Path(path)
     data = encode({"format": FORMAT, "version": VERSION, **obj})
     path.parent.mkdir(parents=True, exist_ok=True)
