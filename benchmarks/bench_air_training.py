@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, markdown_table, write_results
+from inverse_graphics.checkpoint import CHECKPOINT_NAME
 from inverse_graphics.evaluate import count_accuracy
 from inverse_graphics.figures import curve_figure, read_metrics
 from inverse_graphics.pretrained import load
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
             if (run / "metrics.jsonl").exists():
                 (run / "metrics.jsonl").unlink()  # a fresh run: its curve must not mix with an older one
             train(cfg, progress=False)
-            model = load(run / "checkpoint.pt")
+            model = load(run / CHECKPOINT_NAME)
             final = count_accuracy(model, held_out)
             records = read_metrics(run / "metrics.jsonl")
             steps = max(r["step"] for r in records)

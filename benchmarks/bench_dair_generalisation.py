@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
+from inverse_graphics.checkpoint import CHECKPOINT_NAME  # noqa: E402
 from inverse_graphics.count_search import CountSearchConfig, search_counts  # noqa: E402
 from inverse_graphics.evaluate import count_accuracy  # noqa: E402
 from inverse_graphics.figures import attention_figure, curve_figure, read_metrics  # noqa: E402
@@ -92,8 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--init-from",
         default=None,
         help="runs laid out like --runs: each run starts from the weights of its namesake there "
-        "(<task>/<model>_seed<seed>/checkpoint.pt; fresh optimiser, step count and schedule), to train it on "
-        "further, e.g. on a GPU",
+        "(<task>/<model>_seed<seed>/checkpoint.safetensors; fresh optimiser, step count and schedule), to train it "
+        "on further, e.g. on a GPU",
     )
     p.add_argument("--eval-n", type=int, default=1000, help="test-count scenes for the learning curve")
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between evaluations")
@@ -152,13 +153,13 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
         threads=args.threads,
         dair_memory=model == "dair-memory",
         sleep_weight=args.sleep_weight if model == "dair-sleep" else 0.0,
-        init_from=str(Path(args.init_from) / run.parent.name / run.name / "checkpoint.pt") if args.init_from else None,
+        init_from=str(Path(args.init_from) / run.parent.name / run.name / CHECKPOINT_NAME) if args.init_from else None,
     )
-    interrupted = args.resume and (run / "checkpoint.pt").exists()  # killed before its score: continue it
+    interrupted = args.resume and (run / CHECKPOINT_NAME).exists()  # killed before its score: continue it
     if not interrupted and (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()  # a fresh run: its curve must not mix with an older one
     train(cfg, resume=interrupted, progress=False)
-    net = load(run / "checkpoint.pt", device=args.device)
+    net = load(run / CHECKPOINT_NAME, device=args.device)
     test = count_accuracy(net, tests["test"], args.device)
     seen = count_accuracy(net, tests["train"], args.device)
     records = read_metrics(run / "metrics.jsonl")
@@ -187,7 +188,7 @@ def add_search(record: dict, run: Path, test: multi_mnist.MultiMnist, args) -> d
     }
     if all(record.get(k) == v for k, v in settings.items()):
         return record
-    net = load(run / "checkpoint.pt", device=args.device)
+    net = load(run / CHECKPOINT_NAME, device=args.device)
     n = settings["search_n"]
     x = torch.from_numpy(test.float_images(0, n))
     start = time.perf_counter()
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         for model in args.models:
             for seed in args.seeds:
                 run = Path(args.runs) / name / f"{model}_seed{seed}"
-                if args.resume and args.skip_missing and not (run / "checkpoint.pt").exists():
+                if args.resume and args.skip_missing and not (run / CHECKPOINT_NAME).exists():
                     continue
                 results[name].append(run_one(task, model, seed, run, tests, args))
                 # where it trained, from the run's own config: a run reused by --resume may have trained elsewhere
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.search_steps and model in args.search_models:
                     results[name][-1] = add_search(results[name][-1], run, tests["test"], args)
                 curves[f"{name} {model} seed {seed}"] = read_metrics(run / "metrics.jsonl")
-                net = load(run / "checkpoint.pt")
+                net = load(run / CHECKPOINT_NAME)
                 stem = out / f"{args.name}_{name}_{model}_seed{seed}"
                 x = torch.from_numpy(tests["test"].float_images(0, 8))
                 attention_figure(

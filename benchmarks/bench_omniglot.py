@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
 from inverse_graphics.air import AIR  # noqa: E402
+from inverse_graphics.checkpoint import CHECKPOINT_NAME
 from inverse_graphics.figures import STEP_COLOURS, read_metrics  # noqa: E402
 from inverse_graphics.pretrained import load  # noqa: E402
 from inverse_graphics.train import TrainConfig, train  # noqa: E402
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         (run / "metrics.jsonl").unlink()  # a fresh run: its curve must not mix with an older one
     # train() is annotated for MultiMnist; it needs only .images, .counts, float_images and len (duck typing).
     train(train_config(args), progress=False, data=(background, periodic))
-    model = load(run / "checkpoint.pt", device=args.device)
+    model = load(run / CHECKPOINT_NAME, device=args.device)
     elbo_test = mean_elbo(model, test, args.elbo_samples, args.device)
     elbo_train = mean_elbo(model, first(background, len(test), 3), args.elbo_samples, args.device)
     used = steps_used(model, test, args.device)

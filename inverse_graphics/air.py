@@ -15,16 +15,18 @@ of x. By default (`difference_memory=False`) a DAIR step sees nothing else: no r
 so whether to add an object and where is a function of what is left to explain, and the network cannot count steps
 in a memory (the paper's argument for DAIR's generalisation to unseen counts; with memory it generalised less well
 here, benchmarks/results/dair_generalisation.md). The residual itself may still hint at how many glyphs were drawn
-(the halos and overshoot of blurry glyphs); the variants that remove them did worse (benchmarks/README.md).
+(the halos and overshoot of blurry glyphs); the variants that remove them did worse
+(benchmarks/results/dair_generalisation.notes.md).
 
 Objective: the ELBO, reparameterised for z_where and z_what (KLs in closed form), REINFORCE for z_pres with
 per-step learned baselines (NVIL, Mnih & Gregor 2014): the learning signal of z_pres_t is everything downstream of
 it (the likelihood, and the KL terms of steps >= t), centred by a running mean and an input-dependent baseline
 (NVIL's variance normalisation is left out: see `loss`). Steps after the first z_pres = 0 are masked out of every
 term. Optional, not in the paper: a sleep phase (`dream`, `teacher_forced_log_q`; `train.TrainConfig.sleep_weight`)
-that also fits the guide to scenes the model dreams; it did not help DAIR's count here (benchmarks/README.md). At
-test time, `count_search.search_counts` lets the model choose the count (each count's proposal, `guide(count=k)`,
-refined and scored by its bound): slower than `infer`, and far more often right on counts unseen in training.
+that also fits the guide to scenes the model dreams; it did not help DAIR's count here
+(benchmarks/results/dair_generalisation.notes.md). At test time, `count_search.search_counts` lets the model
+choose the count (each count's proposal, `guide(count=k)`, refined and scored by its bound): slower than `infer`,
+and far more often right on counts unseen in training.
 """
 
 from __future__ import annotations
@@ -485,6 +487,8 @@ class AIR(nn.Module):
             ValueError / TypeError with a clear message for a wrong shape, dtype, NaN or values outside [0, 1].
         """
         images = self.check_images(images)
+        if images.shape[0] == 0:  # an empty batch: empty results of the usual shapes (as the 3D models return)
+            return self._empty_result(images, reconstruct)
         # No dropout or batch norm: train/eval mode does not matter here.
         g = self.guide(images, sample=False) if self.config.difference_input else self.guide_fast(images)
         recon = self.render(g.z_pres, g.z_where, g.z_what) if reconstruct else None
@@ -500,6 +504,18 @@ class AIR(nn.Module):
             pres_prob=g.pres_prob,
             boxes=boxes,
             recon=recon,
+        )
+
+    def _empty_result(self, images: torch.Tensor, reconstruct: bool) -> InferenceResult:
+        T, D = self.config.max_steps, self.config.z_what_dim
+        return InferenceResult(
+            counts=torch.zeros(0, dtype=torch.long, device=images.device),
+            z_pres=images.new_zeros(0, T),
+            z_where=images.new_zeros(0, T, 3),
+            z_what=images.new_zeros(0, T, D),
+            pres_prob=images.new_zeros(0, T),
+            boxes=[],
+            recon=images.new_zeros(images.shape) if reconstruct else None,
         )
 
     def guide_fast(self, images: torch.Tensor) -> SimpleNamespace:

@@ -1,10 +1,11 @@
-"""`inverse-graphics {demo, train, infer, eval, scenes, bench, data, export}`: a thin layer that builds configs and
+"""`inverse-graphics {demo, train, infer, eval, scenes, data, export, convert}`: a thin layer that builds configs and
 calls the same functions the tests drive."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -16,11 +17,51 @@ def _counts(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from err
 
 
+def _finite(text: str) -> float:
+    """argparse type of every float option: a finite number (nan and inf would only fail later, inside a run)."""
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # also refuses nan
+    value = _finite(text)
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def check_device(device: str | None) -> None:
+    """ValueError unless `device` (a --device value; None: not given) is the CPU or a CUDA GPU present here, so
+    that every command says so before any work rather than failing inside torch."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N): {err}") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: this toolkit runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s) here")
 
 
 MODELS_2D = ("air", "dair")
@@ -85,15 +126,15 @@ def _add_train(sub) -> None:
     p.add_argument("model", choices=[*MODELS_2D, *MODELS_3D])
     p.add_argument("--out", default=None, help="run directory (default runs/<model>)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--minutes", type=float, help="training wall-clock budget")
+    p.add_argument("--minutes", type=_finite, help="training wall-clock budget")
     p.add_argument("--steps", type=int, help="step budget (stops at the first budget reached)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--baseline-lr", type=float, help="NVIL baseline's rate (air, dair, air-tabletop)")
+    p.add_argument("--lr", type=_finite)
+    p.add_argument("--baseline-lr", type=_finite, help="NVIL baseline's rate (air, dair, air-tabletop)")
     p.add_argument("--n-train", type=int, help="training scenes")
     p.add_argument("--eval-n", type=int, help="held-out scenes of the periodic evaluation")
-    p.add_argument("--eval-every", type=float, help="seconds between evaluations")
-    p.add_argument("--checkpoint-every", type=float, help="seconds")
+    p.add_argument("--eval-every", type=_finite, help="seconds between evaluations")
+    p.add_argument("--checkpoint-every", type=_finite, help="seconds")
     p.add_argument("--device")
     p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -108,10 +149,10 @@ def _add_train(sub) -> None:
     )
     g.add_argument("--lr-decay-start", type=int, help="step where the main rate decays")
     g.add_argument("--lr-half-life", type=int, help="steps per halving of the main rate")
-    g.add_argument("--lr-floor", type=float)
+    g.add_argument("--lr-floor", type=_finite)
     g.add_argument("--max-steps", type=int, help="T, the most objects per scene")
-    g.add_argument("--z-pres-prior", type=float)
-    g.add_argument("--z-pres-prior-start", type=float, help="anneal from this value")
+    g.add_argument("--z-pres-prior", type=_finite)
+    g.add_argument("--z-pres-prior-start", type=_finite, help="anneal from this value")
     g.add_argument("--anneal-steps", type=int)
     g.add_argument("--data-dir")
     g.add_argument(
@@ -130,8 +171,8 @@ def _add_train(sub) -> None:
     g.add_argument("--eval-refine", type=int, help="air-tabletop: refinement steps in the periodic evaluation")
     g.add_argument("--data-cache", help="air-tabletop: .pt cache of the training renders")
     g.add_argument("--lr-drop-step", type=int, help="air-tabletop: step from which the main rate is --lr-drop-to")
-    g.add_argument("--lr-drop-to", type=float, help="air-tabletop")
-    g.add_argument("--wake-lr", type=float, help="air-tabletop, sleep-then-wake: the main rate of the ELBO phase")
+    g.add_argument("--lr-drop-to", type=_finite, help="air-tabletop")
+    g.add_argument("--wake-lr", type=_finite, help="air-tabletop, sleep-then-wake: the main rate of the ELBO phase")
     g.add_argument("--baseline-warmup", type=int, help="air-tabletop: first ELBO steps training only the baseline")
     g.add_argument(
         "--init-from", help="air, dair, air-tabletop: start from this checkpoint's weights (fresh optimiser and steps)"
@@ -194,7 +235,9 @@ def _add_infer(sub) -> None:
     p.add_argument("--model", default="air-multi-mnist", help="a pretrained name or a checkpoint path")
     p.add_argument("--out", default="out/infer", help="output directory")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--refine", type=int, default=None, help="tabletop models: refinement steps (0: none)")
+    p.add_argument(
+        "--refine", type=_non_negative_int, default=None, help="tabletop models: refinement steps (0: none)"
+    )
     p.add_argument(
         "--refine-gradient",
         choices=["fd", "soft"],
@@ -310,25 +353,35 @@ def _add_world(sub) -> None:
     world_cli.register(sub)
 
 
-def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (same as python -m benchmarks.NAME)")
-    p.add_argument("name")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_run_bench)
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="rewrite an old-format (pickle, .pt) checkpoint as a safetensors one, which loads without running code",
+    )
+    p.add_argument("old", help="the old checkpoint (e.g. runs/air/checkpoint.pt)")
+    p.add_argument("new", help="the checkpoint to write (e.g. runs/air/checkpoint.safetensors)")
+    p.add_argument(
+        "--trusted",
+        action="store_true",
+        help="required: reading the old format means unpickling it, which runs any code the file names; give it "
+        "only for a file from a source you trust",
+    )
+    p.set_defaults(func=_run_convert)
 
 
-def _run_bench(args) -> int:
-    import runpy
+def _run_convert(args) -> int:
+    from inverse_graphics.checkpoint import convert_legacy
 
-    sys.argv = [f"benchmarks/{args.name}.py", *args.rest]  # so results record `python -m benchmarks.NAME`
-    runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")
+    path = convert_legacy(args.old, args.new, trusted=args.trusted)
+    print(f"wrote {path}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inverse-graphics", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_train, _add_infer, _add_eval, _add_scenes, _add_bench, _add_data, _add_export):
+    adders = (_add_demo, _add_train, _add_infer, _add_eval, _add_scenes, _add_data, _add_export, _add_convert)
+    for add in adders:
         add(sub)
     _add_world(sub)
     return parser
@@ -340,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        check_device(getattr(args, "device", None))
         return args.func(args)
     except (CheckpointError, DataNotFoundError, ValueError, TypeError, FileNotFoundError) as err:
         print(f"inverse-graphics {args.command}: error: {err}", file=sys.stderr)

@@ -12,21 +12,13 @@ right one. This module asks the model: for every count k in 0..T (or the given o
 and returns, per scene, the count with the highest score, with its refined latents (posterior means).
 
 The scores are lower bounds on log p(x, count = k), so the choice favours a count whose bound is tight; the IWAE
-bound (tighter than the ELBO) is what makes the comparison fair enough to use. Development runs (a prototype of this
-module, scenes of MNIST test digits drawn with seed 7, not the benchmark's), the seed-0 DAIRs of
-benchmarks/bench_dair_generalisation.py: on 500 3-digit scenes (extrapolation model) the guide counts 76.6% right,
-the choice by the refined ELBO ~80% (300 scenes), by the IWAE bound 82.4% / 84.2% / 84.8% after 100 / 200 / 400
-steps (this module, 200 steps: 83.8%); on 500 2-digit scenes (interpolation model) 86.8% -> 89.4% / 89.2% / 89.2%.
-Scoring the refined means alone (no entropy, the guide's widths) overcounted the 2-digit scenes (85.4%). A
-hypothesis is only as good as its proposal: refinement moves windows locally, so a glyph that the guide drew over two
-touching digits is rarely split; proposing k objects from the refined k - 1 (the next object from the guide on their
-residual) did worse (62.7% / 86.7%), because the earlier objects had already stretched over the missing one. The
-other way works (`deletion`): the refined k + 1 minus its weakest object is a good k-object proposal where the
-guide's was poor (two windows on one digit, a digit left out), and keeping the better bound of the two proposals
-took the 3-digit scenes from 85.7% to 91.7% (300 scenes, 200 steps; overcounts 19 -> 2) for 1.6x the time.
-Without deletion, on the benchmark's first 2,000 test scenes: extrapolation 77.9% -> 84.6%, interpolation
-85.7% -> 90.0% (seed 0). With it (the default), first 1,000 test scenes, seeds 0 / 1: extrapolation 91.9% / 92.4%
-(guide 76.6% / 69.4%), interpolation 91.7% / 92.9% (guide 84.7% / 88.4%): benchmarks/results/dair_generalisation.md.
+bound, tighter than the ELBO, is what makes the comparison fair. A hypothesis is only as good as its proposal:
+refinement moves windows locally, so a glyph that the guide drew over two touching digits is rarely split. Hence a
+second proposal for k objects (`deletion`): the refined k + 1 minus the object whose removal costs least, keeping
+the better bound of the two (3-digit scenes 85.7% -> 91.7% right, for 1.6x the time). With the defaults, on the
+first 1,000 test scenes of `benchmarks/bench_dair_generalisation.py`, seeds 0 / 1: extrapolation 91.9% / 92.4%
+(guide 76.6% / 69.4%), interpolation 91.7% / 92.9% (guide 84.7% / 88.4%); the alternatives measured, and why they
+lost: `benchmarks/results/dair_generalisation.notes.md`.
 Cost: about (2 x number of counts - 2) x `steps` forward and backward passes of the decoder per scene with
 deletion (~1 s per scene for T = 4 at 200 steps on one CPU thread); scenes of a batch are independent (Adam's
 update is elementwise and the objective a sum over scenes).
@@ -46,7 +38,7 @@ __all__ = ["CountSearchConfig", "CountSearch", "Posterior", "count_log_prior", "
 
 @dataclass(frozen=True)
 class CountSearchConfig:
-    """How hard to look. The defaults are the development runs' best (module docstring)."""
+    """How hard to look. The defaults scored best of those measured (results/dair_generalisation.notes.md)."""
 
     steps: int = 200  # Adam steps per count hypothesis
     samples: int = 2  # reparameterised draws per step for the ELBO's gradient

@@ -6,14 +6,18 @@ inferred scene re-rendered, and the per-object labels side by side."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import struct
 import sys
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from inverse_graphics.air import AIR
 from inverse_graphics.evaluate import load_model
@@ -34,19 +38,61 @@ class InferConfig:
     refine_gradient: str = "fd"  # tabletop models: "fd" (black-box finite differences) or "soft" (soft rasterizer)
 
 
-def _open_image(path: str | Path, mode: str, size: int) -> tuple[Image.Image, tuple[int, int]]:
-    """The image converted to PIL `mode` and resized (bilinear) to size x size, and its original (width, height);
-    ValueError naming the file if it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            original = im.size
-            converted = im.convert(mode)
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+PIL_BOMB = Image.DecompressionBombError  # an image of more pixels than Pillow's limit (about 179 million)
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read as an input: the message names the file and why."""
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of 16-bit, 32-bit int and float images
+
+
+def _high_depth(im: Image.Image, path: str | Path) -> np.ndarray:
+    """A 16-bit, 32-bit int or float PIL image as float32 (H, W) in [0, 1]: 16-bit (and 32-bit int images whose
+    values fit 16 bits, as Pillow opens 16-bit PNGs) divided by 65535, floats taken as they are (they must lie in
+    [0, 1]). Converting to 8 bits through PIL would clip every value above 255 to white."""
+    arr = np.asarray(im).astype(np.float64)
+    if im.mode != "F":
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ImageReadError(f"{path}: 32-bit integer pixels beyond 16 bits are not supported; save 8/16 bits")
+        arr = arr / 65535.0
+    elif arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
+        raise ImageReadError(f"{path}: a floating-point image must hold finite values in [0, 1]")
+    return arr.astype(np.float32)
+
+
+def _open_image(path: str | Path, rgb: bool, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The image as float32 in [0, 1], (size, size) grey or (size, size, 3) RGB, resized (bilinear), and its
+    original (width, height); ValueError naming the file if it cannot be read. 8-bit images are divided by 255,
+    16-bit ones by 65535; float images (TIFF) are kept as they are; grey images read as RGB are repeated."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # Pillow warns of e.g. corrupt EXIF: said on stderr, naming the file
+        try:
+            with Image.open(path) as im:
+                im.load()
+                original = im.size
+                if im.mode in HIGH_DEPTH_MODES:
+                    grey = Image.fromarray(_high_depth(im, path))  # mode "F": resized without 8-bit rounding
+                    converted = None
+                else:
+                    converted = im.convert("RGB" if rgb else "L")
+        except ImageReadError:
+            raise
+        # what Pillow raises for truncated or corrupt files (SyntaxError: "broken PNG file", ValueError: "invalid
+        # palette size", struct.error, zlib.error, ...), and UnidentifiedImageError (an OSError)
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, PIL_BOMB) as e:
+            raise ImageReadError(f"cannot read image {path}: {e}") from e
+    for w in caught:
+        print(f"warning: {path}: {w.message}", file=sys.stderr)
+    if converted is None:
+        if grey.size != (size, size):
+            grey = grey.resize((size, size), Image.Resampling.BILINEAR)
+        arr = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0)
+        return (np.repeat(arr[..., None], 3, axis=-1) if rgb else arr), original
     if converted.size != (size, size):
         converted = converted.resize((size, size), Image.Resampling.BILINEAR)
-    return converted, original
+    return np.asarray(converted, dtype=np.float32) / 255.0, original
 
 
 def read_image(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -54,8 +100,7 @@ def read_image(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]
 
     Images of another size are resized (bilinear); boxes are mapped back to the original pixels by the caller.
     """
-    grey, original = _open_image(path, "L", size)
-    arr = np.asarray(grey, dtype=np.float32) / 255.0
+    arr, original = _open_image(path, False, size)
     if arr.mean() > 0.5:
         print(
             f"warning: {path} is mostly bright; the model expects light ink on a dark background "
@@ -63,6 +108,14 @@ def read_image(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]
             file=sys.stderr,
         )
     return arr, original
+
+
+def output_stems(paths: list[str]) -> list[str]:
+    """One distinct file-name stem per input, for its figure: the stem ("a" for dir/a.png), or, where two inputs
+    share a stem, the name with its suffix ("a_png", "a_jpg"), and the input's position where even that repeats."""
+    stems = [Path(p).stem for p in paths]
+    names = [Path(p).name.replace(".", "_") if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
+    return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def overlay(image: np.ndarray, boxes: np.ndarray, steps: list[int], path: Path) -> None:
@@ -93,6 +146,7 @@ def main(cfg: InferConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    stems = output_stems(cfg.images)
     for i, (path, (arr, (w, h))) in enumerate(zip(cfg.images, loaded)):
         steps = [int(t) for t in torch.nonzero(out.z_pres[i] > 0.5).flatten()]
         scale = np.array([w / size, h / size, w / size, h / size], dtype=np.float32)
@@ -106,7 +160,7 @@ def main(cfg: InferConfig) -> dict:
             }
             for t, b in zip(steps, boxes)
         ]
-        overlay_path = out_dir / f"{Path(path).stem}_overlay.png"
+        overlay_path = out_dir / f"{stems[i]}_overlay.png"
         overlay(arr, out.boxes[i].cpu().numpy(), steps, overlay_path)
         results.append(
             {
@@ -128,10 +182,10 @@ def main(cfg: InferConfig) -> dict:
 def read_rgb(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """An RGB image as float32 (3, size, size) in [0, 1] and its original (width, height); other sizes are resized
     (bilinear) with a warning, since the tabletop models were trained on renders of exactly this size."""
-    rgb, original = _open_image(path, "RGB", size)
+    rgb, original = _open_image(path, True, size)
     if original != (size, size):
         print(f"warning: {path} is {original[0]}x{original[1]}; resized to the model's {size}x{size}", file=sys.stderr)
-    return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0, original
+    return rgb.transpose(2, 0, 1), original
 
 
 def object_label(obj: dict) -> str:
@@ -164,9 +218,31 @@ def scene_figure(image: np.ndarray, render: np.ndarray, scene: dict, title: str,
     plt.close(fig)
 
 
+def scene_problems(scene: dict) -> list[str]:
+    """Why an inferred scene could not be a real one (an object partly off the table, two that interpenetrate):
+    each reason once, [] for a valid scene. An inferred scene is a result, so it is reported, never refused."""
+    from inverse_graphics.metrics3d import as_scene
+    from scenes.tabletop import Scene, validate_scene
+    from scenes.tabletop_objects import footprint, footprints_overlap
+
+    objects = as_scene(scene).objects
+    problems = []
+    for i, obj in enumerate(objects):
+        try:
+            validate_scene(Scene((obj,)))  # one object at a time: its own problems, named by its index here
+        except ValueError as err:
+            problems.append(str(err).replace("object 0", f"object {i}", 1))
+    polygons = [footprint(o.shape, o.position, o.yaw) for o in objects]
+    for i, j in itertools.combinations(range(len(objects)), 2):
+        if footprints_overlap(polygons[i], polygons[j]):
+            problems.append(f"objects {i} and {j} interpenetrate (their footprints overlap)")
+    return problems
+
+
 def main_tabletop(cfg: InferConfig, model) -> dict:
     """`infer` for the tabletop models (AIR3D or SupervisedRegressor): results.json and <stem>_scene.png."""
     from inverse_graphics.data3d import data_renderer
+    from inverse_graphics.metrics3d import as_scene
     from scenes import tabletop
 
     size = model.config.image_size
@@ -174,15 +250,16 @@ def main_tabletop(cfg: InferConfig, model) -> dict:
     x = torch.from_numpy(np.stack([a for a, _ in loaded]))
     out = model.infer(x.to(cfg.device), refine=cfg.refine, refine_gradient=cfg.refine_gradient)
     renders = (
-        tabletop.scenes_to_tensors(out.scenes)
+        tabletop.scenes_to_tensors([as_scene(s) for s in out.scenes])  # results, not inputs: no table checks
         .render(data_renderer(size, getattr(model.config, "backend", "auto")))
         .images
     )
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    stems = output_stems(cfg.images)
     for i, (path, (arr, (w, h))) in enumerate(zip(cfg.images, loaded)):
-        figure = out_dir / f"{Path(path).stem}_scene.png"
+        figure = out_dir / f"{stems[i]}_scene.png"
         scene_figure(arr, renders[i].cpu().numpy(), out.scenes[i], f"{Path(path).name}: {cfg.model}", figure)
         results.append(
             {
@@ -192,6 +269,7 @@ def main_tabletop(cfg: InferConfig, model) -> dict:
                 "scene": out.scenes[i],
                 "presence": [round(float(p), 4) for p in out.presence[i]],
                 "figure": str(figure),
+                "problems": scene_problems(out.scenes[i]),
             }
         )
     refined = "unrefined" in out.extras
@@ -199,5 +277,7 @@ def main_tabletop(cfg: InferConfig, model) -> dict:
     (out_dir / "results.json").write_text(json.dumps(record, indent=2))
     for r in results:
         print(f"{r['file']}: {r['count']} object(s): " + "; ".join(object_label(o) for o in r["scene"]["objects"]))
+        for problem in r["problems"]:
+            print(f"warning: {r['file']}: the inferred scene is not physically valid: {problem}", file=sys.stderr)
     print(f"wrote {out_dir / 'results.json'} and {len(results)} figure(s)")
     return record

@@ -14,13 +14,24 @@ from inverse_graphics.checkpoint import CheckpointError, load_checkpoint, restor
 
 WEIGHTS = {
     # name: (file in inverse_graphics/weights, model kinds it may hold)
-    "air-multi-mnist": ("air-multi-mnist.pt", ("air",)),
-    "dair-multi-mnist": ("dair-multi-mnist.pt", ("dair",)),
-    "air-tabletop": ("air-tabletop.pt", ("air-tabletop",)),
-    "supervised-tabletop": ("supervised-tabletop.pt", ("supervised-tabletop",)),
+    "air-multi-mnist": ("air-multi-mnist.safetensors", ("air",)),
+    "dair-multi-mnist": ("dair-multi-mnist.safetensors", ("dair",)),
+    "air-tabletop": ("air-tabletop.safetensors", ("air-tabletop",)),
+    "supervised-tabletop": ("supervised-tabletop.safetensors", ("supervised-tabletop",)),
 }
 KINDS_2D = ("air", "dair")
 KINDS_3D = ("air-tabletop", "supervised-tabletop")
+
+
+def build_model(kind: str, config: dict, path: str | os.PathLike = "<checkpoint>") -> torch.nn.Module:
+    """An untrained model of a checkpoint's kind and config; CheckpointError, naming `path`, for a kind this
+    release does not know or a config that does not make a model."""
+    if kind not in (*KINDS_2D, *KINDS_3D):
+        raise CheckpointError(f"{path} holds a '{kind}' model, which this release cannot load")
+    try:
+        return _build(kind, config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:  # from_dict and the modules' own checks
+        raise CheckpointError(f"{path} holds a '{kind}' config that does not make a model: {err}") from err
 
 
 def _build(kind: str, config: dict) -> torch.nn.Module:
@@ -40,13 +51,11 @@ def load(path: str | os.PathLike, device: str = "cpu", expect_model: tuple[str, 
     """A model from a checkpoint written by `train` (or shipped), in eval mode on `device`: an `AIR` for
     "air" / "dair" checkpoints, an `AIR3D` for "air-tabletop", a `SupervisedRegressor` for "supervised-tabletop".
 
-    Raises CheckpointError for a missing, truncated or foreign file, or a model of another kind.
+    Raises CheckpointError for a missing, truncated, corrupt or foreign file (an old pickle checkpoint included:
+    it is never unpickled), a model of another kind, or a config that does not fit the weights.
     """
     ckpt = load_checkpoint(path, expect_model=expect_model)
-    kind = ckpt["model"]
-    if kind not in (*KINDS_2D, *KINDS_3D):
-        raise CheckpointError(f"{path} holds a '{kind}' model, which this release cannot load")
-    return restore(_build(kind, ckpt["config"]), ckpt, path).to(device).eval()
+    return restore(build_model(ckpt["model"], ckpt["config"], path), ckpt, path).to(device).eval()
 
 
 def weights_path(name: str) -> Path:

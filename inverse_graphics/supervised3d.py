@@ -103,6 +103,8 @@ def scene_inference(
     """Decoded scene tensors -> SceneInference, after `refine_steps` steps of render-and-compare refinement
     against images (B, 3, H, W) when positive, with `refine_gradient` ("fd" or "soft", see RefineConfig); the
     unrefined scenes are kept in `extras`."""
+    if refine_steps < 0:
+        raise ValueError(f"refine must be >= 0 steps (0: no refinement), got {refine_steps}")
     scenes = [s.to_dict() for s in tabletop.tensors_to_scenes(t)]
     extras = {}
     if refine_steps > 0:

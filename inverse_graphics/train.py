@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from inverse_graphics.air import AIR, AIRConfig
-from inverse_graphics.checkpoint import load_checkpoint, restore, resume_state, save_atomic
+from inverse_graphics.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, resume_state, save_atomic
 from scenes import mnist, multi_mnist
 
 EVAL_SEED = 2016  # held-out scenes are the same for every run: MNIST test digits, this seed
@@ -200,7 +200,7 @@ def train(
     data again on resume.
     """
     out = Path(cfg.out_dir)
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = out / CHECKPOINT_NAME
     cfg, state = resume_state(cfg, TrainConfig, ("air", "dair"), resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from inverse_graphics.air3d import AIR3D, GRADIENTS, MODEL_KIND, AIR3DConfig
 from inverse_graphics.air3d_objective import elbo_loss, sleep_loss
-from inverse_graphics.checkpoint import load_checkpoint, restore, resume_state, save_atomic
+from inverse_graphics.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, resume_state, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
 from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.pretrained import load
@@ -191,7 +191,7 @@ class TrainingRun:
                 "rng": torch.get_rng_state(),
                 "train_config": asdict(self.cfg),
             },
-            Path(self.cfg.out_dir) / "checkpoint.pt",
+            Path(self.cfg.out_dir) / CHECKPOINT_NAME,
         )
 
     def main_lr(self) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from inverse_graphics.checkpoint import resume_state, save_atomic
+from inverse_graphics.checkpoint import CHECKPOINT_NAME, resume_state, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
 from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.pretrained import load
@@ -114,7 +114,7 @@ class _Run:
                 "rng": torch.get_rng_state(),
                 "train_config": asdict(self.cfg),
             },
-            Path(self.cfg.out_dir) / "checkpoint.pt",
+            Path(self.cfg.out_dir) / CHECKPOINT_NAME,
         )
 
     def train_step(self, data: LabelledRenders) -> dict:

@@ -1,8 +1,8 @@
 """MNIST digits from the original IDX files (LeCun & Cortes), found locally or downloaded and checksum-verified.
 
-Where the files are looked for, in order (first hit wins):
-  1. an explicit `data_dir` argument (the CLI's `--data-dir`);
-  2. the environment variable `INVERSE_GRAPHICS_DATA`;
+Where the files are looked for, in order (first hit wins, file by file):
+  1. an explicit `data_dir` argument (the CLI's `--data-dir`), when given;
+  2. the environment variable `INVERSE_GRAPHICS_DATA`, when set;
   3. the cache directory `$XDG_CACHE_HOME/inverse_graphics` (default `~/.cache/inverse_graphics`).
 Inside a root, a file may sit at `<root>/mnist/<name>`, `<root>/MNIST/raw/<name>` (torchvision's layout) or
 `<root>/<name>`, gzipped or not. `download()` fetches the official files into the cache and verifies them.
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -63,10 +65,8 @@ def cache_dir() -> Path:
 
 
 def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The directories searched for data files, in order."""
-    if data_dir is not None:
-        return [Path(data_dir)]
-    roots = []
+    """The directories searched for data files, in order: `data_dir`, $INVERSE_GRAPHICS_DATA, the cache."""
+    roots = [] if data_dir is None else [Path(data_dir)]
     if os.environ.get(ENV_VAR):
         roots.append(Path(os.environ[ENV_VAR]))
     roots.append(cache_dir())
@@ -97,14 +97,14 @@ def _read_idx(path: Path, magic: int, expected_count: int | None) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # gzip raises zlib.error for a corrupt deflate stream
         raise DataNotFoundError(f"{path} is unreadable or corrupt ({err}); delete it and fetch it again.") from err
     if len(data) < 8 or int.from_bytes(data[:4], "big") != magic:
         raise DataNotFoundError(f"{path} is not an IDX file with magic number {magic}; is it corrupt?")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
-    size = int(np.prod(dims))
+    size = math.prod(dims)
     if len(data) - offset != size or (expected_count is not None and dims[0] != expected_count):
         raise DataNotFoundError(
             f"{path} holds {len(data) - offset} bytes for dims {dims}; expected {expected_count} items. "

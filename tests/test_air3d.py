@@ -14,7 +14,7 @@ import torch
 
 from inverse_graphics.air3d import AIR3D, POSITION_SD, AIR3DConfig, check_images, count_prior, decode_yaw
 from inverse_graphics.air3d_objective import choice_log_q, elbo_loss, elbo_terms, sleep_loss, teacher_forced_log_q
-from inverse_graphics.checkpoint import CheckpointError
+from inverse_graphics.checkpoint import CHECKPOINT_NAME, CheckpointError
 from inverse_graphics.estimators import score_function_surrogate
 from inverse_graphics.modules3d import Baseline3D, GlimpseEncoder, ObjectHead3D, WhereHead3D
 from inverse_graphics.train_air3d import RECIPES, AIR3DTrainConfig, TrainingRun, load_air3d, train_air3d
@@ -227,15 +227,15 @@ def test_checkpoint_config_load_and_resume(tmp_path):
     train_air3d(cfg, progress=False)
     assert json.loads((tmp_path / cfg.out_dir / "config.json").read_text())["recipe"] == "wake-sleep"
     assert (tmp_path / "cache" / "train.pt").is_file()
-    model = load_air3d(tmp_path / cfg.out_dir / "checkpoint.pt")
+    model = load_air3d(tmp_path / cfg.out_dir / CHECKPOINT_NAME)
     assert not model.training and model.config.channels == (8, 16) and model.config.image_size == SIZE
     cfg.steps = 3
     assert train_air3d(cfg, resume=True, progress=False)["step"] == 3
     # a new run (another recipe and gradient path) from those weights: same parameters at its start
     follow = _train_config(tmp_path, "wake", "soft")
-    follow.steps, follow.init_from = 0, str(tmp_path / cfg.out_dir / "checkpoint.pt")
+    follow.steps, follow.init_from = 0, str(tmp_path / cfg.out_dir / CHECKPOINT_NAME)
     train_air3d(follow, progress=False)
-    started = load_air3d(tmp_path / follow.out_dir / "checkpoint.pt")
+    started = load_air3d(tmp_path / follow.out_dir / CHECKPOINT_NAME)
     assert all(torch.equal(a, b) for a, b in zip(started.parameters(), load_air3d(follow.init_from).parameters()))
     follow.model_overrides = {**TINY, "rnn_hidden": 16}
     with pytest.raises(ValueError, match="another model config"):
@@ -258,7 +258,7 @@ def test_sigint_stops_training_with_a_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(TrainingRun, "train_step", step_then_interrupt)
     assert train_air3d(cfg, progress=False)["step"] == 1
-    assert load_air3d(tmp_path / cfg.out_dir / "checkpoint.pt").config.image_size == SIZE
+    assert load_air3d(tmp_path / cfg.out_dir / CHECKPOINT_NAME).config.image_size == SIZE
 
 
 def test_glimpse_is_centred_on_the_object_and_differentiable_in_its_position():
@@ -305,7 +305,7 @@ def test_cli_trains_and_infers_with_both_tabletop_models(tmp_path, capsys):
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(paths[-1])
     for run in ("air", "sup"):
         out = tmp_path / f"infer-{run}"
-        args = ["infer", *map(str, paths), "--model", str(tmp_path / run / "checkpoint.pt"), "--out", str(out)]
+        args = ["infer", *map(str, paths), "--model", str(tmp_path / run / CHECKPOINT_NAME), "--out", str(out)]
         refine = ["--refine", "0"] if run == "air" else ["--refine", "1", "--refine-gradient", "soft"]
         assert cli_main([*args, *refine]) == 0
         record = json.loads((out / "results.json").read_text())

@@ -28,7 +28,9 @@ def test_environment_variable_and_raw_files(tmp_path, data_dir, monkeypatch):
     assert len(mnist.load_digits("test")) == 10_000
 
 
-def test_missing_files_name_the_expected_path(tmp_path):
+def test_missing_files_name_the_expected_path(tmp_path, monkeypatch):
+    monkeypatch.setenv(mnist.ENV_VAR, str(tmp_path / "env"))  # searched after data_dir: empty here too
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(mnist.DataNotFoundError, match=str(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz")):
         mnist.load_digits("test", tmp_path)
 

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import bench_dair_generalisation, bench_omniglot, bench_representation, bench_tabletop
 from inverse_graphics.air import AIR, AIRConfig
-from inverse_graphics.checkpoint import CheckpointError, load_checkpoint
+from inverse_graphics.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from inverse_graphics.pretrained import load
 from inverse_graphics.train import TrainConfig, train
 from inverse_graphics.train_supervised3d import SupervisedTrainConfig, train_supervised
@@ -49,7 +49,7 @@ def test_dair_generalisation_smoke(tmp_path, data_dir):
     more[more.index("--steps") + 1] = "3"
     longer = bench_dair_generalisation.main(more + ["--resume", "--models", "dair"])["interpolation"][0]
     assert longer["steps"] == 3
-    assert not load(tmp_path / "runs" / "interpolation" / "dair_seed0" / "checkpoint.pt").config.difference_memory
+    assert not load(tmp_path / "runs" / "interpolation" / "dair_seed0" / CHECKPOINT_NAME).config.difference_memory
     # --skip-missing: a seed without a run is left out, not trained; failures are shown where there are any
     only = bench_dair_generalisation.main(args + ["--resume", "--skip-missing", "--seeds", "0", "1"])
     assert [(r["model"], r["seed"]) for r in only["interpolation"]] == [("air", 0), ("dair", 0)]
@@ -68,12 +68,12 @@ def test_dair_generalisation_smoke(tmp_path, data_dir):
     # --init-from: a run starts from its namesake's weights (with a zero learning rate it keeps them exactly)
     on = args + ["--models", "dair", "--runs", str(tmp_path / "more"), "--init-from"]
     bench_dair_generalisation.main(on + [str(tmp_path / "runs"), "--lr", "0", "--lr-floor", "0"])
-    before = load_checkpoint(tmp_path / "runs" / "interpolation" / "dair_seed0" / "checkpoint.pt")
-    after = load_checkpoint(tmp_path / "more" / "interpolation" / "dair_seed0" / "checkpoint.pt")
+    before = load_checkpoint(tmp_path / "runs" / "interpolation" / "dair_seed0" / CHECKPOINT_NAME)
+    after = load_checkpoint(tmp_path / "more" / "interpolation" / "dair_seed0" / CHECKPOINT_NAME)
     for k, v in before["state_dict"].items():
         if not k.startswith(("baseline.", "signal_")):  # the NVIL baseline has its own learning rate
             assert torch.equal(after["state_dict"][k], v), k
-    assert after["train_config"]["init_from"].endswith("interpolation/dair_seed0/checkpoint.pt")
+    assert after["train_config"]["init_from"].endswith("interpolation/dair_seed0/" + CHECKPOINT_NAME)
     with pytest.raises(CheckpointError, match="does not exist"):
         bench_dair_generalisation.main(on + [str(tmp_path / "elsewhere")])
 
@@ -92,12 +92,12 @@ def test_representation_smoke(tmp_path, data_dir):
     cfg = TrainConfig(out_dir=str(run), minutes=None, steps=1, batch_size=8, n_train=64, eval_n=8, threads=1)
     train(cfg, progress=False)
     out = tmp_path / "out"
-    args = ["--model", str(run / "checkpoint.pt"), "--n-labels", "8", "16", "--test-n", "32", "--steps", "2"]
+    args = ["--model", str(run / CHECKPOINT_NAME), "--n-labels", "8", "16", "--test-n", "32", "--steps", "2"]
     record = bench_representation.main(args + ["--threads", "1", "--out", str(out), "--name", "rep"])
     assert set(record["curves"]) == {"sum", "ascending"}
     for curves in record["curves"].values():
         assert all(len(accs) == 2 and all(0 <= a <= 1 for a in accs) for accs in curves.values())
-    assert written(out, "rep")["model"] == str(run / "checkpoint.pt")
+    assert written(out, "rep")["model"] == str(run / CHECKPOINT_NAME)
     table = (out / "rep.md").read_text()  # a classifier stuck at the majority class is marked, and the mark explained
     assert (" \\*" in table) == ("of the majority class: that classifier learned nothing" in table)
 
@@ -316,7 +316,7 @@ def test_tabletop_comparison_smoke(tmp_path):
         model_overrides={"channels": (8, 16), "embed_dim": 16},
     )  # fmt: skip
     train_supervised(cfg, progress=False)
-    args = ["--supervised", str(run / "checkpoint.pt"), "--naive", str(run / "checkpoint.pt"), "--n", "6"]
+    args = ["--supervised", str(run / CHECKPOINT_NAME), "--naive", str(run / CHECKPOINT_NAME), "--n", "6"]
     args += ["--n-single", "3", "--n-refine", "2", "--refine", "1", "--chain", f"sup={run}", "--out", str(tmp_path)]
     record = bench_tabletop.main([*args, "--threads", "1", "--name", "tt"])
     assert len(record["rows"]) == 3 * 2 * 2  # three methods, two scene sets, K = 0 and 1

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from inverse_graphics.checkpoint import CheckpointError
+from inverse_graphics.checkpoint import CHECKPOINT_NAME, CheckpointError
 from inverse_graphics.data3d import make_labelled_renders
 from inverse_graphics.modules3d import ConvEncoder, SlotOutput
 from inverse_graphics.supervised3d import (
@@ -180,7 +180,7 @@ def test_training_smoke_run_checkpoint_load_and_resume(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["train", "train", "eval"]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["n_train"] == 8
-    model = load_supervised(tmp_path / "run" / "checkpoint.pt")
+    model = load_supervised(tmp_path / "run" / CHECKPOINT_NAME)
     assert model.config.channels == (8, 16) and not model.training
     cfg.steps = 3
     assert train_supervised(cfg, resume=True, progress=False)["step"] == 3
@@ -202,7 +202,7 @@ def test_sigint_stops_training_with_a_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_Run, "train_step", step_then_interrupt)
     assert train_supervised(cfg, progress=False)["step"] == 1
-    assert load_supervised(tmp_path / "run" / "checkpoint.pt").config.channels == (8, 16)
+    assert load_supervised(tmp_path / "run" / CHECKPOINT_NAME).config.channels == (8, 16)
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
