@@ -32,12 +32,10 @@ from inverse_graphics.air3d import (
     GRADIENTS,
     Guide3D,
     PriorStep3D,
-    decode_position,
     decode_yaw,
 )
 from inverse_graphics.estimators import gaussian_log_likelihood, score_function_surrogate
 from inverse_graphics.modules3d import ObjectDists
-from scenes.tabletop_objects import SHAPES
 
 __all__ = ["ElboTerms", "elbo_terms", "choice_log_q", "elbo_loss", "sleep_loss", "teacher_forced_log_q"]
 
@@ -67,10 +65,10 @@ def elbo_terms(model: AIR3D, images: torch.Tensor, g: Guide3D, gradient: str) ->
     """The ELBO's terms for guide samples g on images (B, 3, H, W); `gradient` in GRADIENTS picks the renderer."""
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-    recon = g.scene().render(model.renderer(gradient)).images  # (B, 3, H, W)
+    recon = model.render(g.scene(), gradient)  # (B, 3, H, W)
     log_lik = log_likelihood(images, recon, model.config.likelihood_sd)
     log_k = F.log_softmax(g.shape_logits, dim=-1)  # (B, T, S)
-    kl_shape = (log_k.exp() * (log_k + math.log(len(SHAPES)))).sum(-1)  # KL(q(k) || uniform), analytic
+    kl_shape = (log_k.exp() * (log_k + math.log(model.n_shapes))).sum(-1)  # KL(q(k) || uniform), analytic
     kl_u = normal_kl(g.u_loc, g.u_scale, 0.0, 1.0).sum(-1)
     kl_v = normal_kl(g.v_loc, g.v_scale, 0.0, 1.0).sum(-1)
     kl_obj = g.z_pres * (kl_shape + kl_u + kl_v)
@@ -143,7 +141,7 @@ def teacher_forced_log_q(model: AIR3D, images: torch.Tensor, p: PriorStep3D) -> 
     chosen: list[PriorStep3D] = []
     gates = model.image_gates(images, None)
     total = images.new_zeros(images.shape[0])
-    for t in range(model.config.max_steps):
+    for t in range(model.max_steps):
         if model.config.difference_input and chosen:
             gates = model.image_gates(images, PriorStep3D.stack(chosen).scene())
         h, c = model.rnn(gates, prev, state)
@@ -171,7 +169,7 @@ def _own_estimate(model: AIR3D, d: ObjectDists, present: torch.Tensor) -> PriorS
     0.40 after 600 sleep steps). An input, not a gradient path."""
     shape = d.shape_logits.argmax(1)
     v = d.v_loc.gather(1, shape[:, None, None].expand(-1, 1, 2)).squeeze(1)
-    position = decode_position(d.u_loc)
+    position = model.decode_position(d.u_loc)
     return PriorStep3D(present, shape, d.u_loc, v, position, decode_yaw(v, model.yaw_order[shape]))
 
 

@@ -1,0 +1,126 @@
+"""The per-image appearance latent of the tabletop models: exposure gain, light direction and ambient light.
+
+A World fixes the nominal light, but the images a model meets (and, with a [randomize] section, the images it is
+trained on) vary in exposure and light. Render-and-compare against a nominal render then explains a brighter
+image by moving objects (their lit faces cover more pixels) or not at all: the residual is no longer small at the
+right pose. So the appearance is a latent of each image, inferred beside the poses:
+
+    image = clamp(gain * render(scene; light_direction, ambient), 0, 1)
+
+- gain (exposure): solved in closed form for any render r, g* = <r, x> / <r, r> (least squares; the render is
+  linear in the gain). Refinement re-solves it at every pose step; by the envelope theorem the poses' gradient at
+  g* needs no term through g.
+- light direction (a unit 3-vector, towards the light) and ambient intensity: Adam through PyTorch3D's hard
+  renderer, whose Lambertian shading is differentiable in both (silhouettes do not move with the light, so the
+  hard render's gradient in them is exact; tests/test_appearance.py checks it against central differences).
+  The diffuse intensity stays nominal: with a free gain, (gain, ambient, diffuse) has one degree too many.
+- not fitted: per-object albedo and table colour (colour jitter), pixel noise, the camera position. Albedo enters
+  the render linearly per object, so it could be solved in closed form given the poses like the gain; that is not
+  done here (docs/air3d.md).
+
+The fit starts from the nominal appearance (or a given estimate) and keeps each image's best iterate, so it never
+raises the image error it starts from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from renderers.mesh import Appearance
+from scenes.world import SceneTensors, World
+
+__all__ = ["AppearanceFit", "nominal_appearance", "fit_appearance", "LR_LIGHT", "LR_AMBIENT"]
+
+LR_LIGHT = 0.05  # Adam rate of the light direction (a unit vector: about 3 degrees per step at first)
+LR_AMBIENT = 0.02  # Adam rate of the ambient intensity (nominal values 0.3-0.4)
+
+
+@dataclass(frozen=True)
+class AppearanceFit:
+    """The appearance of B images."""
+
+    gain: torch.Tensor  # FloatTensor (B,): exposure gain multiplying the render
+    light_direction: torch.Tensor  # FloatTensor (B, 3): unit, world frame, towards the light
+    ambient: torch.Tensor  # FloatTensor (B,): ambient intensity
+
+    def appearance(self) -> Appearance:
+        """The renderers' per-scene Appearance (the gain is applied to the images by the caller)."""
+        return Appearance(light_direction=self.light_direction, ambient=self.ambient)
+
+    @staticmethod
+    def solve_gain(rendered: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """(B,) least-squares gain g = <r, x> / <r, r> of renders r against images x (B, 3, H, W), detached, over
+        the pixels the image does not saturate (x < 1: there the clamp hides the gain)."""
+        r, x = rendered.detach().flatten(1), images.detach().flatten(1)
+        r = r * (x < 1.0 - 1e-6)
+        return (r * x).sum(1) / (r * r).sum(1).clamp(min=1e-12)
+
+    def to_dicts(self) -> list[dict]:
+        """One plain dict per image: {"gain", "light_direction", "ambient"}."""
+        rows = zip(self.gain.tolist(), self.light_direction.tolist(), self.ambient.tolist(), strict=True)
+        return [{"gain": g, "light_direction": d, "ambient": a} for g, d, a in rows]
+
+
+def nominal_appearance(world: World, batch: int, device: torch.device | str = "cpu") -> AppearanceFit:
+    """The world's nominal appearance for `batch` images: gain 1, its light."""
+    direction = F.normalize(torch.tensor(world.light.direction, dtype=torch.float32), dim=0)
+    return AppearanceFit(
+        torch.ones(batch, device=device),
+        direction.to(device).expand(batch, 3).clone(),
+        torch.full((batch,), float(world.light.ambient), device=device),
+    )
+
+
+def fit_appearance(
+    world: World,
+    t: SceneTensors,
+    images: torch.Tensor,
+    colors: torch.Tensor | None,
+    steps: int = 30,
+    start: AppearanceFit | None = None,
+) -> AppearanceFit:
+    """Fit each image's light direction and ambient (Adam) and gain (closed form) with the poses `t` fixed.
+
+    Args:
+        world: the scenes' World (renders at the images' size, PyTorch3D hard mode).
+        t: the scenes' tensors (B, N); images: FloatTensor (B, 3, H, W) in [0, 1].
+        colors: FloatTensor (B, N, 3) object albedos, or None for the stage's.
+        steps: Adam steps; start: the first iterate (default `nominal_appearance`).
+    Returns:
+        AppearanceFit, each image's best iterate by the squared image error (the start included).
+    """
+    from inverse_graphics import world3d
+
+    B = images.shape[0]
+    size = (int(images.shape[3]), int(images.shape[2]))
+    renderer = world3d.renderer(world, "hard", size, "pytorch3d")
+    s = start or nominal_appearance(world, B, images.device)
+    direction = s.light_direction.detach().clone().requires_grad_(True)
+    ambient = s.ambient.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([{"params": [direction], "lr": LR_LIGHT}, {"params": [ambient], "lr": LR_AMBIENT}])
+    best = torch.full((B,), float("inf"), device=images.device)
+    best_fit = s
+    for step in range(steps + 1):
+        look = Appearance(light_direction=F.normalize(direction, dim=1), ambient=ambient)
+        rendered = renderer(t.shape_ids, t.positions, t.yaws, colors, look).images  # (B, 3, H, W)
+        gain = AppearanceFit.solve_gain(rendered, images)
+        loss = (((gain[:, None, None, None] * rendered).clamp(max=1.0) - images) ** 2).flatten(1).sum(1)  # (B,)
+        with torch.no_grad():
+            better = loss < best
+            best = torch.where(better, loss, best)
+            best_fit = AppearanceFit(
+                torch.where(better, gain, best_fit.gain),
+                torch.where(better[:, None], F.normalize(direction, dim=1), best_fit.light_direction),
+                torch.where(better, ambient, best_fit.ambient),
+            )
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        with torch.no_grad():
+            ambient.clamp_(min=0.0)
+    return AppearanceFit(*(v.detach() for v in (best_fit.gain, best_fit.light_direction, best_fit.ambient)))
