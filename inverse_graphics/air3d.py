@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from inverse_graphics import world3d
 from inverse_graphics.air import pres_probability
+from inverse_graphics.appearance import AppearanceFit, AppearanceLatent
 from inverse_graphics.modules import GatedRecurrence
 from inverse_graphics.modules3d import (
     Baseline3D,
@@ -57,6 +58,7 @@ from inverse_graphics.modules3d import (
 )
 from inverse_graphics.supervised3d import SceneInference, check_images, default_fit_appearance, scene_inference
 from inverse_graphics.world3d import LEGACY
+from renderers.mesh import Appearance
 from renderers.opengl import world_to_clip
 from scenes.world import SceneTensors, World
 
@@ -101,6 +103,9 @@ class AIR3DConfig:
     glimpse_height: float | None = None  # metres above the table of the glimpse's centre; None: derived (0.05)
     position_sd: float | tuple[float, float] | None = None  # metres, (x, y) = position_sd * u; None: derived (0.12)
     world: dict | None = None  # the World (World.to_dict(), plain JSON); None: the built-in primitives world
+    # the per-image appearance latent (inverse_graphics.appearance.AppearanceLatent: exposure gain, light direction);
+    # None: on when the world randomises exposure or light; never without a world
+    appearance: bool | None = None
 
     def __post_init__(self) -> None:
         # Concrete sizes from the world dict (cheap: no meshes parsed), so `image_size` and `max_steps` are always
@@ -175,6 +180,8 @@ class Guide3D:
     position: torch.Tensor
     yaw: torch.Tensor
     step_inputs: torch.Tensor  # FloatTensor (B, T, 1 + S + 4): what each step saw of the previous one
+    # with the appearance latent: q(a)'s loc (B, 3), scale (B, 3) and the latent used (B, 3, sampled or the loc)
+    appearance: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def scene(self) -> SceneTensors:
         """The present objects as renderer input (absent slots get shape id -1)."""
@@ -269,6 +276,9 @@ class AIR3D(nn.Module):
         self.glimpse_encoder = GlimpseEncoder(cfg.glimpse_size, cfg.glimpse_channels, cfg.glimpse_dim)
         self.object_head = ObjectHead3D(cfg.rnn_hidden, cfg.glimpse_dim, S)
         self.baseline = Baseline3D(size, cfg.baseline_channels, self.step_dim, cfg.baseline_hidden)
+        use_appearance = default_fit_appearance(self.world) if cfg.appearance is None else cfg.appearance
+        use_appearance = use_appearance and not self.legacy
+        self.appearance_latent = AppearanceLatent(self.world, cfg.embed_dim) if use_appearance else None
         self.scales = scales = self._scales()
         self.register_buffer("yaw_order", world3d.yaw_orders(self.world, True), persistent=False)
         self.register_buffer("pres_prior", self._count_prior(low, high), persistent=False)
@@ -324,13 +334,18 @@ class AIR3D(nn.Module):
         return world3d.object_colors(self.world, shape_ids)
 
     @torch.no_grad()
-    def render_input(self, scene: SceneTensors) -> torch.Tensor:
+    def render_input(self, scene: SceneTensors, look: AppearanceFit | None = None) -> torch.Tensor:
         """Hard render (B, 3, H, W) of a scene, as an input to the guide: no gradient path."""
-        return self.render(scene, "hard")
+        return self.render(scene, "hard", look)
 
-    def render(self, scene: SceneTensors, kind: str) -> torch.Tensor:
-        """Images (B, 3, H, W) of scene tensors with the world's object colours, by the renderer `kind`."""
-        return scene.render(self.renderer(kind), self.object_colors(scene.shape_ids)).images
+    def render(self, scene: SceneTensors, kind: str, look: AppearanceFit | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) of scene tensors with the world's object colours, by the renderer `kind`; under
+        the appearance `look` (light, then gain, clamped to [0, 1]) when given, else the nominal one."""
+        colors = self.object_colors(scene.shape_ids)
+        if look is None:
+            return scene.render(self.renderer(kind), colors).images
+        images = self.renderer(kind)(scene.shape_ids, scene.positions, scene.yaws, colors, look.appearance()).images
+        return (images * look.gain[:, None, None, None]).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------------------------------------ guide
     def step_input(self, z_pres, shape, position, v) -> torch.Tensor:
@@ -338,14 +353,17 @@ class AIR3D(nn.Module):
         one_hot = F.one_hot(shape, self.n_shapes).to(position.dtype) * z_pres[:, None]
         return torch.cat([z_pres[:, None], one_hot, position / self.table_half, v], dim=1)
 
-    def image_gates(self, images: torch.Tensor, so_far: SceneTensors | None) -> torch.Tensor:
+    def image_gates(
+        self, images: torch.Tensor, so_far: SceneTensors | None, look: AppearanceFit | None = None
+    ) -> torch.Tensor:
         """The image's contribution to the LSTM gates (B, 4 hidden); with `difference_input`, of the residual
         images - render(so_far) (so_far None: no objects yet, only the table). The residual is drawn without
         gradients: it is an input, not a path. This drops the dependence of later steps' q on earlier poses
         *through the residual* (a small bias in the pathwise gradient, accepted because the black-box renderer has
-        no gradient to give); the step inputs keep that dependence."""
+        no gradient to give); the step inputs keep that dependence. look: the appearance the residual's render
+        takes (the guide's own estimate), else the nominal one."""
         if self.config.difference_input:  # render_input runs under no_grad: an input only, see docstring
-            images = images - self.render_input(self.empty_scene(images) if so_far is None else so_far)
+            images = images - self.render_input(self.empty_scene(images) if so_far is None else so_far, look)
         return self.rnn.image_gates(self.embed_norm(self.encoder(images)))
 
     def glimpse_centres(self, position: torch.Tensor) -> torch.Tensor:
@@ -410,18 +428,28 @@ class AIR3D(nn.Module):
     def guide(self, images: torch.Tensor, sample: bool = True) -> Guide3D:
         """Run all T steps on images (B, 3, H, W) in [0, 1]; returns the stacked latents."""
         prev, prev_pres, state = self.initial_state(images)
-        gates = self.image_gates(images, None)
+        appearance, look = self.appearance_q(images, sample)
+        gates = self.image_gates(images, None, look)
         steps: list[GuideStep3D] = []
         inputs: list[torch.Tensor] = []
         for t in range(self.max_steps):
             inputs.append(prev)
             if self.config.difference_input and t > 0:
-                gates = self.image_gates(images, self._stack(steps).scene())
+                gates = self.image_gates(images, self._stack(steps).scene(), look)
             step = self.guide_step(gates, images, prev, prev_pres, state, sample)
             steps.append(step)
             state, prev_pres = step.state, step.z_pres
             prev = self.step_input(step.z_pres, step.shape, step.position, step.v)
-        return replace(self._stack(steps), step_inputs=torch.stack(inputs, dim=1))
+        return replace(self._stack(steps), step_inputs=torch.stack(inputs, dim=1), appearance=appearance)
+
+    def appearance_q(self, images: torch.Tensor, sample: bool):
+        """q(a | images) of the appearance latent: ((loc, scale, a) each (B, 3), the AppearanceFit of the loc for
+        the residuals' renders, detached: an input), or (None, None) without the latent."""
+        if self.appearance_latent is None:
+            return None, None
+        loc, scale = self.appearance_latent(self.embed_norm(self.encoder(images)))
+        a = loc + scale * torch.randn_like(loc) if sample else loc
+        return (loc, scale, a), self.appearance_latent.decode(loc.detach())
 
     @staticmethod
     def empty_scene(images: torch.Tensor) -> SceneTensors:
@@ -432,9 +460,9 @@ class AIR3D(nn.Module):
 
     @staticmethod
     def _stack(steps: list[GuideStep3D]) -> Guide3D:
-        names = [f for f in Guide3D.__dataclass_fields__ if f != "step_inputs"]
+        names = [f for f in Guide3D.__dataclass_fields__ if f not in ("step_inputs", "appearance")]
         fields = {n: torch.stack([getattr(s, n) for s in steps], dim=1) for n in names}
-        return Guide3D(**fields, step_inputs=torch.empty(0))
+        return Guide3D(**fields, step_inputs=torch.empty(0))  # type: ignore[arg-type]  # the tensor fields
 
     # ------------------------------------------------------------------------------------------ generative
     def prior_step(self, n: int, prev_pres: torch.Tensor, t: int) -> PriorStep3D:
@@ -459,6 +487,27 @@ class AIR3D(nn.Module):
         """Prior scenes and their hard renders FloatTensor (n, 3, H, W) in [0, 1] (the likelihood's means)."""
         p = self.sample_prior(n)
         return p, self.render_input(p.scene())
+
+    @torch.no_grad()
+    def sample_with_appearance(self, n: int) -> tuple[PriorStep3D, torch.Tensor, torch.Tensor | None]:
+        """Prior scenes rendered, with the appearance latent, under the world's own randomised appearance (all of
+        its [randomize] ranges: gain, light, ambient, colours, eye, pixel noise; seeded from torch's generator),
+        and the latents a (n, 3) of their gain and light; without the latent, `sample` and None."""
+        if self.appearance_latent is None:
+            return (*self.sample(n), None)
+        p = self.sample_prior(n)
+        t = p.scene()
+        seed = int(torch.randint(2**62, (1,)))
+        drawn = self.world.sample_appearance(t.shape_ids.cpu(), True, seed)
+        dev = self.signal_mean.device
+        look = Appearance(**{k: getattr(drawn.appearance(), k).to(dev) for k in ("light_direction", "ambient",
+                                                                                 "table_color", "eye")})  # fmt: skip
+        images = self.renderer("hard")(t.shape_ids, t.positions, t.yaws, drawn.object_colors.to(dev), look).images
+        images = images * drawn.gain.to(dev)[:, None, None, None]
+        if drawn.noise_sd > 0:
+            images = images + drawn.noise_sd * torch.randn_like(images)
+        a = self.appearance_latent.encode(drawn.gain.to(dev), drawn.light_direction.to(dev))
+        return p, images.clamp(0.0, 1.0), a
 
     def baseline_step(self, images: torch.Tensor, step_inputs: torch.Tensor) -> torch.Tensor:
         """NVIL baselines for every step: images (B, 3, H, W), step_inputs (B, T, step_dim) -> (B, T).
@@ -509,4 +558,10 @@ class AIR3D(nn.Module):
         t = SceneTensors(t.shape_ids, world3d.clamp_to_table(self.world, t.shape_ids, t.positions, t.yaws), t.yaws)
         world = None if self.legacy else self.world
         fit = default_fit_appearance(world) if fit_appearance is None else fit_appearance
-        return scene_inference(t, images, steps, g.pres_prob, refine_gradient, world, fit)
+        guess = None
+        if self.appearance_latent is not None and g.appearance is not None:
+            guess = self.appearance_latent.decode(g.appearance[0])
+        out = scene_inference(t, images, steps, g.pres_prob, refine_gradient, world, fit, guess)
+        if guess is not None and "appearance" not in out.extras:
+            out.extras["appearance"] = guess.to_dicts()
+        return out

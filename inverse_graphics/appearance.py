@@ -29,6 +29,7 @@ raises the image error it starts from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from renderers.mesh import Appearance
 from scenes.world import SceneTensors, World
 
-__all__ = ["AppearanceFit", "nominal_appearance", "fit_appearance", "LR_LIGHT", "LR_AMBIENT"]
+__all__ = ["AppearanceFit", "AppearanceLatent", "nominal_appearance", "fit_appearance", "LR_LIGHT", "LR_AMBIENT"]
 
 LR_LIGHT = 0.05  # Adam rate of the light direction (a unit vector: about 3 degrees per step at first)
 LR_AMBIENT = 0.02  # Adam rate of the ambient intensity (nominal values 0.3-0.4)
@@ -133,3 +134,59 @@ def fit_appearance(
         with torch.no_grad():
             ambient.clamp_(min=0.0)
     return AppearanceFit(*(v.detach() for v in (best_fit.gain, best_fit.light_direction, best_fit.ambient)))
+
+
+class AppearanceLatent(torch.nn.Module):
+    """3D AIR's per-image appearance latent a = (log gain, t_1, t_2) for a World with appearance randomisation:
+    gain = exp(a_0), light direction = normalise(l0 + t_1 e_1 + t_2 e_2) with l0 the world's nominal light and
+    (e_1, e_2) an orthonormal basis of the plane perpendicular to it (a chart of the sphere about l0, no wrap).
+
+    Prior: a ~ N(0, diag(prior_sd^2)), with prior_sd matched to the world's [randomize] ranges (gain uniform on
+    [1 - b, 1 + b]: sd of log gain about b / sqrt(3); a light uniform on a cap of half-angle theta: about
+    tan(theta) / 2 per tangent axis). The guide's q(a | x) is a diagonal Gaussian from the image embedding; the
+    sleep phase trains it on images drawn with the world's own randomised appearance (`sample_target`), and
+    `infer` hands its mean to refinement's appearance fit as the start."""
+
+    basis: torch.Tensor  # FloatTensor (3, 3): rows l0, e_1, e_2
+    prior_sd: torch.Tensor  # FloatTensor (3,)
+
+    def __init__(self, world: World, embed_dim: int):
+        super().__init__()
+        l0 = F.normalize(torch.tensor(world.light.direction, dtype=torch.float32), dim=0)
+        helper = torch.tensor([1.0, 0.0, 0.0]) if abs(float(l0[0])) < 0.9 else torch.tensor([0.0, 1.0, 0.0])
+        e1 = F.normalize(torch.linalg.cross(l0, helper), dim=0)
+        e2 = torch.linalg.cross(l0, e1)
+        self.register_buffer("basis", torch.stack([l0, e1, e2]), persistent=False)
+        r = world.randomize
+        b = r.brightness if r is not None else 0.0
+        theta = math.radians(r.light_direction_degrees) if r is not None else 0.0
+        sd = [max(b / math.sqrt(3), 0.01), max(math.tan(theta) / 2, 0.01), max(math.tan(theta) / 2, 0.01)]
+        self.register_buffer("prior_sd", torch.tensor(sd), persistent=False)
+        self.ambient = float(world.light.ambient)
+        self.head = torch.nn.Linear(embed_dim, 6)
+        with torch.no_grad():  # start at the nominal appearance with a narrow q
+            self.head.weight.mul_(0.1)
+            self.head.bias.zero_()
+            self.head.bias[3:].fill_(-3.0)  # softplus(-3) = 0.05
+
+    def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """embedding (B, E) -> q(a)'s loc and scale, each FloatTensor (B, 3)."""
+        loc, scale = self.head(embedding).split(3, dim=1)
+        return loc, F.softplus(scale) + 1e-4
+
+    def decode(self, a: torch.Tensor) -> AppearanceFit:
+        """a (B, 3) -> AppearanceFit (gain, light direction; ambient nominal)."""
+        light = F.normalize(self.basis[0] + a[:, 1:2] * self.basis[1] + a[:, 2:3] * self.basis[2], dim=1)
+        return AppearanceFit(torch.exp(a[:, 0]), light, a.new_full((a.shape[0],), self.ambient))
+
+    def encode(self, gain: torch.Tensor, light_direction: torch.Tensor) -> torch.Tensor:
+        """The latent (B, 3) of a gain (B,) and a light direction (B, 3) in front of the nominal one."""
+        d = F.normalize(light_direction, dim=1)
+        along = (d @ self.basis[0]).clamp(min=1e-3)  # (B,)
+        t = (d @ self.basis[1:].T) / along[:, None]  # (B, 2): the chart's coordinates
+        return torch.cat([torch.log(gain.clamp(min=1e-3))[:, None], t], dim=1)
+
+    def kl(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """(B,) KL(q(a) || p(a)), analytic."""
+        var_ratio = (scale / self.prior_sd) ** 2
+        return 0.5 * (var_ratio + (loc / self.prior_sd) ** 2 - 1 - torch.log(var_ratio)).sum(-1)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from inverse_graphics import world3d
+from inverse_graphics.appearance import AppearanceFit
 from inverse_graphics.modules3d import ConvEncoder, SlotHead, SlotOutput
 from inverse_graphics.refine import RefineConfig, refine
 from scenes.world import SceneTensors, World
@@ -116,18 +117,20 @@ def scene_inference(
     refine_gradient: str = "fd",
     world: World | None = None,
     fit_appearance: bool = False,
+    start_appearance: AppearanceFit | None = None,
 ) -> SceneInference:
     """Decoded scene tensors -> SceneInference, after `refine_steps` steps of render-and-compare refinement
     against images (B, 3, H, W) when positive, with `refine_gradient` ("fd" or "soft", see RefineConfig) in
     `world` (None: the primitives world) and, with `fit_appearance`, the per-image appearance fitted first
-    (inverse_graphics.appearance; extras["appearance"]); the unrefined scenes are kept in `extras`."""
+    (inverse_graphics.appearance; extras["appearance"]), starting from `start_appearance` (e.g. the guide's);
+    the unrefined scenes are kept in `extras`."""
     scenes = world3d.tensors_to_scenes(world or world3d.primitives(), t)
     extras: dict = {}
     if refine_steps > 0:
         extras["unrefined"] = scenes
         cfg = RefineConfig(steps=refine_steps, gradient=refine_gradient, appearance=fit_appearance)
         with torch.enable_grad():
-            scenes = refine(scenes, images, cfg, world)
+            scenes = refine(scenes, images, cfg, world, start_appearance)
         if fit_appearance:
             extras["appearance"] = [s.pop("appearance") for s in scenes]
     return SceneInference(scenes, (t.shape_ids >= 0).sum(1), presence, extras)

@@ -27,6 +27,7 @@ from inverse_graphics.refine import RefineConfig, refine
 from inverse_graphics.supervised3d import LossWeights, SupervisedConfig, SupervisedRegressor, matched_loss
 from renderers.mesh import Appearance
 from scenes.world import World, load_world
+from tests.conftest import assert_close
 
 TINY_WORLD = """
 name = "tiny"
@@ -337,3 +338,45 @@ def test_pose_refinement_under_another_appearance_is_as_good_as_nominal_when_it_
     fitted_residual = ((redrawn.clamp(max=1) - images) ** 2).sum()
     nominal_residual = ((nominal_images - images) ** 2).sum()
     assert fitted_residual < 0.01 * nominal_residual, (fitted_residual, nominal_residual)
+
+
+# ---- the guide's appearance latent -----------------------------------------------------------------------------
+def test_the_guide_has_an_appearance_latent_for_a_randomised_world_and_not_for_the_primitives(tiny):
+    model = _air(tiny)
+    lat = model.appearance_latent
+    assert lat is not None and ig.load_pretrained("air-tabletop").appearance_latent is None
+    assert AIR3D(AIR3DConfig(world=tiny.to_dict(), appearance=False, **TINY_AIR)).appearance_latent is None  # type: ignore[arg-type]
+    # prior matched to the ranges: brightness 0.2 -> sd 0.2 / sqrt 3 of log gain; 30 degrees -> tan 30 / 2
+    assert lat.prior_sd.tolist() == pytest.approx([0.2 / math.sqrt(3), math.tan(math.radians(30)) / 2] + [
+        math.tan(math.radians(30)) / 2], rel=1e-5)  # fmt: skip
+    # the chart: encode and decode are inverse for lights within the cap
+    light = torch.stack([_turned_light(tiny, (0, 0, 1), 20.0), _turned_light(tiny, (1, 0, 0), -25.0)])
+    gain = torch.tensor([0.85, 1.15])
+    back = lat.decode(lat.encode(gain, light))
+    assert_close(back.gain, gain, atol=1e-6) and assert_close(back.light_direction, light, atol=1e-6)
+
+
+def test_the_sleep_phase_trains_q_of_the_appearance_on_the_worlds_randomised_renders(tiny):
+    torch.manual_seed(0)
+    model = _air(tiny)
+    p, images, a = model.sample_with_appearance(6)
+    assert a is not None and a.shape == (6, 3) and images.shape == (6, 3, 32, 48)
+    nominal = model.render_input(p.scene())
+    assert not torch.allclose(images, nominal)  # randomised: gain, light, ambient of the world's ranges
+    loss, _ = sleep_loss(model, 4)
+    loss.backward()
+    assert model.appearance_latent is not None and model.appearance_latent.head.weight.grad is not None
+    assert float(model.appearance_latent.head.weight.grad.abs().sum()) > 0
+
+
+def test_the_elbo_has_the_appearance_kl_and_a_pathwise_gradient_into_the_gain(tiny):
+    torch.manual_seed(0)
+    model = _air(tiny)
+    loss, stats = elbo_loss(model, _render(tiny, SCENES, gain=1.2), "fd")
+    loss.backward()
+    assert model.appearance_latent is not None
+    grad = model.appearance_latent.head.bias.grad
+    assert grad is not None and float(grad[0].abs()) > 0  # the log gain's loc
+    out = model.eval().infer(_render(tiny, SCENES), refine=0)
+    assert len(out.extras["appearance"]) == 2 and set(out.extras["appearance"][0]) == {"gain", "light_direction",
+                                                                                       "ambient"}  # fmt: skip
