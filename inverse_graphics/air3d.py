@@ -542,8 +542,10 @@ class AIR3D(nn.Module):
                 rasterizer, about 20x slower here).
             resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError
                 naming both sizes.
-            fit_appearance: with refinement, fit each image's exposure gain, light direction and ambient first
-                (inverse_graphics.appearance; extras["appearance"]); None: when the world randomises them.
+            fit_appearance: with refinement, fit each image's exposure gain and light direction first, from the
+                guide's estimate (inverse_graphics.appearance; PyTorch3D renders, seconds per image); None: when the
+                world randomises them, the guide's light and the gain in closed form (one render); False: nominal.
+                extras["appearance"] holds the estimate when there is one.
         Returns:
             SceneInference: scenes (B JSON-format dicts in the world's object names, footprints clamped onto the
             table), counts LongTensor (B,), presence FloatTensor (B, T) = q(z_pres = 1) per step,
@@ -557,7 +559,7 @@ class AIR3D(nn.Module):
         t = g.scene()
         t = SceneTensors(t.shape_ids, world3d.clamp_to_table(self.world, t.shape_ids, t.positions, t.yaws), t.yaws)
         world = None if self.legacy else self.world
-        fit = default_fit_appearance(world) if fit_appearance is None else fit_appearance
+        fit = (None if default_fit_appearance(world) else False) if fit_appearance is None else fit_appearance
         guess = None
         if self.appearance_latent is not None and g.appearance is not None:
             guess = self.appearance_latent.decode(g.appearance[0])

@@ -165,7 +165,7 @@ def refine(
         raise ValueError(f"got {len(scenes)} scenes for {images.shape[0]} images")
     start = [as_scene(s).to_dict() if legacy else _plain(s) for s in scenes]
     t = world3d.scenes_to_tensors(w, start, images.device)
-    if cfg.steps == 0 or not (t.shape_ids >= 0).any():
+    if cfg.steps == 0 or not ((t.shape_ids >= 0).any() or cfg.appearance):
         return start
     size = (int(images.shape[3]), int(images.shape[2]))
     renderer = _renderer(w, size, cfg.gradient, legacy)
@@ -176,6 +176,9 @@ def refine(
     look = None
     if cfg.appearance:
         look = fit_appearance(w, t, images.detach(), colors, cfg.appearance_steps, start_appearance)
+    if not (t.shape_ids >= 0).any():  # only the table: the appearance is all there is to fit
+        assert look is not None
+        return [{**s, "appearance": a} for s, a in zip(start, look.to_dicts())]
     positions, yaws = _descend(renderer, w, t, images.detach(), colors, cfg, look)
     yaws = torch.remainder(yaws + math.pi, 2 * math.pi) - math.pi  # back to [-pi, pi)
     refined = world3d.tensors_to_scenes(w, SceneTensors(t.shape_ids, positions.detach(), yaws.detach()))

@@ -17,7 +17,7 @@ uses the true shape's; spheres and upright cylinders (any yaw) have no yaw loss 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -116,23 +116,25 @@ def scene_inference(
     presence: torch.Tensor,
     refine_gradient: str = "fd",
     world: World | None = None,
-    fit_appearance: bool = False,
+    fit_appearance: bool | None = False,
     start_appearance: AppearanceFit | None = None,
 ) -> SceneInference:
     """Decoded scene tensors -> SceneInference, after `refine_steps` steps of render-and-compare refinement
     against images (B, 3, H, W) when positive, with `refine_gradient` ("fd" or "soft", see RefineConfig) in
     `world` (None: the primitives world) and, with `fit_appearance`, the per-image appearance fitted first
-    (inverse_graphics.appearance; extras["appearance"]), starting from `start_appearance` (e.g. the guide's);
-    the unrefined scenes are kept in `extras`."""
+    (inverse_graphics.appearance; extras["appearance"]), starting from `start_appearance` (e.g. the guide's):
+    True fits the light too (RefineConfig.appearance_steps, PyTorch3D renders: seconds per image), None only the
+    gain in closed form (one render) on the start's light; the unrefined scenes are kept in `extras`."""
     scenes = world3d.tensors_to_scenes(world or world3d.primitives(), t)
     extras: dict = {}
     if refine_steps > 0:
         extras["unrefined"] = scenes
-        cfg = RefineConfig(steps=refine_steps, gradient=refine_gradient, appearance=fit_appearance)
+        cfg = RefineConfig(steps=refine_steps, gradient=refine_gradient, appearance=fit_appearance is not False)
+        cfg = cfg if fit_appearance is not None else replace(cfg, appearance_steps=0)
         with torch.enable_grad():
             scenes = refine(scenes, images, cfg, world, start_appearance)
-        if fit_appearance:
-            extras["appearance"] = [s.pop("appearance") for s in scenes]
+        if cfg.appearance:
+            extras["appearance"] = [s.pop("appearance", None) for s in scenes]
     return SceneInference(scenes, (t.shape_ids >= 0).sum(1), presence, extras)
 
 
@@ -209,8 +211,9 @@ class SupervisedRegressor(nn.Module):
             refine_gradient: "fd" (finite differences of the black-box render) or "soft" (soft rasterizer).
             resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError
                 naming both sizes.
-            fit_appearance: with refinement, fit each image's exposure, light and ambient first
-                (inverse_graphics.appearance); None: when the model's world randomises its appearance.
+            fit_appearance: with refinement, fit each image's exposure gain and light direction first
+                (inverse_graphics.appearance; seconds per image); None: the gain only (closed form) when the
+                model's world randomises its appearance, nothing otherwise; False: the nominal appearance.
         Raises:
             TypeError / ValueError naming the problem for a non-tensor, non-float, wrong shape, NaN or [0, 1].
         """
@@ -219,7 +222,7 @@ class SupervisedRegressor(nn.Module):
         t = self.decode(out, threshold)
         presence = torch.sigmoid(out.presence_logits)
         world = None if self.legacy else self.world
-        fit = default_fit_appearance(world) if fit_appearance is None else fit_appearance
+        fit = (None if default_fit_appearance(world) else False) if fit_appearance is None else fit_appearance
         return scene_inference(t, images, int(refine or 0), presence, refine_gradient, world, fit)
 
 
