@@ -1,6 +1,6 @@
 """Attend, Infer, Repeat on tabletop scenes (Eslami et al., NIPS 2016, Sec. 3.3): the 2D skeleton of `air.py`
 with a fixed renderer as the generative model. Nothing in the generative model is learned. docs/air3d.md is the
-design note; letters as in docs/conventions.md, plus S = number of shapes (scenes.tabletop_objects.SHAPES).
+design note; letters as in docs/conventions.md, plus S = number of objects in the model's World (`model.world`).
 
 Generative model, for steps t = 1..T (T = max objects):
     z_pres_t ~ Bernoulli(rho_t) if z_pres_{t-1} = 1 else 0
@@ -43,8 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from inverse_graphics import world3d
 from inverse_graphics.air import pres_probability
-from inverse_graphics.data3d import data_renderer
+from inverse_graphics.appearance import AppearanceFit, AppearanceLatent
 from inverse_graphics.modules import GatedRecurrence
 from inverse_graphics.modules3d import (
     Baseline3D,
@@ -55,13 +56,11 @@ from inverse_graphics.modules3d import (
     WhereDists,
     WhereHead3D,
 )
-from inverse_graphics.refine import clamp_to_table
-from inverse_graphics.supervised3d import SceneInference, check_images, scene_inference, yaw_orders
-from renderers.finite_difference import FiniteDifferenceRenderer, FiniteDifferenceSettings
+from inverse_graphics.supervised3d import SceneInference, check_images, default_fit_appearance, scene_inference
+from inverse_graphics.world3d import LEGACY
+from renderers.mesh import Appearance
 from renderers.opengl import world_to_clip
-from scenes import tabletop
-from scenes.tabletop import CAMERA, TABLE_HALF_SIZE, SceneTensors
-from scenes.tabletop_objects import SHAPES
+from scenes.world import SceneTensors, World
 
 __all__ = [
     "MODEL_KIND",
@@ -83,8 +82,8 @@ GRADIENTS = ("fd", "soft")  # continuous gradient paths: finite differences (bla
 class AIR3DConfig:
     """Architecture, prior and likelihood of a 3D AIR model; saved with every checkpoint."""
 
-    image_size: int = 64  # H = W of the input renders
-    max_steps: int = 3  # T: the most objects a scene can hold
+    image_size: int | tuple[int, int] | None = None  # the input renders: an int (H = W) or (W, H); None: the world's
+    max_steps: int | None = None  # T: the most objects a scene can hold; None: the world's objects_per_scene max
     channels: tuple[int, ...] = (32, 64, 64, 64)  # stride-2 convolutions of the guide's encoder
     embed_dim: int = 256  # image embedding fed to the recurrence
     rnn_hidden: int = 256  # LSTM state size (the paper: 256)
@@ -96,10 +95,29 @@ class AIR3DConfig:
     backend: str = "auto"  # hard renderer: "auto" (OpenGL if EGL works, else PyTorch3D), "opengl", "pytorch3d"
     refine_steps: int = 20  # infer's default render-and-compare steps (refine.RefineConfig: 11 -> 1.5 mm in 20)
     glimpse_size: int = 24  # G: the glimpse's side in samples
-    glimpse_window: float = 0.75  # its side in normalised image units (2 = the whole image): 24 pixels at 64
+    # its side in normalised units of the image's shorter side (2 = that side; 0.75 = 24 pixels at 64); square in
+    # pixels. None: derived from the world (inverse_graphics.world3d.derived_scales; the legacy 0.75 without one)
+    glimpse_window: float | None = None
     glimpse_channels: tuple[int, ...] = (32, 64, 64)  # the glimpse encoder's convolutions (first stride 1)
     glimpse_dim: int = 256  # glimpse features fed to the "what" head
-    glimpse_height: float = 0.05  # metres above the table of the point the glimpse is centred on
+    glimpse_height: float | None = None  # metres above the table of the glimpse's centre; None: derived (0.05)
+    position_sd: float | tuple[float, float] | None = None  # metres, (x, y) = position_sd * u; None: derived (0.12)
+    world: dict | None = None  # the World (World.to_dict(), plain JSON); None: the built-in primitives world
+    # the per-image appearance latent (inverse_graphics.appearance.AppearanceLatent: exposure gain, light direction);
+    # None: on when the world randomises exposure or light; never without a world
+    appearance: bool | None = None
+
+    def __post_init__(self) -> None:
+        # Concrete sizes from the world dict (cheap: no meshes parsed), so `image_size` and `max_steps` are always
+        # set; without a world, the primitives world's as every earlier checkpoint has them.
+        if self.world is None:
+            for name, value in LEGACY.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        size = self.image_size if self.image_size is not None else (self.world or {}).get("image_size", 64)
+        self.image_size = _size(size)
+        if self.max_steps is None:
+            self.max_steps = int((self.world or {}).get("objects_per_scene", (0, 3))[1])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,10 +125,23 @@ class AIR3DConfig:
     @classmethod
     def from_dict(cls, d: dict) -> AIR3DConfig:
         d = dict(d)
-        for k in ("channels", "baseline_channels", "glimpse_channels"):
-            if k in d:
+        for k in ("channels", "baseline_channels", "glimpse_channels", "position_sd", "image_size"):
+            if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+def _size(size) -> int | tuple[int, int]:
+    """An image size as the configs keep it: an int for a square image (as always), else (W, H)."""
+    if isinstance(size, int):
+        return size
+    W, H = (int(v) for v in size)
+    return W if W == H else (W, H)
+
+
+def image_wh(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(W, H) of a config's image size."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 @dataclass(frozen=True)
@@ -149,6 +180,8 @@ class Guide3D:
     position: torch.Tensor
     yaw: torch.Tensor
     step_inputs: torch.Tensor  # FloatTensor (B, T, 1 + S + 4): what each step saw of the previous one
+    # with the appearance latent: q(a)'s loc (B, 3), scale (B, 3) and the latent used (B, 3, sampled or the loc)
+    appearance: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def scene(self) -> SceneTensors:
         """The present objects as renderer input (absent slots get shape id -1)."""
@@ -181,11 +214,12 @@ def as_scene_tensors(z_pres: torch.Tensor, shape: torch.Tensor, position: torch.
     return SceneTensors(torch.where(z_pres > 0.5, shape, torch.full_like(shape, -1)), position, yaw)
 
 
-POSITION_SD = 0.12  # metres: the prior's spread of object centres (module docstring)
+POSITION_SD = LEGACY["position_sd"]  # metres: the primitives model's spread of object centres (module docstring)
 
 
 def decode_position(u: torch.Tensor) -> torch.Tensor:
-    """u (..., 2) -> (x, y) metres: POSITION_SD * u."""
+    """u (..., 2) -> (x, y) metres for the world-less primitives model: POSITION_SD * u (a World's model:
+    `AIR3D.decode_position`, per table axis)."""
     return POSITION_SD * u
 
 
@@ -196,28 +230,44 @@ def decode_yaw(v: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 def count_prior(config: AIR3DConfig) -> torch.Tensor:
-    """FloatTensor (T,): rho_t = p(z_pres_t = 1 | z_pres_{t-1} = 1) (module docstring)."""
+    """FloatTensor (T,): rho_t = p(z_pres_t = 1 | z_pres_{t-1} = 1) (module docstring): the count uniform on the
+    world's objects_per_scene (0..T without a world; 0-based t: 3/4, 2/3, 1/2 for T = 3)."""
     T = config.max_steps
+    assert T is not None
     if config.z_pres_prior is not None:
         return torch.full((T,), float(config.z_pres_prior))
-    return torch.tensor([(T - t) / (T - t + 1) for t in range(T)])  # 0-based t: 3/4, 2/3, 1/2 for T = 3
+    low, high = (0, T) if config.world is None else (int(v) for v in config.world["objects_per_scene"])
+    return world3d.count_prior(low, high, T)
 
 
 class AIR3D(nn.Module):
-    """3D AIR. See the module docstring for the model; training objectives in `air3d_objective.py`."""
+    """3D AIR for one World (`self.world`, carried in the config as `world.to_dict()`). See the module docstring
+    for the model; training objectives in `air3d_objective.py`."""
 
-    yaw_order: torch.Tensor  # LongTensor (S,): m of each shape (supervised3d.yaw_orders(True))
+    yaw_order: torch.Tensor  # LongTensor (S,): m of each object (world3d.yaw_orders)
     pres_prior: torch.Tensor  # FloatTensor (T,): rho_t
     signal_mean: torch.Tensor  # FloatTensor (T,): NVIL's input-independent baseline, a running mean
     world_to_clip: torch.Tensor  # FloatTensor (4, 4): the camera's projection (renderers.opengl.world_to_clip)
     glimpse_offsets: torch.Tensor  # FloatTensor (1, G, G, 2): the glimpse's sampling grid around its centre
+    position_sd: torch.Tensor  # FloatTensor (2,): metres per unit of u along x and y
+    table_half: torch.Tensor  # FloatTensor (2,): the table's half sides, metres (step inputs are scaled by them)
 
     def __init__(self, config: AIR3DConfig | None = None):
         super().__init__()
         cfg = self.config = config or AIR3DConfig()
-        S = len(SHAPES)
-        self.step_dim = 1 + S + 2 + 2  # previous z_pres, one-hot shape, position / TABLE_HALF_SIZE, v
-        self.encoder = ConvEncoder(cfg.image_size, cfg.channels, cfg.embed_dim)
+        self.world: World = world3d.world_from_config(cfg.world)
+        self.legacy = cfg.world is None  # the pre-world primitives model: its exact scales and steps
+        assert cfg.max_steps is not None and cfg.image_size is not None  # set by AIR3DConfig.__post_init__
+        size = cfg.image_size
+        self.image_wh = image_wh(size)  # (W, H)
+        self.max_steps = T = cfg.max_steps
+        low, high = (0, T) if self.legacy else self.world.objects_per_scene
+        if T < high:
+            raise ValueError(f"max_steps = {T} cannot hold the {high} objects a scene of world {self.world.name!r} "
+                             "may have (objects_per_scene); use max_steps >= that or None")  # fmt: skip
+        S = self.n_shapes = len(self.world.objects)
+        self.step_dim = 1 + S + 2 + 2  # previous z_pres, one-hot shape, position / table half sides, v
+        self.encoder = ConvEncoder(size, cfg.channels, cfg.embed_dim)
         # The embedding is unbounded (ReLU); unnormalised, it grew to ~80 in 1,000 sleep steps at lr 1e-3, the LSTM's
         # gates saturated (pre-activations ~270) and every image got the same q. LayerNorm keeps it at unit scale.
         self.embed_norm = nn.LayerNorm(cfg.embed_dim)
@@ -225,58 +275,101 @@ class AIR3D(nn.Module):
         self.where_head = WhereHead3D(cfg.rnn_hidden)
         self.glimpse_encoder = GlimpseEncoder(cfg.glimpse_size, cfg.glimpse_channels, cfg.glimpse_dim)
         self.object_head = ObjectHead3D(cfg.rnn_hidden, cfg.glimpse_dim, S)
-        self.baseline = Baseline3D(cfg.image_size, cfg.baseline_channels, self.step_dim, cfg.baseline_hidden)
-        self.register_buffer("yaw_order", yaw_orders(True), persistent=False)
-        self.register_buffer("pres_prior", count_prior(cfg), persistent=False)
-        self.register_buffer("signal_mean", torch.zeros(cfg.max_steps))
-        self.register_buffer("world_to_clip", torch.from_numpy(world_to_clip(CAMERA)), persistent=False)
-        ramp = ((torch.arange(cfg.glimpse_size) + 0.5) / cfg.glimpse_size * 2 - 1) * cfg.glimpse_window / 2
-        offsets = torch.stack(torch.meshgrid(ramp, ramp, indexing="xy"), dim=-1)[None]  # (1, G, G, 2): (x, y)
+        self.baseline = Baseline3D(size, cfg.baseline_channels, self.step_dim, cfg.baseline_hidden)
+        use_appearance = default_fit_appearance(self.world) if cfg.appearance is None else cfg.appearance
+        use_appearance = use_appearance and not self.legacy
+        self.appearance_latent = AppearanceLatent(self.world, cfg.embed_dim) if use_appearance else None
+        self.scales = scales = self._scales()
+        self.register_buffer("yaw_order", world3d.yaw_orders(self.world, True), persistent=False)
+        self.register_buffer("pres_prior", self._count_prior(low, high), persistent=False)
+        self.register_buffer("signal_mean", torch.zeros(T))
+        camera = self.world.camera.renderer_camera(self.image_wh)
+        clip = world_to_clip(camera, None if self.legacy else self.image_wh)
+        self.register_buffer("world_to_clip", torch.from_numpy(clip), persistent=False)
+        self.register_buffer("position_sd", torch.tensor(scales.position_sd), persistent=False)
+        self.register_buffer("table_half", torch.tensor(world3d.table_half_sizes(self.world)), persistent=False)
+        W, H = self.image_wh
+        ramp = (torch.arange(cfg.glimpse_size) + 0.5) / cfg.glimpse_size * 2 - 1  # (G,) -1..1
+        if self.legacy:  # exactly the pre-world grid
+            assert cfg.glimpse_window is not None
+            ramp_x = ramp_y = ramp * cfg.glimpse_window / 2
+        else:  # square in pixels: the window's side in each axis's normalised units
+            ramp_x, ramp_y = ramp * scales.glimpse_pixels / W, ramp * scales.glimpse_pixels / H
+        offsets = torch.stack(torch.meshgrid(ramp_x, ramp_y, indexing="xy"), dim=-1)[None]  # (1, G, G, 2): (x, y)
         self.register_buffer("glimpse_offsets", offsets, persistent=False)
-        self._renderers: dict[str, nn.Module] = {}  # built on first use; no parameters, not in the state dict
+
+    def _scales(self) -> world3d.WorldScales:
+        """Position-prior sd, glimpse height and side: the config's where set, else derived from the world."""
+        cfg = self.config
+        derived = world3d.derived_scales(self.world, self.image_wh) if None in (
+            cfg.position_sd, cfg.glimpse_height, cfg.glimpse_window) else None  # fmt: skip
+        sd = cfg.position_sd if cfg.position_sd is not None else derived.position_sd  # type: ignore[union-attr]
+        sd2 = (float(sd), float(sd)) if isinstance(sd, float | int) else (float(sd[0]), float(sd[1]))
+        height = cfg.glimpse_height if cfg.glimpse_height is not None else derived.glimpse_height  # type: ignore
+        if cfg.glimpse_window is not None:
+            pixels = cfg.glimpse_window * min(self.image_wh) / 2
+        else:
+            pixels = derived.glimpse_pixels  # type: ignore[union-attr]
+        return world3d.WorldScales(sd2, float(height), float(pixels))
+
+    def _count_prior(self, low: int, high: int) -> torch.Tensor:
+        if self.config.z_pres_prior is not None:
+            return torch.full((self.max_steps,), float(self.config.z_pres_prior))
+        return world3d.count_prior(low, high, self.max_steps)
+
+    def decode_position(self, u: torch.Tensor) -> torch.Tensor:
+        """u (..., 2) -> (x, y) metres: position_sd * u (per table axis)."""
+        return u * self.position_sd
 
     # -------------------------------------------------------------------------------------------- renderers
     def renderer(self, kind: str) -> nn.Module:
-        """The renderer of one kind, built once: "hard" (forward only: inputs and data), "fd" (the hard one with
-        finite-difference gradients) or "soft" (PyTorch3D's soft rasterizer, autograd)."""
-        if kind not in self._renderers:
-            size = self.config.image_size
-            if kind == "hard":
-                self._renderers[kind] = data_renderer(size, self.config.backend)
-            elif kind == "fd":
-                steps = FiniteDifferenceSettings.for_image_size(size)
-                self._renderers[kind] = FiniteDifferenceRenderer(self.renderer("hard"), steps)
-            elif kind == "soft":
-                self._renderers[kind] = tabletop.make_renderer(size, "soft")
-            else:
-                raise ValueError(f"renderer kind must be 'hard' or one of {GRADIENTS}, got {kind!r}")
-        return self._renderers[kind]
+        """The world's renderer of one kind at the model's image size, built once: "hard" (forward only: inputs
+        and data), "fd" (the hard one with finite-difference gradients) or "soft" (PyTorch3D's soft rasterizer)."""
+        if kind not in ("hard", *GRADIENTS):
+            raise ValueError(f"renderer kind must be 'hard' or one of {GRADIENTS}, got {kind!r}")
+        return world3d.renderer(self.world, kind, self.image_wh, self.config.backend, self.legacy)
+
+    def object_colors(self, shape_ids: torch.Tensor) -> torch.Tensor:
+        """FloatTensor (B, N, 3): the world's nominal albedo of each object slot."""
+        return world3d.object_colors(self.world, shape_ids)
 
     @torch.no_grad()
-    def render_input(self, scene: SceneTensors) -> torch.Tensor:
+    def render_input(self, scene: SceneTensors, look: AppearanceFit | None = None) -> torch.Tensor:
         """Hard render (B, 3, H, W) of a scene, as an input to the guide: no gradient path."""
-        return scene.render(self.renderer("hard")).images
+        return self.render(scene, "hard", look)
+
+    def render(self, scene: SceneTensors, kind: str, look: AppearanceFit | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) of scene tensors with the world's object colours, by the renderer `kind`; under
+        the appearance `look` (light, then gain, clamped to [0, 1]) when given, else the nominal one."""
+        colors = self.object_colors(scene.shape_ids)
+        if look is None:
+            return scene.render(self.renderer(kind), colors).images
+        images = self.renderer(kind)(scene.shape_ids, scene.positions, scene.yaws, colors, look.appearance()).images
+        return (images * look.gain[:, None, None, None]).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------------------------------------ guide
     def step_input(self, z_pres, shape, position, v) -> torch.Tensor:
         """(B,), (B,), (B, 2), (B, 2) -> FloatTensor (B, step_dim): what the next step sees of this one."""
-        one_hot = F.one_hot(shape, len(SHAPES)).to(position.dtype) * z_pres[:, None]
-        return torch.cat([z_pres[:, None], one_hot, position / TABLE_HALF_SIZE, v], dim=1)
+        one_hot = F.one_hot(shape, self.n_shapes).to(position.dtype) * z_pres[:, None]
+        return torch.cat([z_pres[:, None], one_hot, position / self.table_half, v], dim=1)
 
-    def image_gates(self, images: torch.Tensor, so_far: SceneTensors | None) -> torch.Tensor:
+    def image_gates(
+        self, images: torch.Tensor, so_far: SceneTensors | None, look: AppearanceFit | None = None
+    ) -> torch.Tensor:
         """The image's contribution to the LSTM gates (B, 4 hidden); with `difference_input`, of the residual
         images - render(so_far) (so_far None: no objects yet, only the table). The residual is drawn without
         gradients: it is an input, not a path. This drops the dependence of later steps' q on earlier poses
         *through the residual* (a small bias in the pathwise gradient, accepted because the black-box renderer has
-        no gradient to give); the step inputs keep that dependence."""
+        no gradient to give); the step inputs keep that dependence. look: the appearance the residual's render
+        takes (the guide's own estimate), else the nominal one."""
         if self.config.difference_input:  # render_input runs under no_grad: an input only, see docstring
-            images = images - self.render_input(self.empty_scene(images) if so_far is None else so_far)
+            images = images - self.render_input(self.empty_scene(images) if so_far is None else so_far, look)
         return self.rnn.image_gates(self.embed_norm(self.encoder(images)))
 
     def glimpse_centres(self, position: torch.Tensor) -> torch.Tensor:
         """Table positions (B, 2) -> where they appear, (B, 2) in grid_sample's units (x right, y down, -1..1):
         the point `glimpse_height` above the table projected through the camera."""
-        height = position.new_full((position.shape[0], 1), self.config.glimpse_height)
+        height = position.new_full((position.shape[0], 1), self.scales.glimpse_height)
         clip = torch.cat([position, height, torch.ones_like(height)], dim=1) @ self.world_to_clip.T  # (B, 4)
         ndc = clip[:, :2] / clip[:, 3:]
         return torch.stack([ndc[:, 0], -ndc[:, 1]], dim=1)  # OpenGL's NDC y points up, image rows down
@@ -293,7 +386,7 @@ class AIR3D(nn.Module):
     def what(self, h: torch.Tensor, images: torch.Tensor, wd: WhereDists) -> ObjectDists:
         """LSTM state (B, hidden), images (B, 3, H, W), the step's WhereDists -> q(u), q(k), q(v) per shape, from
         the glimpse at the coarse position."""
-        features = self.glimpse_encoder(self.glimpse(images, decode_position(wd.u_coarse)))
+        features = self.glimpse_encoder(self.glimpse(images, self.decode_position(wd.u_coarse)))
         return self.object_head(h, features, wd.u_coarse)
 
     def guide_step(self, image_gates, images, prev, prev_pres, state, sample: bool) -> GuideStep3D:
@@ -305,7 +398,7 @@ class AIR3D(nn.Module):
         pres_prob = self.pres_probability(wd.pres_logit)
         d = self.what(h, images, wd)
         u = d.u_loc + d.u_scale * torch.randn_like(d.u_loc) if sample else d.u_loc
-        position = decode_position(u)
+        position = self.decode_position(u)
         if sample:
             z_pres = torch.bernoulli(pres_prob.detach()) * prev_pres  # REINFORCE: the sample is no path
             shape = torch.distributions.Categorical(logits=d.shape_logits.detach()).sample()
@@ -335,18 +428,28 @@ class AIR3D(nn.Module):
     def guide(self, images: torch.Tensor, sample: bool = True) -> Guide3D:
         """Run all T steps on images (B, 3, H, W) in [0, 1]; returns the stacked latents."""
         prev, prev_pres, state = self.initial_state(images)
-        gates = self.image_gates(images, None)
+        appearance, look = self.appearance_q(images, sample)
+        gates = self.image_gates(images, None, look)
         steps: list[GuideStep3D] = []
         inputs: list[torch.Tensor] = []
-        for t in range(self.config.max_steps):
+        for t in range(self.max_steps):
             inputs.append(prev)
             if self.config.difference_input and t > 0:
-                gates = self.image_gates(images, self._stack(steps).scene())
+                gates = self.image_gates(images, self._stack(steps).scene(), look)
             step = self.guide_step(gates, images, prev, prev_pres, state, sample)
             steps.append(step)
             state, prev_pres = step.state, step.z_pres
             prev = self.step_input(step.z_pres, step.shape, step.position, step.v)
-        return replace(self._stack(steps), step_inputs=torch.stack(inputs, dim=1))
+        return replace(self._stack(steps), step_inputs=torch.stack(inputs, dim=1), appearance=appearance)
+
+    def appearance_q(self, images: torch.Tensor, sample: bool):
+        """q(a | images) of the appearance latent: ((loc, scale, a) each (B, 3), the AppearanceFit of the loc for
+        the residuals' renders, detached: an input), or (None, None) without the latent."""
+        if self.appearance_latent is None:
+            return None, None
+        loc, scale = self.appearance_latent(self.embed_norm(self.encoder(images)))
+        a = loc + scale * torch.randn_like(loc) if sample else loc
+        return (loc, scale, a), self.appearance_latent.decode(loc.detach())
 
     @staticmethod
     def empty_scene(images: torch.Tensor) -> SceneTensors:
@@ -357,25 +460,25 @@ class AIR3D(nn.Module):
 
     @staticmethod
     def _stack(steps: list[GuideStep3D]) -> Guide3D:
-        names = [f for f in Guide3D.__dataclass_fields__ if f != "step_inputs"]
+        names = [f for f in Guide3D.__dataclass_fields__ if f not in ("step_inputs", "appearance")]
         fields = {n: torch.stack([getattr(s, n) for s in steps], dim=1) for n in names}
-        return Guide3D(**fields, step_inputs=torch.empty(0))
+        return Guide3D(**fields, step_inputs=torch.empty(0))  # type: ignore[arg-type]  # the tensor fields
 
     # ------------------------------------------------------------------------------------------ generative
     def prior_step(self, n: int, prev_pres: torch.Tensor, t: int) -> PriorStep3D:
         """Step t (0-based) of the generative model for n scenes, given the previous z_pres (n,)."""
         z_pres = torch.bernoulli(prev_pres.new_full((n,), float(self.pres_prior[t]))) * prev_pres
-        shape = torch.randint(len(SHAPES), (n,), device=prev_pres.device)
+        shape = torch.randint(self.n_shapes, (n,), device=prev_pres.device)
         u = torch.randn(n, 2, device=prev_pres.device)
         v = torch.randn(n, 2, device=prev_pres.device)
-        return PriorStep3D(z_pres, shape, u, v, decode_position(u), decode_yaw(v, self.yaw_order[shape]))
+        return PriorStep3D(z_pres, shape, u, v, self.decode_position(u), decode_yaw(v, self.yaw_order[shape]))
 
     def sample_prior(self, n: int) -> PriorStep3D:
         """n scenes from the prior, every field stacked over steps to (n, T, ...). Objects may overlap or
         stand partly off the table: the prior knows nothing of either (data3d's scenes reject both)."""
         pres = self.signal_mean.new_ones(n)
         steps = []
-        for t in range(self.config.max_steps):
+        for t in range(self.max_steps):
             steps.append(self.prior_step(n, pres, t))
             pres = steps[-1].z_pres
         return PriorStep3D.stack(steps)
@@ -384,6 +487,27 @@ class AIR3D(nn.Module):
         """Prior scenes and their hard renders FloatTensor (n, 3, H, W) in [0, 1] (the likelihood's means)."""
         p = self.sample_prior(n)
         return p, self.render_input(p.scene())
+
+    @torch.no_grad()
+    def sample_with_appearance(self, n: int) -> tuple[PriorStep3D, torch.Tensor, torch.Tensor | None]:
+        """Prior scenes rendered, with the appearance latent, under the world's own randomised appearance (all of
+        its [randomize] ranges: gain, light, ambient, colours, eye, pixel noise; seeded from torch's generator),
+        and the latents a (n, 3) of their gain and light; without the latent, `sample` and None."""
+        if self.appearance_latent is None:
+            return (*self.sample(n), None)
+        p = self.sample_prior(n)
+        t = p.scene()
+        seed = int(torch.randint(2**62, (1,)))
+        drawn = self.world.sample_appearance(t.shape_ids.cpu(), True, seed)
+        dev = self.signal_mean.device
+        look = Appearance(**{k: getattr(drawn.appearance(), k).to(dev) for k in ("light_direction", "ambient",
+                                                                                 "table_color", "eye")})  # fmt: skip
+        images = self.renderer("hard")(t.shape_ids, t.positions, t.yaws, drawn.object_colors.to(dev), look).images
+        images = images * drawn.gain.to(dev)[:, None, None, None]
+        if drawn.noise_sd > 0:
+            images = images + drawn.noise_sd * torch.randn_like(images)
+        a = self.appearance_latent.encode(drawn.gain.to(dev), drawn.light_direction.to(dev))
+        return p, images.clamp(0.0, 1.0), a
 
     def baseline_step(self, images: torch.Tensor, step_inputs: torch.Tensor) -> torch.Tensor:
         """NVIL baselines for every step: images (B, 3, H, W), step_inputs (B, T, step_dim) -> (B, T).
@@ -398,26 +522,48 @@ class AIR3D(nn.Module):
 
     # ------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def infer(self, images: torch.Tensor, refine: int | None = None, refine_gradient: str = "fd") -> SceneInference:
+    def infer(
+        self,
+        images: torch.Tensor,
+        refine: int | None = None,
+        refine_gradient: str = "fd",
+        resize: bool = False,
+        fit_appearance: bool | None = None,
+    ) -> SceneInference:
         """Scenes from renders: the most probable count and shapes and the means of q(u), q(v).
 
         Args:
-            images: FloatTensor (B, 3, H, W) in [0, 1], H = W = config.image_size.
+            images: FloatTensor (B, 3, H, W) in [0, 1], (W, H) = the model's image size (its world's).
             refine: K steps of render-and-compare refinement (inverse_graphics.refine) of the poses; None: the
                 config's `refine_steps` (20 by default: median position error 11 -> 1.5 mm from 1 cm
                 perturbations, finite differences of the black-box render, about 1 s per scene on one CPU thread);
                 0: none.
             refine_gradient: "fd" (finite differences of the black-box render) or "soft" (PyTorch3D's soft
                 rasterizer, about 20x slower here).
+            resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError
+                naming both sizes.
+            fit_appearance: with refinement, fit each image's exposure gain and light direction first, from the
+                guide's estimate (inverse_graphics.appearance; PyTorch3D renders, seconds per image); None: when the
+                world randomises them, the guide's light and the gain in closed form (one render); False: nominal.
+                extras["appearance"] holds the estimate when there is one.
         Returns:
-            SceneInference: scenes (B JSON-format dicts, footprints clamped onto the table), counts LongTensor
-            (B,), presence FloatTensor (B, T) = q(z_pres = 1) per step, extras["unrefined"] when refined.
+            SceneInference: scenes (B JSON-format dicts in the world's object names, footprints clamped onto the
+            table), counts LongTensor (B,), presence FloatTensor (B, T) = q(z_pres = 1) per step,
+            extras["unrefined"] when refined.
         Raises:
             TypeError / ValueError naming the problem for a non-tensor, non-float, wrong shape, NaN or [0, 1].
         """
-        images = check_images(images, self.config.image_size).to(self.signal_mean)
+        images = world3d.prepare_images(images, self.image_wh, resize).to(self.signal_mean)
         steps = self.config.refine_steps if refine is None else int(refine)
         g = self.guide(images, sample=False)
         t = g.scene()
-        t = SceneTensors(t.shape_ids, clamp_to_table(t.shape_ids, t.positions, t.yaws), t.yaws)
-        return scene_inference(t, images, steps, g.pres_prob, refine_gradient)
+        t = SceneTensors(t.shape_ids, world3d.clamp_to_table(self.world, t.shape_ids, t.positions, t.yaws), t.yaws)
+        world = None if self.legacy else self.world
+        fit = (None if default_fit_appearance(world) else False) if fit_appearance is None else fit_appearance
+        guess = None
+        if self.appearance_latent is not None and g.appearance is not None:
+            guess = self.appearance_latent.decode(g.appearance[0])
+        out = scene_inference(t, images, steps, g.pres_prob, refine_gradient, world, fit, guess)
+        if guess is not None and "appearance" not in out.extras:
+            out.extras["appearance"] = guess.to_dicts()
+        return out

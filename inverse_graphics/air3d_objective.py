@@ -32,12 +32,10 @@ from inverse_graphics.air3d import (
     GRADIENTS,
     Guide3D,
     PriorStep3D,
-    decode_position,
     decode_yaw,
 )
 from inverse_graphics.estimators import gaussian_log_likelihood, score_function_surrogate
 from inverse_graphics.modules3d import ObjectDists
-from scenes.tabletop_objects import SHAPES
 
 __all__ = ["ElboTerms", "elbo_terms", "choice_log_q", "elbo_loss", "sleep_loss", "teacher_forced_log_q"]
 
@@ -51,11 +49,13 @@ class ElboTerms:
     kl_pres: torch.Tensor  # FloatTensor (B, T): KL(q(z_pres_t) || Bernoulli(rho_t)) on active steps, else 0
     log_q: torch.Tensor  # FloatTensor (B, T): log q(z_pres_t) + z_pres_t log q(k_t), the REINFORCE score
     active: torch.Tensor  # FloatTensor (B, T) of 0/1: step t made a choice (z_pres_{t-1} = 1)
+    kl_appearance: torch.Tensor | None = None  # FloatTensor (B,): KL(q(a) || p(a)) of the appearance latent
 
     @property
     def elbo(self) -> torch.Tensor:
         """FloatTensor (B,)."""
-        return self.log_lik - self.kl_obj.sum(1) - self.kl_pres.sum(1)
+        kl_a = 0.0 if self.kl_appearance is None else self.kl_appearance
+        return self.log_lik - self.kl_obj.sum(1) - self.kl_pres.sum(1) - kl_a
 
 
 def log_likelihood(images: torch.Tensor, recon: torch.Tensor, sd: float) -> torch.Tensor:
@@ -67,10 +67,13 @@ def elbo_terms(model: AIR3D, images: torch.Tensor, g: Guide3D, gradient: str) ->
     """The ELBO's terms for guide samples g on images (B, 3, H, W); `gradient` in GRADIENTS picks the renderer."""
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-    recon = g.scene().render(model.renderer(gradient)).images  # (B, 3, H, W)
+    look = None
+    if model.appearance_latent is not None and g.appearance is not None:  # reparameterised: a path into the gain
+        look = model.appearance_latent.decode(g.appearance[2])
+    recon = model.render(g.scene(), gradient, look)  # (B, 3, H, W)
     log_lik = log_likelihood(images, recon, model.config.likelihood_sd)
     log_k = F.log_softmax(g.shape_logits, dim=-1)  # (B, T, S)
-    kl_shape = (log_k.exp() * (log_k + math.log(len(SHAPES)))).sum(-1)  # KL(q(k) || uniform), analytic
+    kl_shape = (log_k.exp() * (log_k + math.log(model.n_shapes))).sum(-1)  # KL(q(k) || uniform), analytic
     kl_u = normal_kl(g.u_loc, g.u_scale, 0.0, 1.0).sum(-1)
     kl_v = normal_kl(g.v_loc, g.v_scale, 0.0, 1.0).sum(-1)
     kl_obj = g.z_pres * (kl_shape + kl_u + kl_v)
@@ -79,7 +82,10 @@ def elbo_terms(model: AIR3D, images: torch.Tensor, g: Guide3D, gradient: str) ->
     rho = model.pres_prior.tolist()
     kl_pres = active * torch.stack([bernoulli_kl(g.pres_prob[:, t], rho[t]) for t in range(T)], dim=1)
     log_q = choice_log_q(g.z_pres, g.pres_prob, g.shape_logits, g.shape)
-    return ElboTerms(log_lik, kl_obj, kl_pres, log_q, active)
+    kl_app = log_lik.new_zeros(B)
+    if model.appearance_latent is not None and g.appearance is not None:
+        kl_app = model.appearance_latent.kl(g.appearance[0], g.appearance[1])
+    return ElboTerms(log_lik, kl_obj, kl_pres, log_q, active, kl_app)
 
 
 def choice_log_q(
@@ -132,20 +138,27 @@ def _candidate_log_q(d: ObjectDists, p: PriorStep3D) -> torch.Tensor:
     return log_u + log_k + q_v.log_prob(p.v).sum(-1)
 
 
-def teacher_forced_log_q(model: AIR3D, images: torch.Tensor, p: PriorStep3D) -> torch.Tensor:
+def teacher_forced_log_q(
+    model: AIR3D, images: torch.Tensor, p: PriorStep3D, appearance: torch.Tensor | None = None
+) -> torch.Tensor:
     """log q(true latents | images) with the greedy order of the module docstring: FloatTensor (B,).
 
-    images: FloatTensor (B, 3, H, W), the renders of p; p: prior samples, fields (B, T, ...).
+    images: FloatTensor (B, 3, H, W), the renders of p; p: prior samples, fields (B, T, ...); appearance: the
+    true appearance latents (B, 3) with the model's appearance latent (their log q is added; the residuals take
+    the guide's own estimate of the appearance, as at test time).
     """
     prev, _, state = model.initial_state(images)
     count = p.z_pres.sum(1)  # (B,)
     remaining = p.z_pres > 0.5  # (B, T): true objects not yet explained
     chosen: list[PriorStep3D] = []
-    gates = model.image_gates(images, None)
     total = images.new_zeros(images.shape[0])
-    for t in range(model.config.max_steps):
+    q_a, look = model.appearance_q(images, sample=False)
+    if q_a is not None and appearance is not None:
+        total = total + torch.distributions.Normal(q_a[0], q_a[1]).log_prob(appearance).sum(-1)
+    gates = model.image_gates(images, None, look)
+    for t in range(model.max_steps):
         if model.config.difference_input and chosen:
-            gates = model.image_gates(images, PriorStep3D.stack(chosen).scene())
+            gates = model.image_gates(images, PriorStep3D.stack(chosen).scene(), look)
         h, c = model.rnn(gates, prev, state)
         state, wd = (h, c), model.where(h)
         d = model.what(h, images, wd)
@@ -171,14 +184,14 @@ def _own_estimate(model: AIR3D, d: ObjectDists, present: torch.Tensor) -> PriorS
     0.40 after 600 sleep steps). An input, not a gradient path."""
     shape = d.shape_logits.argmax(1)
     v = d.v_loc.gather(1, shape[:, None, None].expand(-1, 1, 2)).squeeze(1)
-    position = decode_position(d.u_loc)
+    position = model.decode_position(d.u_loc)
     return PriorStep3D(present, shape, d.u_loc, v, position, decode_yaw(v, model.yaw_order[shape]))
 
 
 def sleep_loss(model: AIR3D, n: int) -> tuple[torch.Tensor, dict]:
     """The sleep loss on n fresh prior scenes: -mean log q(latents | render). Returns it and float statistics."""
     with torch.no_grad():  # the generative model is fixed; its samples are targets
-        p, images = model.sample(n)
-    log_q = teacher_forced_log_q(model, images, p)
+        p, images, appearance = model.sample_with_appearance(n)
+    log_q = teacher_forced_log_q(model, images, p, appearance)
     loss = -log_q.mean()
     return loss, {"sleep_log_q": -loss.item(), "sleep_count": p.z_pres.sum(1).mean().item()}

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from scenes import tabletop
-from scenes.tabletop import Scene, SceneTensors
+from scenes.tabletop import SceneTensors
+from scenes.world import World
 
 __all__ = [
     "HELD_OUT_SEED",
@@ -35,7 +36,7 @@ class LabelledRenders:
 
     images: torch.Tensor  # ByteTensor (B, 3, H, W): the renders, 0..255
     labels: SceneTensors  # shape_ids (B, N) with -1 for empty slots, positions (B, N, 2) metres, yaws (B, N)
-    scenes: tuple[Scene, ...]  # the same B scenes as objects, for metrics
+    scenes: tuple  # the same B scenes, for metrics: Scene objects (primitives world), or JSON dicts of a World
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -75,19 +76,30 @@ def _pad(t: SceneTensors, n: int) -> SceneTensors:
 def make_labelled_renders(
     n: int,
     seed: int | np.random.Generator,
-    image_size: int = 64,
+    image_size: int | None = 64,
     min_objects: int = 0,
     max_objects: int = 3,
     backend: str = "auto",
     chunk: int = 512,
+    world: World | None = None,
+    randomize: bool = False,
 ) -> LabelledRenders:
-    """Sample `n` scenes with `tabletop.sample_scenes(n, seed, min_objects, max_objects)` and render them.
+    """Sample `n` scenes with `tabletop.sample_scenes(n, seed, min_objects, max_objects)` and render them; or,
+    with a `world`, `world.sample_scenes(n, seed)` (its own count range: min/max_objects are ignored) rendered by
+    its renderer at its image size (or `image_size`, an int or (W, H), when given and not the default 64).
 
     Args:
-        seed: an int seed or a numpy Generator for the scene sampler.
-        backend: "auto", "opengl" or "pytorch3d" (see `data_renderer`).
+        seed: an int seed or a numpy Generator for the scene sampler (and, with `randomize`, the appearance).
+        backend: "auto", "opengl" or "pytorch3d" (see `data_renderer`; "auto" is the OpenGL fast path).
         chunk: scenes rendered per renderer call.
+        world: the World to sample and render (None: the primitives world's module functions, as always).
+        randomize: apply the world's [randomize] appearance ranges (training data), seeded by `seed`.
     """
+    if world is not None:
+        return _world_renders(world, n, seed, image_size, backend, chunk, randomize)
+    if randomize:
+        raise ValueError("randomize needs a world with a [randomize] section (world=...)")
+    assert image_size is not None
     scenes = tabletop.sample_scenes(n, seed=seed, min_objects=min_objects, max_objects=max_objects)
     renderer = data_renderer(image_size, backend)
     images = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
@@ -96,6 +108,36 @@ def make_labelled_renders(
         rgb = t.render(renderer).images  # (b, 3, H, W) in [0, 1]
         images[start : start + chunk] = (rgb * 255).round().to(torch.uint8)
     labels = _pad(tabletop.scenes_to_tensors(scenes), max_objects)
+    return LabelledRenders(images=images, labels=labels, scenes=tuple(scenes))
+
+
+def _world_renders(world: World, n: int, seed, image_size, backend: str, chunk: int,
+                   randomize: bool) -> LabelledRenders:  # fmt: skip
+    """`make_labelled_renders` for a World."""
+    from inverse_graphics import world3d
+
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    scenes = world.sample_scenes(n, seed=rng)
+    size = world.image_size if image_size in (None, 64) else image_size
+    wh = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    renderer = world3d.renderer(world, "hard", wh, backend)
+    W, H = wh
+    images = torch.empty(n, 3, H, W, dtype=torch.uint8)
+    for start in range(0, n, chunk):
+        part = scenes[start : start + chunk]
+        t = world3d.scenes_to_tensors(world, part)
+        colors = world3d.object_colors(world, t.shape_ids)
+        if randomize and world.randomize is not None:
+            look = world.sample_appearance(t.shape_ids, True, rng)
+            rgb = renderer(t.shape_ids, t.positions, t.yaws, look.object_colors, look.appearance()).images
+            rgb = rgb * look.gain[:, None, None, None]
+            if look.noise_sd > 0:
+                g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+                rgb = rgb + look.noise_sd * torch.randn(rgb.shape, generator=g)
+        else:
+            rgb = renderer(t.shape_ids, t.positions, t.yaws, colors).images
+        images[start : start + chunk] = (rgb.clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = _pad(world3d.scenes_to_tensors(world, scenes), world.objects_per_scene[1])
     return LabelledRenders(images=images, labels=labels, scenes=tuple(scenes))
 
 

@@ -6,10 +6,16 @@ prediction), whatever the assignment paired it with. Over the matched pairs:
 
 - identity accuracy: the shapes agree;
 - position error: distance on the table plane, in millimetres;
-- yaw error: `scenes.tabletop_objects.yaw_distance` (the smallest rotation modulo the shape's yaw symmetry), in
-  degrees, over pairs whose identity is right and whose shape has a yaw at all (spheres and upright cylinders,
+- yaw error: `WorldObject.yaw_distance` (the smallest rotation modulo the object's yaw symmetry, from its World),
+  in degrees, over pairs whose identity is right and whose object has a yaw at all (spheres and upright cylinders,
   symmetric under any yaw, are excluded). A wrongly identified object has no well-defined yaw error: the two
-  shapes' symmetries differ.
+  objects' symmetries differ.
+- MSSD (BOP's maximum symmetry-aware surface distance, Hodan et al. 2020), in millimetres, over pairs whose
+  identity is right: the largest distance between a mesh vertex under the predicted pose and under the true pose,
+  minimised over the object's symmetric yaws (yaw + k * period). An object symmetric under any yaw (period 0) is
+  its own image under every turn, so there the minimum is at a turn that cancels the yaw difference and MSSD is
+  the distance of the pose origins (exact for a solid of revolution; for its tessellated mesh the omitted turn
+  moves vertices by less than the facets' size).
 
 Count accuracy is per scene: the number of predicted objects equals the number of true ones. Predictions need not
 be valid scenes (they may overlap or stand partly off the table); only shapes and finite poses are required.
@@ -27,9 +33,20 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from scenes.tabletop import Scene, TableObject
-from scenes.tabletop_objects import SHAPES, YAW_PERIOD, yaw_distance
+from scenes.tabletop_objects import SHAPES
+from scenes.world import World
 
-__all__ = ["MatchSettings", "MatchedPair", "SceneMatch", "as_scene", "match_scene", "summarize", "evaluate_method"]
+__all__ = [
+    "mssd",
+    "match_gate",
+    "MatchSettings",
+    "MatchedPair",
+    "SceneMatch",
+    "as_scene",
+    "match_scene",
+    "summarize",
+    "evaluate_method",
+]
 
 
 @dataclass(frozen=True)
@@ -39,7 +56,45 @@ class MatchSettings:
     # metres: half the closest possible centre distance of two sampled objects (two boxes side by side, 0.07 m
     # wide plus tabletop.MIN_GAP, are 0.08 m apart), so one prediction can never be near two true objects, and
     # about half an object's size, so a prediction this far off has not found the object
-    gate: float = 0.04
+    # None: 0.04 m for the primitives world; for another World `match_gate(world)`, by the same reasoning
+    gate: float | None = None
+
+
+def match_gate(world: World) -> float:
+    """Metres: half the closest two sampled centres can come (the narrowest footprint's width plus min_gap): 0.04
+    for the primitives world's box (0.07 m wide + 0.01 m)."""
+    widths = []
+    for obj in world.objects:
+        angles = np.linspace(0, math.pi, 36, endpoint=False)
+        widths.append(min(float(np.ptp(obj.footprint @ np.array([math.cos(a), math.sin(a)]))) for a in angles))
+    return (min(widths) + world.min_gap) / 2
+
+
+def _world(world: World | None) -> World:
+    from inverse_graphics.world3d import primitives
+
+    return world or primitives()
+
+
+def mssd(vertices: np.ndarray, period: float, true_pose: tuple[float, float, float],
+         pred_pose: tuple[float, float, float]) -> float:  # fmt: skip
+    """BOP's MSSD in the mesh's units: max over `vertices` (V, 3) of the distance between the vertex under the
+    predicted pose and under the true one, minimised over the symmetric yaws true_yaw + k * period (period 0:
+    any yaw, so the yaw difference is cancelled exactly; 2 pi: none). Poses are (x, y, yaw)."""
+    (tx, ty, tyaw), (px, py, pyaw) = true_pose, pred_pose
+    v = np.asarray(vertices, dtype=np.float64)
+    if period == 0.0:
+        turns = [pyaw]  # the true pose's symmetric yaws include the predicted one
+    else:
+        m = max(round(2 * math.pi / period), 1)
+        turns = [tyaw + k * 2 * math.pi / m for k in range(m)]
+
+    def posed(yaw: float, x: float, y: float) -> np.ndarray:
+        c, s = math.cos(yaw), math.sin(yaw)
+        return v @ np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]).T + np.array([x, y, 0.0])
+
+    pred = posed(pyaw, px, py)
+    return min(float(np.linalg.norm(pred - posed(t, tx, ty), axis=1).max()) for t in turns)
 
 
 @dataclass(frozen=True)
@@ -52,6 +107,7 @@ class MatchedPair:
     pred_shape: str
     position_error_mm: float  # table-plane distance, millimetres
     yaw_error_deg: float | None  # symmetry-reduced, degrees; None if the shapes differ or yaw is meaningless
+    mssd_mm: float | None = None  # BOP's MSSD, millimetres; None if the shapes differ
 
 
 @dataclass(frozen=True)
@@ -63,16 +119,18 @@ class SceneMatch:
     pairs: tuple[MatchedPair, ...]
 
 
-def as_scene(scene: Scene | dict) -> Scene:
-    """A Scene from a Scene or a JSON-format dict, checking only shapes and finite poses (see module docstring)."""
+def as_scene(scene: Scene | dict, world: World | None = None) -> Scene:
+    """A Scene from a Scene or a JSON-format dict, checking only shapes (the world's; None: the primitives) and
+    finite poses (see module docstring)."""
     if isinstance(scene, Scene):
         return scene
     if not isinstance(scene, dict) or not isinstance(scene.get("objects"), list):
         raise ValueError('a scene must be a Scene or {"objects": [...]}; got ' + repr(scene)[:200])
+    names = SHAPES if world is None else world.shape_names
     objects = []
     for i, o in enumerate(scene["objects"]):
-        if not isinstance(o, dict) or o.get("shape") not in SHAPES:
-            raise ValueError(f"object {i}: unknown or missing shape in {o!r}; known shapes: {', '.join(SHAPES)}")
+        if not isinstance(o, dict) or o.get("shape") not in names:
+            raise ValueError(f"object {i}: unknown or missing shape in {o!r}; known shapes: {', '.join(names)}")
         try:
             (x, y), yaw = (float(v) for v in o["position"]), float(o["yaw"])
         except (KeyError, TypeError, ValueError) as err:
@@ -83,21 +141,30 @@ def as_scene(scene: Scene | dict) -> Scene:
     return Scene(tuple(objects))
 
 
-def _pair(t: TableObject, p: TableObject, ti: int, pi: int, distance: float) -> MatchedPair:
-    yaw_error = None
-    if t.shape == p.shape and YAW_PERIOD[t.shape] != 0.0:
-        yaw_error = math.degrees(yaw_distance(t.shape, t.yaw, p.yaw))
-    return MatchedPair(ti, pi, t.shape, p.shape, 1000.0 * distance, yaw_error)
+def _pair(world: World, t: TableObject, p: TableObject, ti: int, pi: int, distance: float) -> MatchedPair:
+    yaw_error = surface = None
+    if t.shape == p.shape:
+        obj = world.object_named(t.shape)
+        if obj.yaw_period != 0.0:
+            yaw_error = math.degrees(obj.yaw_distance(t.yaw, p.yaw))
+        true_pose, pred_pose = (*t.position, t.yaw), (*p.position, p.yaw)
+        surface = 1000.0 * mssd(obj.mesh.vertices, obj.yaw_period, true_pose, pred_pose)  # type: ignore[arg-type]
+    return MatchedPair(ti, pi, t.shape, p.shape, 1000.0 * distance, yaw_error, surface)
 
 
-def match_scene(pred: Scene | dict, true: Scene | dict, settings: MatchSettings | None = None) -> SceneMatch:
+def match_scene(
+    pred: Scene | dict, true: Scene | dict, settings: MatchSettings | None = None, world: World | None = None
+) -> SceneMatch:
     """Hungarian matching of `pred`'s objects to `true`'s on table-plane distance, pairs beyond the gate dropped.
 
     Pairs beyond the gate cost more than any gated pair, so the assignment first maximises the number of pairs
-    within the gate and then minimises their total distance.
+    within the gate and then minimises their total distance. world: the scenes' World (None: the primitives).
     """
     gate = (settings or MatchSettings()).gate
-    pred, true = as_scene(pred), as_scene(true)
+    if gate is None:
+        gate = 0.04 if world is None else match_gate(world)
+    w = _world(world)
+    pred, true = as_scene(pred, world), as_scene(true, world)
     if not pred.objects or not true.objects:
         return SceneMatch(len(true.objects), len(pred.objects), ())
     t_xy = np.array([o.position for o in true.objects])  # (Nt, 2) metres
@@ -106,7 +173,7 @@ def match_scene(pred: Scene | dict, true: Scene | dict, settings: MatchSettings 
     cost = np.where(distance <= gate, distance, gate * (1 + distance.size))  # one outside pair > all inside
     rows, cols = linear_sum_assignment(cost)
     pairs = tuple(
-        _pair(true.objects[i], pred.objects[j], int(i), int(j), float(distance[i, j]))
+        _pair(w, true.objects[i], pred.objects[j], int(i), int(j), float(distance[i, j]))
         for i, j in zip(rows, cols)
         if distance[i, j] <= gate
     )
@@ -120,7 +187,7 @@ def _stats(values: list[float], name: str) -> dict:
     return {f"{name}_median": float(np.median(values)), f"{name}_mean": float(np.mean(values))}
 
 
-def summarize(matches: Sequence[SceneMatch]) -> dict:
+def summarize(matches: Sequence[SceneMatch], world: World | None = None) -> dict:
     """Aggregate scene matches into the comparison table's numbers.
 
     Returns a JSON-ready dict: count_acc, identity_acc (over matched pairs), recall (matched / true objects),
@@ -131,7 +198,8 @@ def summarize(matches: Sequence[SceneMatch]) -> dict:
     pairs = [p for m in matches for p in m.pairs]
     n_true, n_pred = sum(m.n_true for m in matches), sum(m.n_pred for m in matches)
     yaw = [(p.true_shape, p.yaw_error_deg) for p in pairs if p.yaw_error_deg is not None]
-    by_shape = {s: float(np.median([e for t, e in yaw if t == s])) for s in SHAPES if any(t == s for t, _ in yaw)}
+    names = _world(world).shape_names
+    by_shape = {s: float(np.median([e for t, e in yaw if t == s])) for s in names if any(t == s for t, _ in yaw)}
     return {
         "n_scenes": len(matches),
         "n_true": n_true,
@@ -144,6 +212,7 @@ def summarize(matches: Sequence[SceneMatch]) -> dict:
         "precision": len(pairs) / n_pred if n_pred else None,
         **_stats([p.position_error_mm for p in pairs], "position_error_mm"),
         **_stats([e for _, e in yaw], "yaw_error_deg"),
+        **_stats([p.mssd_mm for p in pairs if p.mssd_mm is not None], "mssd_mm"),
         "yaw_error_deg_median_by_shape": by_shape,
     }
 
@@ -154,6 +223,7 @@ def evaluate_method(
     truths: Sequence[Scene | dict],
     batch_size: int = 256,
     settings: MatchSettings | None = None,
+    world: World | None = None,
 ) -> dict:
     """Run `predict` over `images` in batches, match, summarise and time it.
 
@@ -161,6 +231,7 @@ def evaluate_method(
         predict: images FloatTensor (b, 3, H, W) in [0, 1] -> b scenes (Scene or JSON-format dicts).
         images: FloatTensor (B, 3, H, W) in [0, 1], the held-out renders.
         truths: the B true scenes.
+        world: the scenes' World (None: the primitives world): names, symmetries, meshes for MSSD, the gate.
     Returns:
         `summarize`'s dict plus images_per_s (prediction time only, matching excluded).
     """
@@ -173,5 +244,5 @@ def evaluate_method(
     elapsed = time.perf_counter() - start
     if len(preds) != len(truths):
         raise ValueError(f"predict returned {len(preds)} scenes for {len(truths)} images")
-    summary = summarize([match_scene(p, t, settings) for p, t in zip(preds, truths)])
+    summary = summarize([match_scene(p, t, settings, world) for p, t in zip(preds, truths)], world)
     return {**summary, "images_per_s": len(truths) / elapsed if elapsed > 0 else None}

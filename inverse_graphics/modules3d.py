@@ -1,6 +1,6 @@
 """The small networks of the 3D methods, together (as modules.py for the 2D ones).
 
-Letters as in docs/conventions.md, plus S = number of shapes in the library (scenes.tabletop_objects.SHAPES) and
+Letters as in docs/conventions.md, plus S = number of objects in the model's World (len(world.objects)) and
 K = number of output slots of the supervised regressor.
 """
 
@@ -32,9 +32,10 @@ class ConvEncoder(nn.Module):
     layer. The coordinate channels (CoordConv, Liu et al. 2018) let the network read *where* an edge is, which
     position regression needs and plain convolutions, being translation equivariant, make hard to learn."""
 
-    coords: torch.Tensor  # FloatTensor (1, 2, H, W): x and y of each pixel, -1..1
+    coords: torch.Tensor  # FloatTensor (1, 2, H, W): x and y of each pixel, -1..1 across the width and the height
 
-    def __init__(self, image_size: int, channels: tuple[int, ...], embed_dim: int):
+    def __init__(self, image_size: int | tuple[int, int], channels: tuple[int, ...], embed_dim: int):
+        """image_size: an int (H = W) or (W, H)."""
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3 + 2
@@ -42,12 +43,14 @@ class ConvEncoder(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.ReLU()]
             c_in = c_out
         self.conv = nn.Sequential(*layers)
-        side = image_size
+        W, H = (image_size, image_size) if isinstance(image_size, int) else image_size
+        w, h = W, H
         for _ in channels:
-            side = (side + 1) // 2
-        self.fc = nn.Linear(c_in * side * side, embed_dim)
-        ramp = torch.linspace(-1.0, 1.0, image_size)
-        self.register_buffer("coords", torch.stack(torch.meshgrid(ramp, ramp, indexing="xy"))[None], persistent=False)
+            w, h = (w + 1) // 2, (h + 1) // 2
+        self.fc = nn.Linear(c_in * h * w, embed_dim)
+        ramp_x, ramp_y = torch.linspace(-1.0, 1.0, W), torch.linspace(-1.0, 1.0, H)
+        coords = torch.stack(torch.meshgrid(ramp_x, ramp_y, indexing="xy"))[None]  # (1, 2, H, W)
+        self.register_buffer("coords", coords, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images FloatTensor (B, 3, H, W) in [0, 1] -> FloatTensor (B, embed_dim)."""
@@ -69,9 +72,13 @@ class SlotOutput:
 class SlotHead(nn.Module):
     """Embedding -> K slots of (presence, identity, position, one yaw vector per shape)."""
 
-    def __init__(self, embed_dim: int, slots: int, n_shapes: int, position_scale: float):
+    position_scale: torch.Tensor  # FloatTensor (2,): metres per unit output along x and y (the table's half sides)
+
+    def __init__(self, embed_dim: int, slots: int, n_shapes: int, position_scale: float | tuple[float, float]):
         super().__init__()
-        self.slots, self.n_shapes, self.position_scale = slots, n_shapes, position_scale
+        self.slots, self.n_shapes = slots, n_shapes
+        scale = (position_scale, position_scale) if isinstance(position_scale, float | int) else position_scale
+        self.register_buffer("position_scale", torch.tensor([float(v) for v in scale]), persistent=False)
         self.fc = nn.Linear(embed_dim, slots * (1 + n_shapes + 2 + 2 * n_shapes))
 
     def forward(self, embedding: torch.Tensor) -> SlotOutput:
@@ -181,7 +188,7 @@ class Baseline3D(nn.Module):
     """NVIL baseline of 3D AIR: predicts each step's learning signal from the image and the previous latents
     (its own small CNN, as the 2D `modules.Baseline` has its own encoder). Inputs are detached by the caller."""
 
-    def __init__(self, image_size: int, channels: tuple[int, ...], step_dim: int, hidden: int):
+    def __init__(self, image_size: int | tuple[int, int], channels: tuple[int, ...], step_dim: int, hidden: int):
         super().__init__()
         self.encoder = ConvEncoder(image_size, channels, hidden)
         self.norm = nn.LayerNorm(hidden)  # keeps the LSTM's gates unsaturated, as AIR3D's embed_norm

@@ -17,14 +17,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
+from inverse_graphics import world3d
+from inverse_graphics.appearance import AppearanceFit, fit_appearance
 from inverse_graphics.metrics3d import as_scene
 from scenes import tabletop
-from scenes.tabletop import Scene, SceneTensors
-from scenes.tabletop_objects import SHAPES, YAW_PERIOD, footprint, footprints_overlap
+from scenes.tabletop import Scene
+from scenes.tabletop_objects import footprints_overlap
+from scenes.world import SceneTensors, World
 
 __all__ = ["RefineConfig", "clamp_to_table", "refine"]
 
@@ -48,6 +50,13 @@ class RefineConfig:
     # perturbed by 1 cm / 0.15 rad (median 11.0 mm, 3.4 degrees), 20 steps, 1 thread: fd 1.5 mm, 1.7 degrees in
     # 21 s; soft 2.2 mm, 1.3 degrees in 452 s (both on a CPU shared with a training). fd is the default.
 
+    # The per-image appearance (inverse_graphics.appearance): fit the exposure gain, light direction and ambient
+    # light to the image before the poses (and the gain again at every pose step), so that render-and-compare is
+    # not pulled by a light that is not the nominal one. Needs PyTorch3D's renderer (its shading is differentiable
+    # in the light). Off: the nominal appearance, as the models of the primitives world were refined.
+    appearance: bool = False
+    appearance_steps: int = 30  # Adam steps of the appearance fit
+
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr_position <= 0 or self.lr_yaw <= 0:
             raise ValueError(f"need steps >= 0 and positive learning rates, got {self}")
@@ -55,16 +64,11 @@ class RefineConfig:
             raise ValueError(f"gradient must be 'soft' or 'fd', got {self.gradient!r}")
 
 
-@cache
-def _footprint_table() -> torch.Tensor:
-    """FloatTensor (S, P, 2): each shape's footprint polygon in its object frame, padded by repeating a corner."""
-    polygons = [torch.tensor(footprint(s, (0.0, 0.0), 0.0), dtype=torch.float32) for s in SHAPES]
-    P = max(len(p) for p in polygons)
-    return torch.stack([torch.cat([p, p[:1].expand(P - len(p), 2)]) for p in polygons])
-
-
-def clamp_to_table(shape_ids: torch.Tensor, positions: torch.Tensor, yaws: torch.Tensor) -> torch.Tensor:
-    """Move each object the least distance that puts its whole footprint on the table.
+def clamp_to_table(
+    shape_ids: torch.Tensor, positions: torch.Tensor, yaws: torch.Tensor, world: World | None = None
+) -> torch.Tensor:
+    """Move each object the least distance that puts its whole footprint on the table of `world` (None: the
+    primitives world).
 
     Args:
         shape_ids: LongTensor (B, N), -1 for empty slots; positions: FloatTensor (B, N, 2) metres;
@@ -72,35 +76,44 @@ def clamp_to_table(shape_ids: torch.Tensor, positions: torch.Tensor, yaws: torch
     Returns:
         FloatTensor (B, N, 2) clamped positions (empty slots unchanged).
     """
-    local = _footprint_table().to(positions)[shape_ids.clamp(min=0)]  # (B, N, P, 2)
-    c, s = torch.cos(yaws)[..., None], torch.sin(yaws)[..., None]  # (B, N, 1)
-    x, y = local[..., 0], local[..., 1]  # (B, N, P)
-    extent = torch.stack([(c * x - s * y).abs().amax(-1), (s * x + c * y).abs().amax(-1)], dim=-1)  # (B, N, 2)
-    limit = tabletop.TABLE_HALF_SIZE - extent
-    clamped = torch.maximum(torch.minimum(positions, limit), -limit)
-    return torch.where(shape_ids[..., None] >= 0, clamped, positions)
+    return world3d.clamp_to_table(world or world3d.primitives(), shape_ids, positions, yaws)
 
 
-def _interpenetrates(scene: Scene) -> bool:
-    polygons = [footprint(o.shape, o.position, o.yaw) for o in scene.objects]
+def _interpenetrates(world: World, scene: dict) -> bool:
+    polygons = [world.object_named(o["shape"]).footprint_at(tuple(o["position"]), o["yaw"]) for o in scene["objects"]]
     return any(footprints_overlap(a, b) for i, a in enumerate(polygons) for b in polygons[i + 1 :])
 
 
+def image_loss(rendered: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """(B,) squared image error per scene."""
+    return ((rendered - images) ** 2).flatten(1).sum(1)
+
+
 def _descend(
-    renderer: torch.nn.Module, t: SceneTensors, images: torch.Tensor, colors: torch.Tensor | None, cfg: RefineConfig
+    renderer: torch.nn.Module,
+    world: World,
+    t: SceneTensors,
+    images: torch.Tensor,
+    colors: torch.Tensor | None,
+    cfg: RefineConfig,
+    look: AppearanceFit | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K Adam steps from `t`'s poses; returns each scene's best positions (B, N, 2) and yaws (B, N)."""
+    """K Adam steps from `t`'s poses; returns each scene's best positions (B, N, 2) and yaws (B, N). With `look`,
+    renders under its light and ambient, the gain solved in closed form at every step."""
     positions = t.positions.clone().requires_grad_(True)
     yaws = t.yaws.clone().requires_grad_(True)
     opt = torch.optim.Adam([{"params": [positions], "lr": cfg.lr_position}, {"params": [yaws], "lr": cfg.lr_yaw}])
     decay = torch.optim.lr_scheduler.LinearLR(opt, 1.0, cfg.final_lr_fraction, total_iters=max(cfg.steps - 1, 1))
     best_loss = torch.full((images.shape[0],), math.inf)
     best_pos, best_yaw = t.positions.clone(), t.yaws.clone()
-    invariant = torch.tensor([YAW_PERIOD[s] == 0.0 for s in SHAPES], device=t.shape_ids.device)
+    invariant = torch.tensor([o.yaw_period == 0.0 for o in world.objects], device=t.shape_ids.device)
     fixed_yaw = (t.shape_ids < 0) | invariant[t.shape_ids.clamp(min=0)]  # (B, N): yaws that refinement keeps
+    appearance = None if look is None else look.appearance()
     for _ in range(cfg.steps):
-        rendered = renderer(t.shape_ids, positions, yaws, colors).images  # (B, 3, H, W)
-        loss = ((rendered - images) ** 2).flatten(1).sum(1)  # (B,) squared image error per scene
+        rendered = renderer(t.shape_ids, positions, yaws, colors, appearance).images  # (B, 3, H, W)
+        if look is not None:
+            rendered = (rendered * look.solve_gain(rendered, images)[:, None, None, None]).clamp(max=1.0)
+        loss = image_loss(rendered, images)  # (B,) squared image error per scene
         with torch.no_grad():
             better = loss < best_loss  # (B,)
             best_loss = torch.where(better, loss, best_loss)
@@ -112,43 +125,72 @@ def _descend(
         opt.step()
         decay.step()
         with torch.no_grad():
-            positions.copy_(clamp_to_table(t.shape_ids, positions, yaws))
+            positions.copy_(clamp_to_table(t.shape_ids, positions, yaws, world))
     return best_pos, best_yaw
 
 
-@cache
-def _renderer(size: int, gradient: str) -> torch.nn.Module:
-    """The refinement's differentiable renderer at `size` px, built once (see RefineConfig.gradient)."""
-    if gradient == "soft":
-        return tabletop.make_renderer(size, mode="soft")
-    from inverse_graphics.data3d import data_renderer  # data3d -> tabletop only; imported here to keep refine light
-    from renderers.finite_difference import FiniteDifferenceRenderer, FiniteDifferenceSettings
-
-    return FiniteDifferenceRenderer(data_renderer(size), FiniteDifferenceSettings.for_image_size(size))
+def _renderer(world: World, size: tuple[int, int], gradient: str, legacy: bool) -> torch.nn.Module:
+    """The refinement's differentiable renderer of `world` at `size` (W, H), built once (RefineConfig.gradient)."""
+    return world3d.renderer(world, "soft" if gradient == "soft" else "fd", size, "auto", legacy)
 
 
-def refine(scenes: Sequence[Scene | dict], images: torch.Tensor, config: RefineConfig | None = None) -> list[dict]:
+def refine(
+    scenes: Sequence[Scene | dict],
+    images: torch.Tensor,
+    config: RefineConfig | None = None,
+    world: World | None = None,
+    start_appearance: AppearanceFit | None = None,
+) -> list[dict]:
     """Refine the poses of `scenes` against the observed `images` by render and compare.
 
     Args:
-        scenes: B predicted scenes (Scene or JSON-format dicts; objects may stick out of the table).
-        images: FloatTensor (B, 3, H, W) in [0, 1], H = W, the observed renders.
+        scenes: B predicted scenes (Scene or JSON-format dicts in the world's object names; objects may stick out
+            of the table).
+        images: FloatTensor (B, 3, H, W) in [0, 1], the observed renders (any size: the world is rendered at it).
         config: step sizes and length; default RefineConfig().
+        world: the World the scenes live in (the model's); None: the built-in primitives world.
+        start_appearance: where the appearance fit starts (e.g. the guide's estimate); None: nominal.
     Returns:
-        B scenes in the tabletop JSON format, same shapes and counts, refined poses.
+        B scenes in the tabletop JSON format, same shapes and counts, refined poses. With `config.appearance`,
+        each scene dict also holds "appearance": {"gain", "light_direction", "ambient"}, the fitted appearance.
     """
     cfg = config or RefineConfig()
-    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
-        raise ValueError(f"images must be (B, 3, H, H) in [0, 1], got {tuple(images.shape)}")
+    legacy = world is None
+    w = world or world3d.primitives()
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    if legacy and images.shape[2] != images.shape[3]:
+        raise ValueError(f"images must be (B, 3, H, H) in [0, 1] for the primitives world, got {tuple(images.shape)}")
     if len(scenes) != images.shape[0]:
         raise ValueError(f"got {len(scenes)} scenes for {images.shape[0]} images")
-    start = [as_scene(s) for s in scenes]
-    t = tabletop.scenes_to_tensors(start, images.device)
-    if cfg.steps == 0 or not (t.shape_ids >= 0).any():
-        return [s.to_dict() for s in start]
-    renderer = _renderer(images.shape[-1], cfg.gradient)
-    colors = tabletop.shape_colors(t.shape_ids) if cfg.color_by_shape else None
-    positions, yaws = _descend(renderer, t, images.detach(), colors, cfg)
+    start = [as_scene(s).to_dict() if legacy else _plain(s) for s in scenes]
+    t = world3d.scenes_to_tensors(w, start, images.device)
+    if cfg.steps == 0 or not ((t.shape_ids >= 0).any() or cfg.appearance):
+        return start
+    size = (int(images.shape[3]), int(images.shape[2]))
+    renderer = _renderer(w, size, cfg.gradient, legacy)
+    if cfg.color_by_shape:
+        colors: torch.Tensor | None = tabletop.shape_colors(t.shape_ids)
+    else:
+        colors = None if legacy else world3d.object_colors(w, t.shape_ids)
+    look = None
+    if cfg.appearance:
+        look = fit_appearance(w, t, images.detach(), colors, cfg.appearance_steps, start_appearance)
+    if not (t.shape_ids >= 0).any():  # only the table: the appearance is all there is to fit
+        assert look is not None
+        return [{**s, "appearance": a} for s, a in zip(start, look.to_dicts())]
+    positions, yaws = _descend(renderer, w, t, images.detach(), colors, cfg, look)
     yaws = torch.remainder(yaws + math.pi, 2 * math.pi) - math.pi  # back to [-pi, pi)
-    refined = tabletop.tensors_to_scenes(SceneTensors(t.shape_ids, positions.detach(), yaws.detach()))
-    return [(s if _interpenetrates(r) and not _interpenetrates(s) else r).to_dict() for s, r in zip(start, refined)]
+    refined = world3d.tensors_to_scenes(w, SceneTensors(t.shape_ids, positions.detach(), yaws.detach()))
+    out = [s if _interpenetrates(w, r) and not _interpenetrates(w, s) else r for s, r in zip(start, refined)]
+    if look is not None:
+        out = [{**s, "appearance": a} for s, a in zip(out, look.to_dicts())]
+    return out
+
+
+def _plain(scene) -> dict:
+    """A scene dict without extra keys (e.g. an earlier "appearance")."""
+    d = scene.to_dict() if hasattr(scene, "to_dict") else scene
+    if not isinstance(d, dict) or not isinstance(d.get("objects"), list):
+        raise ValueError('a scene must be {"objects": [...]}; got ' + repr(scene)[:200])
+    return {"objects": [dict(o) for o in d["objects"]]}

@@ -17,8 +17,7 @@ uses the true shape's; spheres and upright cylinders (any yaw) have no yaw loss 
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,12 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from inverse_graphics.air import check_float_tensor, check_unit_range
+from inverse_graphics import world3d
+from inverse_graphics.appearance import AppearanceFit
 from inverse_graphics.modules3d import ConvEncoder, SlotHead, SlotOutput
-from inverse_graphics.refine import RefineConfig, clamp_to_table, refine
-from scenes import tabletop
-from scenes.tabletop import SceneTensors
-from scenes.tabletop_objects import SHAPES, YAW_PERIOD
+from inverse_graphics.refine import RefineConfig, refine
+from scenes.world import SceneTensors, World
 
 __all__ = [
     "MODEL_KIND",
@@ -41,6 +39,7 @@ __all__ = [
     "check_images",
     "SupervisedRegressor",
     "yaw_orders",
+    "default_fit_appearance",
     "pair_costs",
     "match_slots",
     "matched_loss",
@@ -49,32 +48,45 @@ __all__ = [
 MODEL_KIND = "supervised-tabletop"  # checkpoint "model" field
 
 
-def yaw_orders(symmetric: bool) -> torch.Tensor:
-    """LongTensor (S,): the m of each shape's yaw code (cos m yaw, sin m yaw); 0 for shapes with any-yaw symmetry.
+def yaw_orders(symmetric: bool, world: World | None = None) -> torch.Tensor:
+    """LongTensor (S,): the m of each object's yaw code (cos m yaw, sin m yaw); 0 for objects with any-yaw symmetry.
 
-    symmetric: m = 2 pi / the shape's yaw period (cube 4, box 2, wedge 1); otherwise m = 1 for every shape
-    with a yaw.
+    symmetric: m = 2 pi / the object's yaw period (cube 4, box 2, wedge 1); otherwise m = 1 for every object
+    with a yaw. world: whose objects (None: the primitives world).
     """
-    periods = [YAW_PERIOD[s] for s in SHAPES]
-    return torch.tensor([0 if p == 0.0 else round(2 * math.pi / p) if symmetric else 1 for p in periods])
+    return world3d.yaw_orders(world or world3d.primitives(), symmetric)
 
 
 @dataclass
 class SupervisedConfig:
     """The regressor's architecture; saved in checkpoints."""
 
-    image_size: int = 64  # H = W of the input renders
-    slots: int = 3  # K, the most objects it can report (>= the most objects in any training scene)
+    image_size: int | tuple[int, int] | None = None  # the input renders: an int (H = W) or (W, H); None: the world's
+    slots: int | None = None  # K, the most objects it can report; None: the world's objects_per_scene max
     channels: tuple[int, ...] = (32, 64, 128, 128)  # stride-2 convolutions, one per entry
     embed_dim: int = 256  # width of the image embedding
     symmetric_yaw: bool = True  # yaw code per shape symmetry (see module docstring); False: plain (cos, sin)
+    world: dict | None = None  # the World (World.to_dict(), plain JSON); None: the built-in primitives world
+
+    def __post_init__(self) -> None:
+        world = self.world or {}
+        size = self.image_size if self.image_size is not None else world.get("image_size", 64)
+        if not isinstance(size, int):
+            W, H = (int(v) for v in size)
+            size = W if W == H else (W, H)
+        self.image_size = size
+        if self.slots is None:
+            self.slots = int(world.get("objects_per_scene", (0, 3))[1])
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> SupervisedConfig:
-        return cls(**{**d, "channels": tuple(d["channels"])})
+        d = {**d, "channels": tuple(d["channels"])}
+        if isinstance(d.get("image_size"), list):
+            d["image_size"] = tuple(d["image_size"])
+        return cls(**d)
 
 
 @dataclass
@@ -98,49 +110,75 @@ class SceneInference:
 
 
 def scene_inference(
-    t: SceneTensors, images: torch.Tensor, refine_steps: int, presence: torch.Tensor, refine_gradient: str = "fd"
+    t: SceneTensors,
+    images: torch.Tensor,
+    refine_steps: int,
+    presence: torch.Tensor,
+    refine_gradient: str = "fd",
+    world: World | None = None,
+    fit_appearance: bool | None = False,
+    start_appearance: AppearanceFit | None = None,
 ) -> SceneInference:
     """Decoded scene tensors -> SceneInference, after `refine_steps` steps of render-and-compare refinement
-    against images (B, 3, H, W) when positive, with `refine_gradient` ("fd" or "soft", see RefineConfig); the
-    unrefined scenes are kept in `extras`."""
+    against images (B, 3, H, W) when positive, with `refine_gradient` ("fd" or "soft", see RefineConfig) in
+    `world` (None: the primitives world) and, with `fit_appearance`, the per-image appearance fitted first
+    (inverse_graphics.appearance; extras["appearance"]), starting from `start_appearance` (e.g. the guide's):
+    True fits the light too (RefineConfig.appearance_steps, PyTorch3D renders: seconds per image), None only the
+    gain in closed form (one render) on the start's light; the unrefined scenes are kept in `extras`."""
     if refine_steps < 0:
         raise ValueError(f"refine must be >= 0 steps (0: no refinement), got {refine_steps}")
-    scenes = [s.to_dict() for s in tabletop.tensors_to_scenes(t)]
-    extras = {}
+    scenes = world3d.tensors_to_scenes(world or world3d.primitives(), t)
+    extras: dict = {}
     if refine_steps > 0:
         extras["unrefined"] = scenes
+        cfg = RefineConfig(steps=refine_steps, gradient=refine_gradient, appearance=fit_appearance is not False)
+        cfg = cfg if fit_appearance is not None else replace(cfg, appearance_steps=0)
         with torch.enable_grad():
-            scenes = refine(scenes, images, RefineConfig(steps=refine_steps, gradient=refine_gradient))
+            scenes = refine(scenes, images, cfg, world, start_appearance)
+        if cfg.appearance:
+            extras["appearance"] = [s.pop("appearance", None) for s in scenes]
     return SceneInference(scenes, (t.shape_ids >= 0).sum(1), presence, extras)
 
 
-def check_images(images, size: int) -> torch.Tensor:
-    """Validate an input batch: a float tensor (B, 3, size, size) in [0, 1] without NaN; TypeError / ValueError."""
-    expect = f"(B, 3, {size}, {size})"
-    check_float_tensor(images, expect)
-    if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
-        raise ValueError(f"images must have shape {expect} (RGB, channels first), got {tuple(images.shape)}")
-    check_unit_range(images)
-    return images
+def check_images(images, size: int | tuple[int, int]) -> torch.Tensor:
+    """Validate an input batch: a float tensor (B, 3, H, W) in [0, 1] without NaN, size = H = W or (W, H);
+    TypeError / ValueError naming the problem (both sizes for another image size)."""
+    return world3d.check_images(images, (size, size) if isinstance(size, int) else size)
+
+
+def default_fit_appearance(world: World | None) -> bool:
+    """Whether `infer` fits the appearance by default: when the world randomises exposure, light or ambient."""
+    r = None if world is None else world.randomize
+    return r is not None and max(r.brightness, r.light_direction_degrees, r.ambient) > 0
 
 
 class SupervisedRegressor(nn.Module):
-    """CNN regressor: renders (B, 3, H, W) -> K slots (modules3d.SlotOutput)."""
+    """CNN regressor for one World (`self.world`, carried in the config): renders (B, 3, H, W) -> K slots
+    (modules3d.SlotOutput) over the world's objects."""
 
     yaw_order: torch.Tensor  # LongTensor (S,), see yaw_orders
 
-    def __init__(self, config: SupervisedConfig):
+    def __init__(self, config: SupervisedConfig | None = None):
         super().__init__()
-        self.config = config
-        self.encoder = ConvEncoder(config.image_size, config.channels, config.embed_dim)
-        self.head = SlotHead(config.embed_dim, config.slots, len(SHAPES), tabletop.TABLE_HALF_SIZE)
-        self.register_buffer("yaw_order", yaw_orders(config.symmetric_yaw), persistent=False)
+        config = self.config = config or SupervisedConfig()
+        self.world: World = world3d.world_from_config(config.world)
+        self.legacy = config.world is None
+        assert config.image_size is not None and config.slots is not None  # set by __post_init__
+        size = config.image_size
+        self.image_wh = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if not self.legacy and config.slots < self.world.objects_per_scene[1]:
+            raise ValueError(f"slots = {config.slots} cannot hold the {self.world.objects_per_scene[1]} objects a "
+                             f"scene of world {self.world.name!r} may have; use slots >= that or None")  # fmt: skip
+        self.encoder = ConvEncoder(size, config.channels, config.embed_dim)
+        half = world3d.table_half_sizes(self.world)
+        self.head = SlotHead(config.embed_dim, config.slots, len(self.world.objects), half)
+        self.register_buffer("yaw_order", world3d.yaw_orders(self.world, config.symmetric_yaw), persistent=False)
 
     def forward(self, images: torch.Tensor) -> SlotOutput:
         """images FloatTensor (B, 3, H, W) in [0, 1] -> SlotOutput."""
-        S = self.config.image_size
-        if images.dim() != 4 or tuple(images.shape[1:]) != (3, S, S):
-            raise ValueError(f"expected images (B, 3, {S}, {S}) in [0, 1], got {tuple(images.shape)}")
+        W, H = self.image_wh
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, H, W):
+            raise ValueError(f"expected images (B, 3, {H}, {W}) in [0, 1], got {tuple(images.shape)}")
         return self.head(self.encoder(images))
 
     def decode(self, out: SlotOutput, threshold: float = 0.5) -> SceneTensors:
@@ -153,11 +191,17 @@ class SupervisedRegressor(nn.Module):
         order = self.yaw_order[shape_ids]  # (B, K)
         yaws = torch.where(order > 0, torch.atan2(s, c) / order.clamp(min=1), torch.zeros_like(c))
         shape_ids = torch.where(present, shape_ids, torch.full_like(shape_ids, -1))
-        return SceneTensors(shape_ids, clamp_to_table(shape_ids, out.positions, yaws), yaws)
+        return SceneTensors(shape_ids, world3d.clamp_to_table(self.world, shape_ids, out.positions, yaws), yaws)
 
     @torch.no_grad()
     def infer(
-        self, images: torch.Tensor, refine: int | None = None, threshold: float = 0.5, refine_gradient: str = "fd"
+        self,
+        images: torch.Tensor,
+        refine: int | None = None,
+        threshold: float = 0.5,
+        refine_gradient: str = "fd",
+        resize: bool = False,
+        fit_appearance: bool | None = None,
     ) -> SceneInference:
         """Scenes from renders (the same call as `AIR3D.infer`).
 
@@ -167,14 +211,21 @@ class SupervisedRegressor(nn.Module):
                 baseline is reported raw unless refinement is asked for).
             threshold: presence probability above which a slot reports an object.
             refine_gradient: "fd" (finite differences of the black-box render) or "soft" (soft rasterizer).
+            resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError
+                naming both sizes.
+            fit_appearance: with refinement, fit each image's exposure gain and light direction first
+                (inverse_graphics.appearance; seconds per image); None: the gain only (closed form) when the
+                model's world randomises its appearance, nothing otherwise; False: the nominal appearance.
         Raises:
             TypeError / ValueError naming the problem for a non-tensor, non-float, wrong shape, NaN or [0, 1].
         """
-        images = check_images(images, self.config.image_size).to(self.head.fc.weight)
+        images = world3d.prepare_images(images, self.image_wh, resize).to(self.head.fc.weight)
         out = self(images)
         t = self.decode(out, threshold)
         presence = torch.sigmoid(out.presence_logits)
-        return scene_inference(t, images, int(refine or 0), presence, refine_gradient)
+        world = None if self.legacy else self.world
+        fit = (None if default_fit_appearance(world) else False) if fit_appearance is None else fit_appearance
+        return scene_inference(t, images, int(refine or 0), presence, refine_gradient, world, fit)
 
 
 def pair_costs(out: SlotOutput, labels: SceneTensors, yaw_order: torch.Tensor, w: LossWeights) -> torch.Tensor:

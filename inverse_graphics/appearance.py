@@ -1,0 +1,192 @@
+"""The per-image appearance latent of the tabletop models: exposure gain, light direction and ambient light.
+
+A World fixes the nominal light, but the images a model meets (and, with a [randomize] section, the images it is
+trained on) vary in exposure and light. Render-and-compare against a nominal render then explains a brighter
+image by moving objects (their lit faces cover more pixels) or not at all: the residual is no longer small at the
+right pose. So the appearance is a latent of each image, inferred beside the poses:
+
+    image = clamp(gain * render(scene; light_direction, ambient), 0, 1)
+
+- gain (exposure): solved in closed form for any render r, g* = <r, x> / <r, r> (least squares; the render is
+  linear in the gain). Refinement re-solves it at every pose step; by the envelope theorem the poses' gradient at
+  g* needs no term through g.
+- light direction (a unit 3-vector, towards the light): Adam through PyTorch3D's hard renderer, whose
+  Lambertian shading is differentiable in it (silhouettes do not move with the light, so the hard render's
+  gradient in it is exact; tests/test_appearance.py checks it against central differences).
+- ambient and diffuse intensities stay nominal by default (`fit_ambient` frees the ambient). Why: with a free
+  gain the image of surfaces whose normals are vertical (table, tops) or horizontal (walls: boxes, cans, most
+  household objects) gives g (a + d l_z) and g d l_xy only, so ambient a and the light's elevation l_z trade
+  against each other; fitting both, a light turned 30 degrees came back 8-24 degrees off (48 x 32 images, three
+  objects), fitting the direction alone within 1 degree (tests/test_world_models.py). A change of ambient light
+  is then absorbed, approximately, by the gain and the direction.
+- not fitted: per-object albedo and table colour (colour jitter), pixel noise, the camera position. Albedo enters
+  the render linearly per object, so it could be solved in closed form given the poses like the gain; that is not
+  done here (docs/air3d.md).
+
+The fit starts from the nominal appearance (or a given estimate) and keeps each image's best iterate, so it never
+raises the image error it starts from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from renderers.mesh import Appearance
+from scenes.world import SceneTensors, World
+
+__all__ = ["AppearanceFit", "AppearanceLatent", "nominal_appearance", "fit_appearance", "LR_LIGHT", "LR_AMBIENT"]
+
+LR_LIGHT = 0.05  # Adam rate of the light direction (a unit vector: about 3 degrees per step at first)
+LR_AMBIENT = 0.02  # Adam rate of the ambient intensity (nominal values 0.3-0.4)
+
+
+@dataclass(frozen=True)
+class AppearanceFit:
+    """The appearance of B images."""
+
+    gain: torch.Tensor  # FloatTensor (B,): exposure gain multiplying the render
+    light_direction: torch.Tensor  # FloatTensor (B, 3): unit, world frame, towards the light
+    ambient: torch.Tensor  # FloatTensor (B,): ambient intensity
+
+    def appearance(self) -> Appearance:
+        """The renderers' per-scene Appearance (the gain is applied to the images by the caller)."""
+        return Appearance(light_direction=self.light_direction, ambient=self.ambient)
+
+    @staticmethod
+    def solve_gain(rendered: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """(B,) least-squares gain g = <r, x> / <r, r> of renders r against images x (B, 3, H, W), detached, over
+        the pixels the image does not saturate (x < 1: there the clamp hides the gain)."""
+        r, x = rendered.detach().flatten(1), images.detach().flatten(1)
+        r = r * (x < 1.0 - 1e-6)
+        return (r * x).sum(1) / (r * r).sum(1).clamp(min=1e-12)
+
+    def to_dicts(self) -> list[dict]:
+        """One plain dict per image: {"gain", "light_direction", "ambient"}."""
+        rows = zip(self.gain.tolist(), self.light_direction.tolist(), self.ambient.tolist(), strict=True)
+        return [{"gain": g, "light_direction": d, "ambient": a} for g, d, a in rows]
+
+
+def nominal_appearance(world: World, batch: int, device: torch.device | str = "cpu") -> AppearanceFit:
+    """The world's nominal appearance for `batch` images: gain 1, its light."""
+    direction = F.normalize(torch.tensor(world.light.direction, dtype=torch.float32), dim=0)
+    return AppearanceFit(
+        torch.ones(batch, device=device),
+        direction.to(device).expand(batch, 3).clone(),
+        torch.full((batch,), float(world.light.ambient), device=device),
+    )
+
+
+def fit_appearance(
+    world: World,
+    t: SceneTensors,
+    images: torch.Tensor,
+    colors: torch.Tensor | None,
+    steps: int = 30,
+    start: AppearanceFit | None = None,
+    fit_ambient: bool = False,
+) -> AppearanceFit:
+    """Fit each image's light direction and ambient (Adam) and gain (closed form) with the poses `t` fixed.
+
+    Args:
+        world: the scenes' World (renders at the images' size, PyTorch3D hard mode).
+        t: the scenes' tensors (B, N); images: FloatTensor (B, 3, H, W) in [0, 1].
+        colors: FloatTensor (B, N, 3) object albedos, or None for the stage's.
+        steps: Adam steps; start: the first iterate (default `nominal_appearance`).
+        fit_ambient: also fit the ambient intensity (off by default: see the module docstring).
+    Returns:
+        AppearanceFit, each image's best iterate by the squared image error (the start included).
+    """
+    from inverse_graphics import world3d
+
+    B = images.shape[0]
+    size = (int(images.shape[3]), int(images.shape[2]))
+    renderer = world3d.renderer(world, "hard", size, "pytorch3d")
+    s = start or nominal_appearance(world, B, images.device)
+    direction = s.light_direction.detach().clone().requires_grad_(True)
+    ambient = s.ambient.detach().clone().requires_grad_(True)
+    groups = [{"params": [direction], "lr": LR_LIGHT}]
+    groups += [{"params": [ambient], "lr": LR_AMBIENT}] if fit_ambient else []
+    opt = torch.optim.Adam(groups)
+    best = torch.full((B,), float("inf"), device=images.device)
+    best_fit = s
+    for step in range(steps + 1):
+        look = Appearance(light_direction=F.normalize(direction, dim=1), ambient=ambient)
+        rendered = renderer(t.shape_ids, t.positions, t.yaws, colors, look).images  # (B, 3, H, W)
+        gain = AppearanceFit.solve_gain(rendered, images)
+        loss = (((gain[:, None, None, None] * rendered).clamp(max=1.0) - images) ** 2).flatten(1).sum(1)  # (B,)
+        with torch.no_grad():
+            better = loss < best
+            best = torch.where(better, loss, best)
+            best_fit = AppearanceFit(
+                torch.where(better, gain, best_fit.gain),
+                torch.where(better[:, None], F.normalize(direction, dim=1), best_fit.light_direction),
+                torch.where(better, ambient, best_fit.ambient),
+            )
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        with torch.no_grad():
+            ambient.clamp_(min=0.0)
+    return AppearanceFit(*(v.detach() for v in (best_fit.gain, best_fit.light_direction, best_fit.ambient)))
+
+
+class AppearanceLatent(torch.nn.Module):
+    """3D AIR's per-image appearance latent a = (log gain, t_1, t_2) for a World with appearance randomisation:
+    gain = exp(a_0), light direction = normalise(l0 + t_1 e_1 + t_2 e_2) with l0 the world's nominal light and
+    (e_1, e_2) an orthonormal basis of the plane perpendicular to it (a chart of the sphere about l0, no wrap).
+
+    Prior: a ~ N(0, diag(prior_sd^2)), with prior_sd matched to the world's [randomize] ranges (gain uniform on
+    [1 - b, 1 + b]: sd of log gain about b / sqrt(3); a light uniform on a cap of half-angle theta: about
+    tan(theta) / 2 per tangent axis). The guide's q(a | x) is a diagonal Gaussian from the image embedding; the
+    sleep phase trains it on images drawn with the world's own randomised appearance (`sample_target`), and
+    `infer` hands its mean to refinement's appearance fit as the start."""
+
+    basis: torch.Tensor  # FloatTensor (3, 3): rows l0, e_1, e_2
+    prior_sd: torch.Tensor  # FloatTensor (3,)
+
+    def __init__(self, world: World, embed_dim: int):
+        super().__init__()
+        l0 = F.normalize(torch.tensor(world.light.direction, dtype=torch.float32), dim=0)
+        helper = torch.tensor([1.0, 0.0, 0.0]) if abs(float(l0[0])) < 0.9 else torch.tensor([0.0, 1.0, 0.0])
+        e1 = F.normalize(torch.linalg.cross(l0, helper), dim=0)
+        e2 = torch.linalg.cross(l0, e1)
+        self.register_buffer("basis", torch.stack([l0, e1, e2]), persistent=False)
+        r = world.randomize
+        b = r.brightness if r is not None else 0.0
+        theta = math.radians(r.light_direction_degrees) if r is not None else 0.0
+        sd = [max(b / math.sqrt(3), 0.01), max(math.tan(theta) / 2, 0.01), max(math.tan(theta) / 2, 0.01)]
+        self.register_buffer("prior_sd", torch.tensor(sd), persistent=False)
+        self.ambient = float(world.light.ambient)
+        self.head = torch.nn.Linear(embed_dim, 6)
+        with torch.no_grad():  # start at the nominal appearance with a narrow q
+            self.head.weight.mul_(0.1)
+            self.head.bias.zero_()
+            self.head.bias[3:].fill_(-3.0)  # softplus(-3) = 0.05
+
+    def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """embedding (B, E) -> q(a)'s loc and scale, each FloatTensor (B, 3)."""
+        loc, scale = self.head(embedding).split(3, dim=1)
+        return loc, F.softplus(scale) + 1e-4
+
+    def decode(self, a: torch.Tensor) -> AppearanceFit:
+        """a (B, 3) -> AppearanceFit (gain, light direction; ambient nominal)."""
+        light = F.normalize(self.basis[0] + a[:, 1:2] * self.basis[1] + a[:, 2:3] * self.basis[2], dim=1)
+        return AppearanceFit(torch.exp(a[:, 0]), light, a.new_full((a.shape[0],), self.ambient))
+
+    def encode(self, gain: torch.Tensor, light_direction: torch.Tensor) -> torch.Tensor:
+        """The latent (B, 3) of a gain (B,) and a light direction (B, 3) in front of the nominal one."""
+        d = F.normalize(light_direction, dim=1)
+        along = (d @ self.basis[0]).clamp(min=1e-3)  # (B,)
+        t = (d @ self.basis[1:].T) / along[:, None]  # (B, 2): the chart's coordinates
+        return torch.cat([torch.log(gain.clamp(min=1e-3))[:, None], t], dim=1)
+
+    def kl(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """(B,) KL(q(a) || p(a)), analytic."""
+        var_ratio = (scale / self.prior_sd) ** 2
+        return 0.5 * (var_ratio + (loc / self.prior_sd) ** 2 - 1 - torch.log(var_ratio)).sum(-1)
