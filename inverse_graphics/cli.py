@@ -45,6 +45,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
+    return value
+
+
 def check_device(device: str | None) -> None:
     """ValueError unless `device` (a --device value; None: not given) is the CPU or a CUDA GPU present here, so
     that every command says so before any work rather than failing inside torch."""
@@ -244,6 +251,11 @@ def _add_infer(sub) -> None:
         default="fd",
         help="tabletop models: refinement gradients from finite differences of the black box or the soft rasterizer",
     )
+    p.add_argument(
+        "--resize",
+        action="store_true",
+        help="tabletop models: resize images of another size to the model's world (default: refuse them)",
+    )
     p.set_defaults(func=_run_infer)
 
 
@@ -251,7 +263,8 @@ def _run_infer(args) -> int:
     from inverse_graphics.infer import InferConfig, main
 
     paths = {"images": args.images, "model": args.model, "out_dir": args.out}
-    main(InferConfig(**paths, device=args.device, refine=args.refine, refine_gradient=args.refine_gradient))
+    options = {"refine": args.refine, "refine_gradient": args.refine_gradient, "resize": args.resize}
+    main(InferConfig(**paths, device=args.device, **options))
     return 0
 
 
@@ -272,9 +285,15 @@ def _run_demo(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="count accuracy of a model on held-out multi-MNIST scenes")
+    p = sub.add_parser(
+        "eval",
+        help="count accuracy of a 2D model on held-out multi-MNIST scenes, or the comparison table of tabletop "
+        "models on held-out scenes of their world",
+    )
     p.add_argument("--model", default="air-multi-mnist", help="a pretrained name or a checkpoint path")
-    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument(
+        "--n", type=_positive_int, default=None, help="held-out scenes (default 10,000 for 2D, 1,000 for tabletop)"
+    )
     p.add_argument("--counts", type=_counts, default=(0, 1, 2))
     p.add_argument("--seed", type=int, default=2016)
     p.add_argument("--overlap", choices=["clip", "reject", "separate"], default="clip")
@@ -284,6 +303,13 @@ def _add_eval(sub) -> None:
         default=0,
         help="> 0: let the model choose each count (every count refined for this many steps, scored by its bound; "
         "~1 s per scene at 200 on one CPU thread for T = 4) instead of the guide",
+    )
+    p.add_argument(
+        "--compare", nargs="+", default=(), metavar="MODEL", help="tabletop: more models scored on the same scenes"
+    )
+    p.add_argument("--world", default=None, help="tabletop: the scenes' world, a name or a file (default: the model's)")
+    p.add_argument(
+        "--refine", type=_non_negative_int, default=None, help="tabletop: refinement steps (default: each model's)"
     )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu")
@@ -303,9 +329,12 @@ def _run_eval(args) -> int:
             data_dir=args.data_dir,
             device=args.device,
             search_steps=args.search_steps,
+            compare=tuple(args.compare),
+            world=args.world,
+            refine=args.refine,
         )
     )
-    print(json.dumps(rec))
+    print(json.dumps({k: v for k, v in rec.items() if k != "table"}))
     return 0
 
 

@@ -6,7 +6,6 @@ inferred scene re-rendered, and the per-object labels side by side."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import struct
 import sys
@@ -36,6 +35,7 @@ class InferConfig:
     device: str = "cpu"
     refine: int | None = None  # tabletop models: refinement steps (None: the model's default; 0: none)
     refine_gradient: str = "fd"  # tabletop models: "fd" (black-box finite differences) or "soft" (soft rasterizer)
+    resize: bool = False  # tabletop models: resize images of another size to the model's world (else an error)
 
 
 PIL_BOMB = Image.DecompressionBombError  # an image of more pixels than Pillow's limit (about 179 million)
@@ -62,8 +62,9 @@ def _high_depth(im: Image.Image, path: str | Path) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def _open_image(path: str | Path, rgb: bool, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """The image as float32 in [0, 1], (size, size) grey or (size, size, 3) RGB, resized (bilinear), and its
+def _open_image(path: str | Path, rgb: bool, size: int | tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """The image as float32 in [0, 1], (H, W) grey or (H, W, 3) RGB for size = (W, H) (an int: W = H = size),
+    resized (bilinear), and its
     original (width, height); ValueError naming the file if it cannot be read. 8-bit images are divided by 255,
     16-bit ones by 65535; float images (TIFF) are kept as they are; grey images read as RGB are repeated."""
     with warnings.catch_warnings(record=True) as caught:
@@ -85,13 +86,14 @@ def _open_image(path: str | Path, rgb: bool, size: int) -> tuple[np.ndarray, tup
             raise ImageReadError(f"cannot read image {path}: {e}") from e
     for w in caught:
         print(f"warning: {path}: {w.message}", file=sys.stderr)
+    wh = (size, size) if isinstance(size, int) else size
     if converted is None:
-        if grey.size != (size, size):
-            grey = grey.resize((size, size), Image.Resampling.BILINEAR)
+        if grey.size != wh:
+            grey = grey.resize(wh, Image.Resampling.BILINEAR)
         arr = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0)
         return (np.repeat(arr[..., None], 3, axis=-1) if rgb else arr), original
-    if converted.size != (size, size):
-        converted = converted.resize((size, size), Image.Resampling.BILINEAR)
+    if converted.size != wh:
+        converted = converted.resize(wh, Image.Resampling.BILINEAR)
     return np.asarray(converted, dtype=np.float32) / 255.0, original
 
 
@@ -179,12 +181,23 @@ def main(cfg: InferConfig) -> dict:
     return record
 
 
-def read_rgb(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """An RGB image as float32 (3, size, size) in [0, 1] and its original (width, height); other sizes are resized
-    (bilinear) with a warning, since the tabletop models were trained on renders of exactly this size."""
-    rgb, original = _open_image(path, True, size)
-    if original != (size, size):
-        print(f"warning: {path} is {original[0]}x{original[1]}; resized to the model's {size}x{size}", file=sys.stderr)
+def read_rgb(
+    path: str | Path, size: int | tuple[int, int], resize: bool = False
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """An RGB image as float32 (3, H, W) in [0, 1] for size = (W, H), and its original (width, height). An image of
+    another size is an ImageReadError naming both sizes unless `resize` (bilinear, with a note on stderr): the
+    tabletop models were trained on renders of exactly their world's size and camera, so a resized photo is a
+    different camera unless its aspect and field of view match."""
+    wh = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    rgb, original = _open_image(path, True, wh)
+    sizes = f"{original[0]} x {original[1]}", f"{wh[0]} x {wh[1]} (W x H)"
+    if original != wh and not resize:
+        raise ImageReadError(
+            f"{path} is {sizes[0]} pixels; the model's world renders {sizes[1]}: pass --resize to resize it "
+            "(as if the camera's intrinsics scaled with the image) or use a model of that size"
+        )
+    if original != wh:
+        print(f"note: {path} is {sizes[0]}; resized to the model's {sizes[1]}", file=sys.stderr)
     return rgb.transpose(2, 0, 1), original
 
 
@@ -218,42 +231,35 @@ def scene_figure(image: np.ndarray, render: np.ndarray, scene: dict, title: str,
     plt.close(fig)
 
 
-def scene_problems(scene: dict) -> list[str]:
-    """Why an inferred scene could not be a real one (an object partly off the table, two that interpenetrate):
-    each reason once, [] for a valid scene. An inferred scene is a result, so it is reported, never refused."""
-    from inverse_graphics.metrics3d import as_scene
-    from scenes.tabletop import Scene, validate_scene
-    from scenes.tabletop_objects import footprint, footprints_overlap
-
-    objects = as_scene(scene).objects
+def scene_problems(world, scene: dict) -> list[str]:
+    """Why an inferred scene could not be a real one in `world` (an object partly off the table, two that
+    interpenetrate): each reason once, [] for a valid scene. An inferred scene is a result, so it is reported,
+    never refused."""
     problems = []
-    for i, obj in enumerate(objects):
+    for i, obj in enumerate(scene["objects"]):
         try:
-            validate_scene(Scene((obj,)))  # one object at a time: its own problems, named by its index here
+            world.validate_scene({"objects": [obj]})  # one object at a time: its own problems, named by index here
         except ValueError as err:
             problems.append(str(err).replace("object 0", f"object {i}", 1))
-    polygons = [footprint(o.shape, o.position, o.yaw) for o in objects]
-    for i, j in itertools.combinations(range(len(objects)), 2):
-        if footprints_overlap(polygons[i], polygons[j]):
-            problems.append(f"objects {i} and {j} interpenetrate (their footprints overlap)")
+    try:
+        world.validate_scene(scene)
+    except ValueError as err:
+        if "interpenetrate" in str(err):
+            problems.append(str(err))
     return problems
 
 
 def main_tabletop(cfg: InferConfig, model) -> dict:
     """`infer` for the tabletop models (AIR3D or SupervisedRegressor): results.json and <stem>_scene.png."""
-    from inverse_graphics.data3d import data_renderer
-    from inverse_graphics.metrics3d import as_scene
-    from scenes import tabletop
+    from inverse_graphics import world3d
 
-    size = model.config.image_size
-    loaded = [read_rgb(p, size) for p in cfg.images]
+    world, size = model.world, model.image_wh
+    loaded = [read_rgb(p, size, cfg.resize) for p in cfg.images]
     x = torch.from_numpy(np.stack([a for a, _ in loaded]))
     out = model.infer(x.to(cfg.device), refine=cfg.refine, refine_gradient=cfg.refine_gradient)
-    renders = (
-        tabletop.scenes_to_tensors([as_scene(s) for s in out.scenes])  # results, not inputs: no table checks
-        .render(data_renderer(size, getattr(model.config, "backend", "auto")))
-        .images
-    )
+    t = world3d.scenes_to_tensors(world, out.scenes)  # results, not inputs: no table checks
+    backend = getattr(model.config, "backend", "auto")
+    renders = t.render(world3d.renderer(world, "hard", size, backend, model.legacy)).images
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -269,11 +275,17 @@ def main_tabletop(cfg: InferConfig, model) -> dict:
                 "scene": out.scenes[i],
                 "presence": [round(float(p), 4) for p in out.presence[i]],
                 "figure": str(figure),
-                "problems": scene_problems(out.scenes[i]),
+                "problems": scene_problems(world, out.scenes[i]),
             }
         )
     refined = "unrefined" in out.extras
-    record = {"model": cfg.model, "refined": refined, "units": "metres, radians (table frame)", "images": results}
+    record = {
+        "model": cfg.model,
+        "world": world.name,
+        "refined": refined,
+        "units": "metres, radians (table frame)",
+        "images": results,
+    }
     (out_dir / "results.json").write_text(json.dumps(record, indent=2))
     for r in results:
         print(f"{r['file']}: {r['count']} object(s): " + "; ".join(object_label(o) for o in r["scene"]["objects"]))

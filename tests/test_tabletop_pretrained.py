@@ -46,8 +46,15 @@ def test_bad_input_is_rejected_clearly(name):
         model.infer(torch.full((1, 3, 64, 64), 3.0))
 
 
-def test_eval_command_refuses_a_tabletop_model_clearly(capsys):
+def test_eval_command_scores_the_shipped_tabletop_models_side_by_side(capsys):
+    """`eval` on tabletop models: the comparison table on held-out scenes of their world (primitives here)."""
+    import json
+
     from inverse_graphics.cli import main as cli_main
 
-    assert cli_main(["eval", "--model", "air-tabletop", "--n", "4"]) == 2
-    assert "bench_tabletop" in capsys.readouterr().err
+    argv = ["eval", "--model", "air-tabletop", "--compare", "supervised-tabletop", "--n", "8", "--refine", "0"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| air-tabletop | " in out and "| supervised-tabletop | " in out
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert rec["world"] == "primitives" and rec["models"]["air-tabletop"]["count_acc"] >= 0.75

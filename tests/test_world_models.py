@@ -214,6 +214,59 @@ def test_images_of_another_size_are_refused_naming_both_sizes_or_resized_when_as
         sup.infer(torch.rand(1, 3, 64, 64))
 
 
+def test_infer_command_uses_the_models_world_and_refuses_other_sizes_unless_resized(tiny, tmp_path, capsys):
+    """`inverse-graphics infer --model CKPT`: scenes in the world's names, re-rendered in the model's world (48 x 32
+    figures), the world named in results.json; a file of another size is refused naming both sizes, or resized with
+    --resize."""
+    import numpy as np
+    from PIL import Image
+
+    from inverse_graphics.cli import main as cli
+
+    model = _air(tiny).eval()
+    ckpt = tmp_path / "tiny.safetensors"
+    save_atomic({"model": "air-tabletop", "config": model.config.to_dict(), "state_dict": model.state_dict()}, ckpt)
+    image = (_render(tiny, SCENES[:1])[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "right.png")
+    Image.fromarray(image).resize((96, 64)).save(tmp_path / "large.png")
+    out = tmp_path / "out"
+    assert cli(["infer", str(tmp_path / "right.png"), "--model", str(ckpt), "--refine", "0", "--out", str(out)]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert record["world"] == "tiny" and record["images"][0]["size"] == [48, 32]
+    assert {o["shape"] for o in record["images"][0]["scene"]["objects"]} <= {"block", "can", "prism"}
+    assert (out / "right_scene.png").is_file()
+    large = ["infer", str(tmp_path / "large.png"), "--model", str(ckpt), "--refine", "0", "--out", str(out)]
+    assert cli(large) == 2
+    assert "is 96 x 64 pixels; the model's world renders 48 x 32 (W x H): pass --resize" in capsys.readouterr().err
+    assert cli([*large, "--resize"]) == 0
+    assert json.loads((out / "results.json").read_text())["images"][0]["size"] == [96, 64]
+
+
+def test_eval_command_compares_tabletop_models_on_their_world_and_refuses_another(tiny, tmp_path, capsys):
+    """`inverse-graphics eval --model AIR --compare SUP`: both scored on the same held-out scenes of their world, a
+    table with count, identity, position, yaw and MSSD; a model of another world is refused by name."""
+    from inverse_graphics.cli import main as cli
+    from inverse_graphics.evaluate import EvalConfig
+    from inverse_graphics.evaluate import main as evaluate
+
+    air, sup = _air(tiny).eval(), SupervisedRegressor(SupervisedConfig(world=tiny.to_dict(), **TINY_SUP)).eval()
+    paths = {}
+    for kind, model in (("air-tabletop", air), ("supervised-tabletop", sup)):
+        paths[kind] = str(tmp_path / f"{kind}.safetensors")
+        save_atomic({"model": kind, "config": model.config.to_dict(), "state_dict": model.state_dict()}, paths[kind])
+    cfg = EvalConfig(model=paths["air-tabletop"], compare=(paths["supervised-tabletop"],), n=6, refine=0)
+    rec = evaluate(cfg)
+    assert rec["world"] == "tiny" and set(rec["models"]) == set(paths.values())
+    for row in rec["models"].values():
+        assert row["n_scenes"] == 6 and 0.0 <= row["count_acc"] <= 1.0 and "mssd_mm_median" in row
+    assert rec["table"].splitlines()[0].startswith("| model | count | identity | position mm | yaw deg | MSSD mm")
+    (tmp_path / "world").mkdir()
+    world_file = str(write_tiny(tmp_path / "world"))
+    assert cli(["eval", "--model", "air-tabletop", "--world", world_file, "--n", "2", "--refine", "0"]) == 2
+    refused = "'air-tabletop' was trained for world 'primitives', not for the scenes' world 'tiny'"
+    assert refused in capsys.readouterr().err
+
+
 def test_shipped_models_are_the_primitives_world_with_their_scales():
     for name in ("air-tabletop", "supervised-tabletop"):
         model = ig.load_pretrained(name)
