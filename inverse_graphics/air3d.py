@@ -37,6 +37,7 @@ ones, and the optional sleep phase) are in `air3d_objective.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -229,6 +230,8 @@ class AIR3D(nn.Module):
         self.register_buffer("yaw_order", yaw_orders(True), persistent=False)
         self.register_buffer("pres_prior", count_prior(cfg), persistent=False)
         self.register_buffer("signal_mean", torch.zeros(cfg.max_steps))
+        # Sums the running mean's batch statistics over ranks (set by the training engine under torchrun).
+        self.stat_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.register_buffer("world_to_clip", torch.from_numpy(world_to_clip(CAMERA)), persistent=False)
         ramp = ((torch.arange(cfg.glimpse_size) + 0.5) / cfg.glimpse_size * 2 - 1) * cfg.glimpse_window / 2
         offsets = torch.stack(torch.meshgrid(ramp, ramp, indexing="xy"), dim=-1)[None]  # (1, G, G, 2): (x, y)
@@ -393,8 +396,11 @@ class AIR3D(nn.Module):
     @torch.no_grad()
     def update_signal_mean(self, centred: torch.Tensor, active: torch.Tensor) -> None:
         """Move the running mean of each step's learning signal 10% towards the batch's, as air.py."""
-        n = active.sum(0).clamp(min=1)  # (T,)
-        self.signal_mean += 0.1 * (centred * active).sum(0) / n
+        sums = torch.stack([(centred * active).sum(0), active.sum(0)])  # (2, T): signal sums, active counts
+        if self.stat_reducer is not None:
+            sums = self.stat_reducer(sums)  # distributed training: the sums over every rank's part of the batch
+        n = sums[1].clamp(min=1)  # (T,)
+        self.signal_mean += 0.1 * sums[0] / n
 
     # ------------------------------------------------------------------------------------------- inference
     @torch.no_grad()

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 FORMAT = "inverse-graphics-checkpoint"
+CHECKPOINT_NAME = "checkpoint.pt"  # a run directory's checkpoint file
 VERSION = 1
 
 
@@ -66,7 +67,7 @@ def resume_state(
     """When resuming, the run's saved training config (with this call's out_dir and budgets, so that a finished
     run can be extended) and its checkpoint; otherwise (cfg, None). `cfg` needs out_dir, minutes and steps, and
     `config_cls` a `from_dict`."""
-    path = Path(cfg.out_dir) / "checkpoint.pt"  # type: ignore[attr-defined]
+    path = Path(cfg.out_dir) / CHECKPOINT_NAME  # type: ignore[attr-defined]
     if not (resume and path.exists()):
         return cfg, None
     state = load_checkpoint(path, expect_model=model_kinds)
