@@ -60,7 +60,11 @@ def setup(device: str) -> Dist:
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices here")
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # torchrun's store can outlive a restart (--max-restarts) with the previous attempt's keys in it, among them the
+    # address of a dead rank's gloo socket; a prefix per attempt keeps each attempt's keys apart.
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = dist.PrefixStore(f"inverse-graphics/attempt{restart_count()}/", store)
+    dist.init_process_group("nccl" if cuda else "gloo", store=attempt, rank=rank, world_size=world_size)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
 
 

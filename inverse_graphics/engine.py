@@ -120,6 +120,7 @@ class Run:
     model: nn.Module
     opt: torch.optim.Optimizer
     desc = "train"
+    unused_parameters = False  # True where some steps leave parameters without a gradient (DDP must look for them)
 
     def _start(self, state: dict | None, ctx: Dist | None) -> None:
         self.ctx = ctx or Dist()
@@ -134,7 +135,7 @@ class Run:
             self.objective = nn.parallel.DistributedDataParallel(
                 self.objective,
                 device_ids=[self.ctx.local_rank] if cuda else None,
-                find_unused_parameters=True,  # a sleep step leaves the baseline unused, a warm-up the guide
+                find_unused_parameters=self.unused_parameters,
                 broadcast_buffers=False,  # running statistics are all-reduced by the models themselves
             )
             if hasattr(self.model, "stat_reducer"):
@@ -384,7 +385,8 @@ def fit(run: Run, log: MetricsLog, progress: bool = True) -> bool:
 
 def evaluate(run: Run, log: MetricsLog) -> dict:
     """The held-out evaluation, once (on rank 0), logged; every rank gets the record."""
-    return distributed.on_main(lambda: log.write(run.record("eval", run.evaluate())))
+    run.last_eval = distributed.on_main(lambda: log.write(run.record("eval", run.evaluate())))
+    return run.last_eval
 
 
 def save(run: Run, log: MetricsLog, final_eval: dict | None = None, state: dict | None = None) -> None:
@@ -401,7 +403,8 @@ def finish(run: Run, log: MetricsLog, stopped: bool) -> dict:
     """The final evaluation and figures, then the final checkpoint (holding the log position after them, so that
     a resume neither loses nor repeats them)."""
     state = run.checkpoint_state()  # before the evaluation: training's RNG state as the loop left it
-    rec = evaluate(run, log)
+    last = getattr(run, "last_eval", None)
+    rec = last if last is not None and last["step"] == run.step else evaluate(run, log)  # not twice at one step
     if run.ctx.is_main:
         run.figures(Path(run.cfg.out_dir) / "figures")
     save(run, log, final_eval=rec, state=state)

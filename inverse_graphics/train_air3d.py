@@ -179,6 +179,8 @@ def _air3d_loss(model: AIR3D, x: torch.Tensor | None, n_sleep: int, gradient: st
 class TrainingRun(Run):
     """The air-tabletop recipe: model, optimiser and step (ELBO, sleep phase or both, by the recipe's schedule)."""
 
+    unused_parameters = True  # a sleep step leaves the NVIL baseline without a gradient
+
     def __init__(
         self,
         cfg: AIR3DTrainConfig,
