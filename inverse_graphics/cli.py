@@ -38,6 +38,7 @@ _SHARED = {
     "eval_n": "eval_n",
     "eval_every": "eval_every_s",
     "checkpoint_every": "checkpoint_every_s",
+    "log_every": "log_every",
     "device": "device",
     "threads": "threads",
 }
@@ -95,6 +96,7 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-n", type=int, help="held-out scenes of the periodic evaluation")
     p.add_argument("--eval-every", type=float, help="seconds between evaluations")
     p.add_argument("--checkpoint-every", type=float, help="seconds")
+    p.add_argument("--log-every", type=int, help="steps between training-statistics records")
     p.add_argument("--device")
     p.add_argument("--threads", type=int)
     p.add_argument(

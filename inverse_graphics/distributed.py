@@ -135,11 +135,11 @@ def on_main(fn: Callable[[], T]) -> T:
     if dist.get_rank() == 0:
         try:
             result = (fn(), None)
-        except Exception as err:  # handed to every rank below, then raised there
-            result = (None, err)
-    value, err = broadcast(result)
-    if err is not None:
-        raise err
+        except Exception as exc:  # handed to every rank below, then raised there
+            result = (None, exc)
+    value, error = broadcast(result)
+    if error is not None:
+        raise error
     return value
 
 

@@ -121,6 +121,8 @@ class Run:
     opt: torch.optim.Optimizer
     desc = "train"
     unused_parameters = False  # True where some steps leave parameters without a gradient (DDP must look for them)
+    train_data: Any  # what train_step takes (the recipe's training set)
+    last_eval: dict | None = None  # the latest evaluation record
 
     def _start(self, state: dict | None, ctx: Dist | None) -> None:
         self.ctx = ctx or Dist()
@@ -139,7 +141,7 @@ class Run:
                 broadcast_buffers=False,  # running statistics are all-reduced by the models themselves
             )
             if hasattr(self.model, "stat_reducer"):
-                self.model.stat_reducer = distributed.all_reduce_sum
+                setattr(self.model, "stat_reducer", distributed.all_reduce_sum)  # noqa: B010 (any recipe's model)
 
     def _load(self, state: dict) -> None:
         self.model.load_state_dict(state["state_dict"])
@@ -311,14 +313,14 @@ def _train(cfg, config_cls, kinds, make_run, ctx: Dist, resume, progress, overwr
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     run = make_run(cfg, state, ctx)
-    resumed = state is not None
-    log = MetricsLog(out, ctx.is_main, state.get("log_bytes") if resumed else None, run.step if resumed else None)
+    log_bytes = state.get("log_bytes") if state is not None else None
+    log = MetricsLog(out, ctx.is_main, log_bytes, run.step if state is not None else None)
     try:
-        if resumed:
+        if state is not None:
             _note_resume(run, log, state, opened.applied)
         start_step = run.step
         stopped = fit(run, log, progress)
-        if resumed and run.step == start_step and state.get("final_eval") is not None:
+        if state is not None and run.step == start_step and state.get("final_eval") is not None:
             return state["final_eval"]  # a finished run resumed with nothing to add: its result, not a repeat
         return finish(run, log, stopped)
     finally:
@@ -403,7 +405,7 @@ def finish(run: Run, log: MetricsLog, stopped: bool) -> dict:
     """The final evaluation and figures, then the final checkpoint (holding the log position after them, so that
     a resume neither loses nor repeats them)."""
     state = run.checkpoint_state()  # before the evaluation: training's RNG state as the loop left it
-    last = getattr(run, "last_eval", None)
+    last = run.last_eval
     rec = last if last is not None and last["step"] == run.step else evaluate(run, log)  # not twice at one step
     if run.ctx.is_main:
         run.figures(Path(run.cfg.out_dir) / "figures")

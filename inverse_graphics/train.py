@@ -168,14 +168,14 @@ def build_optimizer(model: AIR, cfg: TrainConfig) -> torch.optim.Optimizer:
 __all__ = ["TrainConfig", "AIRRun", "StopFlag", "train", "evaluate", "batch_indices", "lr_at", "z_pres_prior_at"]
 
 
-def _init_from(model: AIR, cfg: TrainConfig) -> None:
-    """Load cfg.init_from's weights into `model`; ValueError if its model has another shape."""
-    start = load_checkpoint(cfg.init_from, expect_model=("air", "dair"))
+def _init_from(model: AIR, path: str) -> None:
+    """Load the weights of checkpoint `path` into `model`; ValueError if its model has another shape."""
+    start = load_checkpoint(path, expect_model=("air", "dair"))
     shape = ("canvas_size", "max_steps", "window_size", "z_what_dim", "embed_dim", "rnn_hidden")
     theirs = AIRConfig.from_dict(start["config"])
     if any(getattr(theirs, k) != getattr(model.config, k) for k in shape):
-        raise ValueError(f"init_from {cfg.init_from}: its model differs in {shape}: {start['config']}")
-    restore(model, start, cfg.init_from)
+        raise ValueError(f"init_from {path}: its model differs in {shape}: {start['config']}")
+    restore(model, start, path)
 
 
 def _air_loss(model: AIR, x, rho: float, sleep_weight: float, dreams: int, counts: tuple[int, ...]):
@@ -189,13 +189,17 @@ def _air_loss(model: AIR, x, rho: float, sleep_weight: float, dreams: int, count
 class AIRRun(Run):
     """The air / dair recipe: multi-MNIST (or any `Scenes`) batches, the AIR loss, optionally the sleep phase."""
 
+    model: AIR
+    train_data: Scenes
+    held_out: Scenes
+
     def __init__(self, cfg: TrainConfig, state: dict | None, ctx: Dist | None = None, data=None):
         self.cfg = cfg
         self.train_data, self.held_out = make_data(cfg) if data is None else data
         self.model = AIR(cfg.model_config()).to(cfg.device)
         self.opt = build_optimizer(self.model, cfg)
         if state is None and cfg.init_from:
-            _init_from(self.model, cfg)
+            _init_from(self.model, cfg.init_from)
         self.dream_counts = cfg.sleep_counts or tuple(range(cfg.max_steps + 1))  # the sleep phase's (if it is on)
         self.desc = f"train {cfg.model}"
         self._start(state, ctx)

@@ -180,6 +180,7 @@ class TrainingRun(Run):
     """The air-tabletop recipe: model, optimiser and step (ELBO, sleep phase or both, by the recipe's schedule)."""
 
     unused_parameters = True  # a sleep step leaves the NVIL baseline without a gradient
+    model: AIR3D
 
     def __init__(
         self,

@@ -87,6 +87,8 @@ def _supervised_loss(model: SupervisedRegressor, images: torch.Tensor, labels: S
 class _Run(Run):
     """The supervised-tabletop recipe: labelled renders, the Hungarian-matched loss."""
 
+    model: SupervisedRegressor
+
     def __init__(self, cfg: SupervisedTrainConfig, state: dict | None, ctx: Dist | None = None, data=None):
         self.cfg = cfg
         self.model = SupervisedRegressor(cfg.model_config()).to(cfg.device)

@@ -25,7 +25,8 @@ B = 4  # the global batch
 SIZE = 32
 BACKEND = "opengl" if opengl_available() is None else "pytorch3d"
 TINY3D = {"channels": (8, 16), "embed_dim": 32, "rnn_hidden": 32, "baseline_channels": (8,), "baseline_hidden": 16}
-CASES = ("air", "dair-sleep", "air-tabletop-elbo", "air-tabletop-elbo-soft", "air-tabletop-sleep", "supervised-tabletop")
+CASES = ("air", "dair-sleep", "air-tabletop-elbo", "air-tabletop-elbo-soft", "air-tabletop-sleep",
+         "supervised-tabletop")  # fmt: skip
 
 
 class ToyScenes:
@@ -84,8 +85,8 @@ def build(case: str, ctx: Dist, out_dir: str) -> Run:
     elif case.startswith("air-tabletop"):
         recipe = "sleep" if case.endswith("sleep") else "wake"
         gradient = "soft" if case.endswith("soft") else "fd"
-        cfg3 = AIR3DTrainConfig(**common, n_train=8, recipe=recipe, gradient=gradient, image_size=SIZE, backend=BACKEND,
-                                baseline_warmup=0, model_overrides=TINY3D)  # fmt: skip
+        cfg3 = AIR3DTrainConfig(**common, n_train=8, recipe=recipe, gradient=gradient, image_size=SIZE,
+                                backend=BACKEND, baseline_warmup=0, model_overrides=TINY3D)  # fmt: skip
         from scenes import tabletop
 
         scenes = tabletop.sample_scenes(8, seed=3, min_objects=1)

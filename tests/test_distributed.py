@@ -158,3 +158,14 @@ def test_two_machines_through_a_localhost_rendezvous(tmp_path, data_dir):
     rows = records(out)
     assert [r["step"] for r in rows if r["kind"] == "train"] == [] and rows[-1]["world_size"] == 2
     assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == 3
+
+
+def test_scaling_benchmark_smoke(tmp_path, data_dir):
+    from benchmarks.bench_ddp_scaling import main
+
+    args = ["--rounds", "1", "--steps", "4", "--log-every", "2", "--batch-size", "4", "--n-train", "32"]
+    args += ["--modes", "weak", "--accuracy-target", "0", "--accuracy-minutes", "0.05", "--accuracy-eval-every", "0"]
+    record = main([*args, "--accuracy-eval-n", "8", "--out", str(tmp_path), "--others", "a test"])
+    assert record["scaling"][0]["median_ratio"] > 0
+    assert record["accuracy"]["one_process"]["train_time_s"] is not None  # a target of 0 is met at once
+    assert "Other load on the machine: a test" in (tmp_path / "ddp_scaling.md").read_text()
