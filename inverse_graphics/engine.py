@@ -314,7 +314,8 @@ def _train(cfg, config_cls, kinds, make_run, ctx: Dist, resume, progress, overwr
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     run = make_run(cfg, state, ctx)
     log_bytes = state.get("log_bytes") if state is not None else None
-    log = MetricsLog(out, ctx.is_main, log_bytes, run.step if state is not None else None)
+    # records after the checkpoint's are of later steps: those the resumed run repeats
+    log = MetricsLog(out, ctx.is_main, log_bytes, run.step + 1 if state is not None else None)
     try:
         if state is not None:
             _note_resume(run, log, state, opened.applied)
@@ -352,7 +353,7 @@ def fit(run: Run, log: MetricsLog, progress: bool = True) -> bool:
     budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf
     last_eval = last_ckpt = run.train_time
     sums: dict[str, float] = {}
-    n = 0
+    counts: dict[str, int] = {}  # per statistic: a phase switch (sleep -> ELBO) changes which ones a step reports
     total = None if budget_steps == math.inf else budget_steps
     show = progress and ctx.is_main
     bar = tqdm(total=total, initial=run.step, disable=not show, desc=run.desc, unit="step", dynamic_ncols=True)
@@ -366,12 +367,11 @@ def fit(run: Run, log: MetricsLog, progress: bool = True) -> bool:
             run.train_time += dt
             stop = bool(stop_any)
             for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
+                sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
             bar.update(1)
-            if run.step % cfg.log_every == 0:
-                log.write(run.record("train", distributed.all_reduce_mean({k: v / n for k, v in sums.items()})))
-                sums, n = {}, 0
+            if run.step % cfg.log_every == 0:  # the means since the last record, over all ranks
+                log.write(run.record("train", distributed.all_reduce_mean({k: v / counts[k] for k, v in sums.items()})))
+                sums, counts = {}, {}
             if run.train_time - last_eval >= cfg.eval_every_s:
                 rec = evaluate(run, log)
                 if ctx.is_main:

@@ -94,7 +94,8 @@ def test_only_rank_0_writes_and_each_rank_has_its_own_stream(tmp_path, data_dir)
 def test_a_killed_worker_comes_back_from_the_last_checkpoint_logging_nothing_twice(tmp_path, data_dir):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1"]
-    cmd += [*TRAIN, "--out", str(out), "--steps", "80", "--checkpoint-every", "0.2", "--eval-every", "0"]
+    args = [*TRAIN, "--steps", "80", "--checkpoint-every", "0.2", "--eval-every", "0"]
+    cmd += [*args, "--out", str(out)]
     launcher = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -112,7 +113,13 @@ def test_a_killed_worker_comes_back_from_the_last_checkpoint_logging_nothing_twi
     assert eval_steps == list(range(1, 81)), "a step logged twice or missing"
     resumes = [r for r in rows if r["kind"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["restart"] == 1 and 5 <= resumes[0]["step"] < 80
-    assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == 80
+    restarted = load_checkpoint(out / CHECKPOINT_NAME)
+    assert restarted["step"] == 80
+    # and exactly: the same parameters as a run that was never killed (each rank's RNG state is in the checkpoint)
+    res = torchrun(*args, "--out", str(tmp_path / "straight"))
+    assert res.returncode == 0, res.stderr[-4000:]
+    straight = load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)["state_dict"]
+    assert all(torch.equal(v, restarted["state_dict"][k]) for k, v in straight.items())
 
 
 def _has_checkpoint_past(out: Path, step: int) -> bool:

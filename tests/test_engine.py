@@ -121,11 +121,15 @@ def test_tensorboard_events_beside_the_jsonl(tmp_path, data_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    def steps(tag: str) -> list[int]:
+        acc = EventAccumulator(str(tmp_path / "tensorboard"))
+        acc.Reload()
+        return [e.step for e in acc.Scalars(tag)]
+
     train(tiny(tmp_path, steps=2), progress=False)
-    acc = EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("train/elbo")] == [1, 2]
-    assert [e.step for e in acc.Scalars("eval/count_acc")] == [2]
+    assert steps("train/elbo") == [1, 2] and steps("eval/count_acc") == [2]
+    train(tiny(tmp_path, steps=4), resume=True, progress=False)
+    assert steps("train/elbo") == [1, 2, 3, 4] and steps("eval/count_acc") == [2, 4]
 
 
 def test_training_works_without_tensorboard(tmp_path, data_dir, monkeypatch):
