@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -56,23 +56,6 @@ def load_checkpoint(path: str | os.PathLike, expect_model: tuple[str, ...] | Non
         if key not in ckpt:
             raise CheckpointError(f"{path} lacks '{key}'; it is incomplete")
     return ckpt
-
-
-C = TypeVar("C")
-
-
-def resume_state(
-    cfg: C, config_cls: Any, model_kinds: tuple[str, ...], resume: bool
-) -> tuple[C, dict[str, Any] | None]:
-    """When resuming, the run's saved training config (with this call's out_dir and budgets, so that a finished
-    run can be extended) and its checkpoint; otherwise (cfg, None). `cfg` needs out_dir, minutes and steps, and
-    `config_cls` a `from_dict`."""
-    path = Path(cfg.out_dir) / CHECKPOINT_NAME  # type: ignore[attr-defined]
-    if not (resume and path.exists()):
-        return cfg, None
-    state = load_checkpoint(path, expect_model=model_kinds)
-    budgets = {"out_dir": cfg.out_dir, "minutes": cfg.minutes, "steps": cfg.steps}  # type: ignore[attr-defined]
-    return config_cls.from_dict({**state["train_config"], **budgets}), state
 
 
 def restore(model: Any, ckpt: dict[str, Any], path: str | os.PathLike) -> Any:

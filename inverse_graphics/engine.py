@@ -299,12 +299,17 @@ def run_training(
         distributed.teardown(ctx)
 
 
-def _train(cfg, config_cls, kinds, make_run, ctx: Dist, resume, progress, overwrite) -> dict:
-    opened = distributed.on_main(lambda: open_run(cfg, config_cls, kinds, resume, overwrite))
-    cfg, state = opened.cfg, opened.state
+def _check_world(cfg: Any, ctx: Dist) -> None:
     if cfg.batch_size % ctx.world_size:
         ranks = ctx.world_size
         raise ValueError(f"batch_size {cfg.batch_size} is the global batch: it must divide by the {ranks} ranks")
+
+
+def _train(cfg, config_cls, kinds, make_run, ctx: Dist, resume, progress, overwrite) -> dict:
+    _check_world(cfg, ctx)  # before anything in --out is touched
+    opened = distributed.on_main(lambda: open_run(cfg, config_cls, kinds, resume, overwrite))
+    cfg, state = opened.cfg, opened.state
+    _check_world(cfg, ctx)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -320,10 +325,10 @@ def _train(cfg, config_cls, kinds, make_run, ctx: Dist, resume, progress, overwr
         if state is not None:
             _note_resume(run, log, state, opened.applied)
         start_step = run.step
-        stopped = fit(run, log, progress)
+        fit(run, log, progress)
         if state is not None and run.step == start_step and state.get("final_eval") is not None:
             return state["final_eval"]  # a finished run resumed with nothing to add: its result, not a repeat
-        return finish(run, log, stopped)
+        return finish(run, log)
     finally:
         log.close()
 
@@ -401,7 +406,7 @@ def save(run: Run, log: MetricsLog, final_eval: dict | None = None, state: dict 
     distributed.barrier()
 
 
-def finish(run: Run, log: MetricsLog, stopped: bool) -> dict:
+def finish(run: Run, log: MetricsLog) -> dict:
     """The final evaluation and figures, then the final checkpoint (holding the log position after them, so that
     a resume neither loses nor repeats them)."""
     state = run.checkpoint_state()  # before the evaluation: training's RNG state as the loop left it
