@@ -97,6 +97,9 @@ def time_to_accuracy(a: argparse.Namespace, tmp: Path) -> dict:
             "train_time_s": hits[0]["train_time_s"] if hits else None,
             "step": hits[0]["step"] if hits else None,
             "best_count_acc": max((r["count_acc"] or 0) for r in rows if r["kind"] == "eval"),
+            "final_step": rows[-1]["step"],
+            "final_train_time_s": rows[-1]["train_time_s"],
+            "steps_per_s": rows[-1]["step"] / rows[-1]["train_time_s"],
         }
         print(f"{nproc} process(es): {found[nproc]}", flush=True)
     return {"target": a.accuracy_target, "one_process": found[1], "two_processes": found[2]}

@@ -5,13 +5,16 @@
 - `resume` needs a checkpoint in the directory; without one (a typo in --out) it is refused, not started afresh.
 - On resume the run's saved training config is used; options given now that differ from it are applied when they
   change only budgets, cadence or where things run (`APPLY_ON_RESUME`), and refused otherwise, naming each.
-- A worker restarted by torchrun (--max-restarts) resumes from the checkpoint if there is one, else starts afresh.
+- A worker restarted by torchrun (--max-restarts) resumes from the checkpoint if there is one, else starts afresh;
+  but only in a run directory that this torchrun job itself started (JOB_FILE holds its TORCHELASTIC_RUN_ID), so
+  that a refused launch (a typo in --out, a run already there) stays refused when torchrun retries it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from inverse_graphics.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT_NAME)  # a directory with any of them holds a run
 RUN_DIRS = ("figures", "tensorboard")
+JOB_FILE = "torchrun_job"  # the id of the torchrun job training in this directory
 # Options that a resume applies when they differ from the run's (budgets, cadence, where things are and run);
 # any other difference would silently change the experiment and is refused.
 APPLY_ON_RESUME = frozenset(
@@ -57,8 +61,23 @@ def open_run(cfg: Any, config_cls: Any, kinds: tuple[str, ...], resume: bool, ov
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a run directory")
     ckpt = out / CHECKPOINT_NAME
-    if distributed.restart_count() > 0:  # torchrun restarted the workers: continue this job's own run
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if distributed.restart_count() > 0 and _job_of(out) == job:  # torchrun restarted the workers of this run
         resume, overwrite = ckpt.is_file(), not ckpt.is_file()
+    opened = _open(out, cfg, config_cls, kinds, resume, overwrite)
+    if job is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / JOB_FILE).write_text(job)
+    return opened
+
+
+def _job_of(out: Path) -> str | None:
+    path = out / JOB_FILE
+    return path.read_text() if path.is_file() else None
+
+
+def _open(out: Path, cfg: Any, config_cls: Any, kinds: tuple[str, ...], resume: bool, overwrite: bool) -> Opened:
+    ckpt = out / CHECKPOINT_NAME
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: choose one")
     if resume:
@@ -78,7 +97,7 @@ def open_run(cfg: Any, config_cls: Any, kinds: tuple[str, ...], resume: bool, ov
 
 
 def remove_run(out: Path) -> None:
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, JOB_FILE):
         (out / name).unlink(missing_ok=True)
     for name in RUN_DIRS:
         shutil.rmtree(out / name, ignore_errors=True)

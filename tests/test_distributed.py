@@ -122,6 +122,12 @@ def test_a_killed_worker_comes_back_from_the_last_checkpoint_logging_nothing_twi
     assert all(torch.equal(v, restarted["state_dict"][k]) for k, v in straight.items())
 
 
+def test_a_refused_launch_stays_refused_when_torchrun_retries_it(tmp_path, data_dir):
+    res = torchrun("--max-restarts=1", *TRAIN, "--out", str(tmp_path / "typo"), "--resume", "--steps", "2")
+    assert res.returncode != 0 and "holds no checkpoint" in res.stderr
+    assert not (tmp_path / "typo" / CHECKPOINT_NAME).exists()  # the retry did not start a run there
+
+
 def _has_checkpoint_past(out: Path, step: int) -> bool:
     try:
         return load_checkpoint(out / CHECKPOINT_NAME)["step"] >= step
