@@ -197,7 +197,8 @@ def _run_train(args) -> int:
     # On resume (or a torchrun restart) the run's own config is the base, so that an option not given again keeps
     # the run's value instead of the default; the trainer then applies or refuses what was given.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-    saved = saved_config(out) if args.resume or restarted else None
+    kinds = MODELS_2D if args.model in MODELS_2D else (args.model,)
+    saved = saved_config(out, kinds) if args.resume or restarted else None
     base = {k: v for k, v in (saved or {}).items() if k != "out_dir"}
     kw: dict[str, Any] = {**base, "out_dir": out, **_given(args, names), **_model_fields(args, saved)}
     resume, progress, overwrite = args.resume, not args.no_progress, args.overwrite

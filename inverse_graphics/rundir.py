@@ -49,10 +49,11 @@ def has_run(out: Path) -> bool:
     return any((out / name).exists() for name in RUN_FILES)
 
 
-def saved_config(out_dir: str | Path) -> dict | None:
-    """The training config saved in a run's checkpoint (None when there is no checkpoint to read)."""
+def saved_config(out_dir: str | Path, kinds: tuple[str, ...] | None = None) -> dict | None:
+    """The training config saved in a run's checkpoint (None when there is no checkpoint to read); CheckpointError
+    if the checkpoint holds a model of none of `kinds`."""
     path = Path(out_dir) / CHECKPOINT_NAME
-    return load_checkpoint(path)["train_config"] if path.is_file() else None
+    return load_checkpoint(path, expect_model=kinds)["train_config"] if path.is_file() else None
 
 
 def open_run(cfg: Any, config_cls: Any, kinds: tuple[str, ...], resume: bool, overwrite: bool) -> Opened:

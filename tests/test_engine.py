@@ -53,6 +53,8 @@ def test_changed_options_on_resume_are_applied_or_refused_by_name(tmp_path, data
     assert cli_main(args) == 0 and load_checkpoint(tmp_path / CHECKPOINT_NAME)["train_config"]["batch_size"] == 8
     assert cli_main([*args, "--batch-size", "2"]) == 2
     assert "--resume cannot change batch_size = 2 (the run's: 8)" in capsys.readouterr().err
+    assert cli_main(["train", "supervised-tabletop", "--out", str(tmp_path), "--resume"]) == 2
+    assert "holds a 'air' model; expected one of supervised-tabletop" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
