@@ -122,6 +122,25 @@ def test_a_killed_worker_comes_back_from_the_last_checkpoint_logging_nothing_twi
     assert all(torch.equal(v, restarted["state_dict"][k]) for k, v in straight.items())
 
 
+def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(tmp_path, data_dir):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += [*TRAIN, "--out", str(out), "--steps", "100000", "--checkpoint-every", "0.2"]
+    launcher = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not _has_checkpoint_past(out, 3):
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)  # as a cluster's scheduler ending the job
+        out_text, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert "stopped by signal at step" in out_text, err[-3000:]
+    ckpt = load_checkpoint(out / CHECKPOINT_NAME)
+    last = records(out)[-1]
+    assert last["kind"] == "eval" and last["step"] == ckpt["step"] > 3 and ckpt["final_eval"] == last
+
+
 def test_a_refused_launch_stays_refused_when_torchrun_retries_it(tmp_path, data_dir):
     res = torchrun("--max-restarts=1", *TRAIN, "--out", str(tmp_path / "typo"), "--resume", "--steps", "2")
     assert res.returncode != 0 and "holds no checkpoint" in res.stderr
