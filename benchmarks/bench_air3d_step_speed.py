@@ -47,7 +47,6 @@ def time_case(recipe: str, gradient: str, all_present: bool, args: argparse.Name
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
             counts.append(stats.get("count", stats.get("sleep_count", 0.0)))
-    run.log.close()
     wall, cpu = statistics.median(times), statistics.median(cpu_times)
     timing = {"wall_s_per_step": wall, "cpu_s_per_step": cpu, "steps_per_cpu_s": 1 / cpu, "steps_per_wall_s": 1 / wall}
     guide = "all present" if all_present else "fresh"

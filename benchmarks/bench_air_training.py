@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
                 threads=args.threads,
                 overlap=args.overlap,
             )
-            if (run / "metrics.jsonl").exists():
-                (run / "metrics.jsonl").unlink()  # a fresh run: its curve must not mix with an older one
-            train(cfg, progress=False)
+            train(cfg, progress=False, overwrite=True)  # a fresh run: its curve must not mix with an older one
             model = load(run / CHECKPOINT_NAME)
             final = count_accuracy(model, held_out)
             records = read_metrics(run / "metrics.jsonl")

@@ -156,9 +156,8 @@ def run_one(task: Task, model: str, seed: int, run: Path, tests: dict, args) -> 
         init_from=str(Path(args.init_from) / run.parent.name / run.name / CHECKPOINT_NAME) if args.init_from else None,
     )
     interrupted = args.resume and (run / CHECKPOINT_NAME).exists()  # killed before its score: continue it
-    if not interrupted and (run / "metrics.jsonl").exists():
-        (run / "metrics.jsonl").unlink()  # a fresh run: its curve must not mix with an older one
-    train(cfg, resume=interrupted, progress=False)
+    # not interrupted: a fresh run (overwrite), whose curve must not mix with an older one
+    train(cfg, resume=interrupted, progress=False, overwrite=not interrupted)
     net = load(run / CHECKPOINT_NAME, device=args.device)
     test = count_accuracy(net, tests["test"], args.device)
     seen = count_accuracy(net, tests["train"], args.device)

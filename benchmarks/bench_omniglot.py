@@ -172,10 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     evaluation = omniglot.load("evaluation", args.data_dir, args.canvas)
     periodic, test = first(evaluation, args.eval_n, 1), first(evaluation, args.test_n, 2)
     run = Path(args.run)
-    if (run / "metrics.jsonl").exists():
-        (run / "metrics.jsonl").unlink()  # a fresh run: its curve must not mix with an older one
     # train() is annotated for MultiMnist; it needs only .images, .counts, float_images and len (duck typing).
-    train(train_config(args), progress=False, data=(background, periodic))
+    # overwrite: a fresh run, whose curve must not mix with an older one
+    train(train_config(args), progress=False, data=(background, periodic), overwrite=True)
     model = load(run / CHECKPOINT_NAME, device=args.device)
     elbo_test = mean_elbo(model, test, args.elbo_samples, args.device)
     elbo_train = mean_elbo(model, first(background, len(test), 3), args.elbo_samples, args.device)

@@ -32,6 +32,7 @@ and far more often right on counts unseen in training.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 
@@ -227,6 +228,8 @@ class AIR(nn.Module):
         self.register_buffer("where_prior_scale", torch.tensor(cfg.where_prior_scale))
         # NVIL's input-independent baseline: a running mean of each step's learning signal.
         self.register_buffer("signal_mean", torch.zeros(cfg.max_steps))
+        # Sums the running mean's batch statistics over ranks (set by the training engine under torchrun).
+        self.stat_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._init_where_head()
 
     def _init_where_head(self) -> None:
@@ -470,8 +473,11 @@ class AIR(nn.Module):
 
     @torch.no_grad()
     def _update_signal_mean(self, centred: torch.Tensor, active: torch.Tensor) -> None:
-        n = active.sum(0).clamp(min=1)  # (T,)
-        self.signal_mean += 0.1 * (centred * active).sum(0) / n  # moves the running mean 10% towards the batch's
+        sums = torch.stack([(centred * active).sum(0), active.sum(0)])  # (2, T): signal sums, active counts
+        if self.stat_reducer is not None:
+            sums = self.stat_reducer(sums)  # distributed training: the sums over every rank's part of the batch
+        n = sums[1].clamp(min=1)  # (T,)
+        self.signal_mean += 0.1 * sums[0] / n  # moves the running mean 10% towards the batch's
 
     # ----------------------------------------------------------------------------------------- inference
     @torch.inference_mode()

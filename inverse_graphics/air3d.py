@@ -37,6 +37,7 @@ ones, and the optional sleep phase) are in `air3d_objective.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -283,6 +284,8 @@ class AIR3D(nn.Module):
         self.register_buffer("yaw_order", world3d.yaw_orders(self.world, True), persistent=False)
         self.register_buffer("pres_prior", self._count_prior(low, high), persistent=False)
         self.register_buffer("signal_mean", torch.zeros(T))
+        # Sums the running mean's batch statistics over ranks (set by the training engine under torchrun).
+        self.stat_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         camera = self.world.camera.renderer_camera(self.image_wh)
         clip = world_to_clip(camera, None if self.legacy else self.image_wh)
         self.register_buffer("world_to_clip", torch.from_numpy(clip), persistent=False)
@@ -517,8 +520,11 @@ class AIR3D(nn.Module):
     @torch.no_grad()
     def update_signal_mean(self, centred: torch.Tensor, active: torch.Tensor) -> None:
         """Move the running mean of each step's learning signal 10% towards the batch's, as air.py."""
-        n = active.sum(0).clamp(min=1)  # (T,)
-        self.signal_mean += 0.1 * (centred * active).sum(0) / n
+        sums = torch.stack([(centred * active).sum(0), active.sum(0)])  # (2, T): signal sums, active counts
+        if self.stat_reducer is not None:
+            sums = self.stat_reducer(sums)  # distributed training: the sums over every rank's part of the batch
+        n = sums[1].clamp(min=1)  # (T,)
+        self.signal_mean += 0.1 * sums[0] / n
 
     # ------------------------------------------------------------------------------------------- inference
     @torch.no_grad()

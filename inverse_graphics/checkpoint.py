@@ -30,7 +30,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -276,35 +276,6 @@ def convert_legacy(old: str | os.PathLike, new: str | os.PathLike, trusted: bool
     save_atomic(ckpt, new)
     load_checkpoint(new)  # what was written reads back
     return new
-
-
-C = TypeVar("C")
-
-
-def resume_state(
-    cfg: C, config_cls: Any, model_kinds: tuple[str, ...], resume: bool
-) -> tuple[C, dict[str, Any] | None]:
-    """When resuming, the run's saved training config (with this call's out_dir and budgets, so that a finished
-    run can be extended) and its checkpoint; otherwise (cfg, None). `cfg` needs out_dir, minutes and steps, and
-    `config_cls` a `from_dict`."""
-    path = Path(cfg.out_dir) / CHECKPOINT_NAME  # type: ignore[attr-defined]
-    legacy = path.with_name(LEGACY_NAME)
-    if resume and not path.exists() and legacy.exists():
-        raise CheckpointError(
-            f"{legacy} is an old-format (pickle) checkpoint, which is not read: unpickling can run arbitrary code. "
-            f"If you trust its source, convert it with `inverse-graphics convert {legacy} {path} --trusted`"
-        )
-    if not (resume and path.exists()):
-        return cfg, None
-    state = load_checkpoint(path, expect_model=model_kinds)
-    budgets = {"out_dir": cfg.out_dir, "minutes": cfg.minutes, "steps": cfg.steps}  # type: ignore[attr-defined]
-    saved = state.get("train_config")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path} has no training config, so it cannot be resumed (is it an exported model?)")
-    try:
-        return config_cls.from_dict({**saved, **budgets}), state
-    except (TypeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: its training config does not fit this release's: {err}") from err
 
 
 def _misfit(saved: torch.Tensor, own: torch.Tensor | None) -> bool:

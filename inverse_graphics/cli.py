@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -85,6 +86,7 @@ _SHARED = {
     "eval_n": "eval_n",
     "eval_every": "eval_every_s",
     "checkpoint_every": "checkpoint_every_s",
+    "log_every": "log_every",
     "device": "device",
     "threads": "threads",
 }
@@ -142,9 +144,16 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-n", type=int, help="held-out scenes of the periodic evaluation")
     p.add_argument("--eval-every", type=_finite, help="seconds between evaluations")
     p.add_argument("--checkpoint-every", type=_finite, help="seconds")
+    p.add_argument("--log-every", type=int, help="steps between training-statistics records")
     p.add_argument("--device")
     p.add_argument("--threads", type=int)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint; options given now change only budgets, cadence and "
+        "devices (others are refused)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else refused)")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("multi-MNIST models (air, dair)")
     g.add_argument("--train-counts", type=_counts, help="e.g. 0,1,2")
@@ -208,28 +217,51 @@ def _check_applies(args, names: dict[str, str]) -> None:
         raise ValueError(f"{listed} do(es) not apply to `train {args.model}`; see `inverse-graphics train --help`")
 
 
+def _model_fields(args, saved: dict | None) -> dict:
+    """The config fields set by model-specific flags; on resume only those given (the rest stay the run's)."""
+    fields: dict[str, Any] = {}
+    overrides = dict(saved.get("model_overrides", {})) if saved else {}
+    if args.model in MODELS_2D:
+        fields["model"] = args.model
+        if args.dair_memory or not saved:
+            fields["dair_memory"] = args.dair_memory
+        if args.likelihood_sd is not None:
+            overrides["likelihood_sd"] = args.likelihood_sd
+        fields["model_overrides"] = overrides
+    elif args.model == "supervised-tabletop":
+        if args.naive_yaw:
+            overrides["symmetric_yaw"] = False
+        fields["model_overrides"] = overrides
+    return fields
+
+
 def _run_train(args) -> int:
+    from inverse_graphics.rundir import saved_config
+
     names = {**_SHARED, **(_ONLY_2D if args.model in MODELS_2D else _ONLY_3D)}
     names.update(_ONLY_AIR3D if args.model == "air-tabletop" else {})
     _check_applies(args, names)
-    kw: dict[str, Any] = {"out_dir": args.out or f"runs/{args.model}", **_given(args, names)}
-    resume, progress = args.resume, not args.no_progress
+    out = args.out or f"runs/{args.model}"
+    # On resume (or a torchrun restart) the run's own config is the base, so that an option not given again keeps
+    # the run's value instead of the default; the trainer then applies or refuses what was given.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    kinds = MODELS_2D if args.model in MODELS_2D else (args.model,)
+    saved = saved_config(out, kinds) if args.resume or restarted else None
+    base = {k: v for k, v in (saved or {}).items() if k != "out_dir"}
+    kw: dict[str, Any] = {**base, "out_dir": out, **_given(args, names), **_model_fields(args, saved)}
+    resume, progress, overwrite = args.resume, not args.no_progress, args.overwrite
     if args.model in MODELS_2D:
         from inverse_graphics.train import TrainConfig, train
 
-        overrides = {} if args.likelihood_sd is None else {"likelihood_sd": args.likelihood_sd}
-        cfg2d = TrainConfig(model=args.model, dair_memory=args.dair_memory, model_overrides=overrides, **kw)
-        rec = train(cfg2d, resume, progress)
+        rec = train(TrainConfig.from_dict(kw), resume, progress, overwrite=overwrite)
     elif args.model == "air-tabletop":
         from inverse_graphics.train_air3d import AIR3DTrainConfig, train_air3d
 
-        rec = train_air3d(AIR3DTrainConfig(**kw), resume, progress)
+        rec = train_air3d(AIR3DTrainConfig.from_dict(kw), resume, progress, overwrite=overwrite)
     else:
         from inverse_graphics.train_supervised3d import SupervisedTrainConfig, train_supervised
 
-        overrides = {"symmetric_yaw": False} if args.naive_yaw else {}
-        cfg = SupervisedTrainConfig(**kw, model_overrides=overrides)
-        rec = train_supervised(cfg, resume, progress)
+        rec = train_supervised(SupervisedTrainConfig.from_dict(kw), resume, progress, overwrite=overwrite)
     print(json.dumps(rec))
     return 0
 

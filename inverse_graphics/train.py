@@ -1,6 +1,6 @@
 """Training for the 2D models: `inverse-graphics train air|dair`.
 
-A run directory holds `config.json`, `checkpoint.pt` (written atomically every `checkpoint_every_s` and at the
+A run directory holds `config.json`, `checkpoint.safetensors` (written atomically every `checkpoint_every_s` and at the
 end, and on SIGINT/SIGTERM), `metrics.jsonl` (one JSON record per log or evaluation) and `figures/`. `--resume`
 continues exactly: batch order is a function of (seed, step), and the RNG state, optimiser and step are restored,
 while evaluation runs under a forked RNG so that its timing does not change training.
@@ -8,20 +8,18 @@ while evaluation runs under a forked RNG so that its timing does not change trai
 
 from __future__ import annotations
 
-import json
 import math
-import signal
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from inverse_graphics.air import AIR, AIRConfig
-from inverse_graphics.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, resume_state, save_atomic
+from inverse_graphics.checkpoint import load_checkpoint, restore
+from inverse_graphics.distributed import Dist
+from inverse_graphics.engine import Run, StopFlag, check_training_options, run_training
 from scenes import mnist, multi_mnist
 
 EVAL_SEED = 2016  # held-out scenes are the same for every run: MNIST test digits, this seed
@@ -70,6 +68,9 @@ class TrainConfig:
     # Start from this checkpoint's weights (fresh optimiser and step count): e.g. DAIR from an AIR trained on the
     # same scenes, whose glyph decoder, encoders and where head it shares. The canvas, T and sizes must match.
     init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        check_training_options(self)
 
     def model_config(self) -> AIRConfig:
         return AIRConfig(
@@ -164,27 +165,69 @@ def build_optimizer(model: AIR, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam([{"params": main, "lr": cfg.lr}, {"params": baseline, "lr": cfg.baseline_lr}])
 
 
-class StopFlag:
-    """Turns SIGINT / SIGTERM into a graceful stop: the loop saves a checkpoint and exits."""
+__all__ = ["TrainConfig", "AIRRun", "StopFlag", "train", "evaluate", "batch_indices", "lr_at", "z_pres_prior_at"]
 
-    def __init__(self):
-        self.stop = False
-        self._old = {}
 
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
+def _init_from(model: AIR, path: str) -> None:
+    """Load the weights of checkpoint `path` into `model`; ValueError if its model has another shape."""
+    start = load_checkpoint(path, expect_model=("air", "dair"))
+    shape = ("canvas_size", "max_steps", "window_size", "z_what_dim", "embed_dim", "rnn_hidden")
+    theirs = AIRConfig.from_dict(start["config"])
+    if any(getattr(theirs, k) != getattr(model.config, k) for k in shape):
+        raise ValueError(f"init_from {path}: its model differs in {shape}: {start['config']}")
+    restore(model, start, path)
 
-    def _handle(self, signum, frame):
-        self.stop = True
 
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+def _air_loss(model: AIR, x, rho: float, sleep_weight: float, dreams: int, counts: tuple[int, ...]):
+    """AIR's training loss on images x (b, H, W) (+ the sleep phase's on `dreams` dreamt scenes when weighted)."""
+    loss, stats = model.loss(x, rho)
+    if sleep_weight:
+        loss = loss + sleep_weight * model.sleep_loss(dreams, counts)
+    return loss, {"elbo": stats["elbo"], "count": stats["count"]}
+
+
+class AIRRun(Run):
+    """The air / dair recipe: multi-MNIST (or any `Scenes`) batches, the AIR loss, optionally the sleep phase."""
+
+    model: AIR
+    train_data: Scenes
+    held_out: Scenes
+
+    def __init__(self, cfg: TrainConfig, state: dict | None, ctx: Dist | None = None, data=None):
+        self.cfg = cfg
+        self.train_data, self.held_out = make_data(cfg) if data is None else data
+        self.model = AIR(cfg.model_config()).to(cfg.device)
+        self.opt = build_optimizer(self.model, cfg)
+        if state is None and cfg.init_from:
+            _init_from(self.model, cfg.init_from)
+        self.dream_counts = cfg.sleep_counts or tuple(range(cfg.max_steps + 1))  # the sleep phase's (if it is on)
+        self.desc = f"train {cfg.model}"
+        self._start(state, ctx)
+
+    def train_step(self, data: Scenes) -> dict:
+        cfg = self.cfg
+        idx = self.local_rows(batch_indices(cfg.seed, self.step, cfg.batch_size, len(data))).numpy()
+        x = torch.from_numpy(data.images[idx].astype(np.float32) / 255.0).to(cfg.device)
+        self.opt.param_groups[0]["lr"] = lr_at(cfg, self.step)
+        sleep = cfg.sleep_weight if cfg.sleep_weight and self.step >= cfg.sleep_start else 0.0
+        args = (x, z_pres_prior_at(cfg, self.step), sleep, self.local_batch, self.dream_counts)
+        return self.optimise(_air_loss, *args, scenes=cfg.batch_size * (2 if sleep else 1))
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.held_out, self.cfg.device)
+
+    def payload(self) -> dict:
+        return {"model": self.cfg.model, "config": self.model.config.to_dict(), "train_config": asdict(self.cfg)}
+
+    def postfix(self, rec: dict) -> dict:
+        return {"acc": rec["count_acc"], "elbo": f"{rec['elbo']:.0f}", "count": f"{rec['mean_count']:.2f}"}
+
+    def figures(self, out: Path) -> None:
+        from inverse_graphics.figures import attention_figure  # matplotlib only when training
+
+        x = torch.from_numpy(self.held_out.float_images(0, 8)).to(self.cfg.device)
+        result = self.model.infer(x, reconstruct=True)
+        attention_figure(x.cpu(), result, out / "attention.png", truth=self.held_out.counts[:8])
 
 
 def train(
@@ -192,132 +235,17 @@ def train(
     resume: bool = False,
     progress: bool = True,
     data: tuple[Scenes, Scenes] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train (or resume) a run; returns the final evaluation record.
 
     data: (training scenes, held-out scenes) to use instead of multi-MNIST built from `cfg` (e.g. Omniglot
     characters); images must be cfg's model canvas size, counts -1 where unknown. The caller must pass the same
-    data again on resume.
+    data again on resume. resume / overwrite: what to do with a run already in cfg.out_dir (inverse_graphics.rundir).
+    Under torchrun, cfg.batch_size is the global batch.
     """
-    out = Path(cfg.out_dir)
-    ckpt_path = out / CHECKPOINT_NAME
-    cfg, state = resume_state(cfg, TrainConfig, ("air", "dair"), resume)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    train_data, held_out = make_data(cfg) if data is None else data
-    model = AIR(cfg.model_config()).to(cfg.device)
-    opt = build_optimizer(model, cfg)
-    step, train_time = 0, 0.0
-    if state is None and cfg.init_from:
-        start = load_checkpoint(cfg.init_from, expect_model=("air", "dair"))
-        shape = ("canvas_size", "max_steps", "window_size", "z_what_dim", "embed_dim", "rnn_hidden")
-        theirs = AIRConfig.from_dict(start["config"])
-        if any(getattr(theirs, k) != getattr(model.config, k) for k in shape):
-            raise ValueError(f"init_from {cfg.init_from}: its model differs in {shape}: {start['config']}")
-        restore(model, start, cfg.init_from)
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        step, train_time = state["step"], state["train_time_s"]
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-    budget_steps = cfg.steps if cfg.steps is not None else math.inf
-    budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf
-    log = open(out / "metrics.jsonl", "a")
 
-    def write(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+    def make_run(c: TrainConfig, state: dict | None, ctx: Dist) -> AIRRun:
+        return AIRRun(c, state, ctx, data)
 
-    def checkpoint() -> None:
-        save_atomic(
-            {
-                "model": cfg.model,
-                "config": model.config.to_dict(),
-                "state_dict": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "train_time_s": train_time,
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "train_config": asdict(cfg),
-            },
-            ckpt_path,
-        )
-
-    def run_eval() -> dict:
-        rec = {
-            "kind": "eval",
-            "step": step,
-            "train_time_s": round(train_time, 2),
-            **evaluate(model, held_out, cfg.device),
-        }
-        write(rec)
-        return rec
-
-    from inverse_graphics.figures import attention_figure  # matplotlib only when training
-
-    model.train()
-    last_eval = last_ckpt = train_time
-    bar = tqdm(
-        total=None if budget_steps == math.inf else budget_steps,
-        initial=step,
-        disable=not progress,
-        desc=f"train {cfg.model}",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    rec = {}
-    acc = {"elbo": 0.0, "count": 0.0, "n": 0}
-    dream_counts = cfg.sleep_counts or tuple(range(cfg.max_steps + 1))  # the sleep phase's (if it is on)
-    with StopFlag() as flag:
-        while step < budget_steps and train_time < budget_s and not flag.stop:
-            t0 = time.perf_counter()
-            idx = batch_indices(cfg.seed, step, cfg.batch_size, len(train_data)).numpy()
-            x = torch.from_numpy(train_data.images[idx].astype(np.float32) / 255.0).to(cfg.device)
-            opt.param_groups[0]["lr"] = lr_at(cfg, step)
-            loss, stats = model.loss(x, z_pres_prior_at(cfg, step))
-            if cfg.sleep_weight and step >= cfg.sleep_start:
-                loss = loss + cfg.sleep_weight * model.sleep_loss(cfg.batch_size, dream_counts)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            train_time += time.perf_counter() - t0
-            acc["elbo"] += stats["elbo"]
-            acc["count"] += stats["count"]
-            acc["n"] += 1
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                write(
-                    {
-                        "kind": "train",
-                        "step": step,
-                        "train_time_s": round(train_time, 2),
-                        "elbo": acc["elbo"] / acc["n"],
-                        "count": acc["count"] / acc["n"],
-                    }
-                )
-                acc = {"elbo": 0.0, "count": 0.0, "n": 0}
-            if train_time - last_eval >= cfg.eval_every_s:
-                rec = run_eval()
-                last_eval = train_time
-                bar.set_postfix(acc=rec["count_acc"], elbo=f"{rec['elbo']:.0f}", count=f"{rec['mean_count']:.2f}")
-            if train_time - last_ckpt >= cfg.checkpoint_every_s:
-                checkpoint()
-                last_ckpt = train_time
-    bar.close()
-    checkpoint()
-    rec = run_eval()
-    x = torch.from_numpy(held_out.float_images(0, 8)).to(cfg.device)
-    attention_figure(
-        x.cpu(), model.infer(x, reconstruct=True), out / "figures" / "attention.png", truth=held_out.counts[:8]
-    )
-    log.close()
-    if flag.stop:
-        print(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
-    return rec
+    return run_training(cfg, TrainConfig, ("air", "dair"), make_run, resume, progress, overwrite)

@@ -10,30 +10,31 @@ Labels are never used for training: the training renders' scenes are dropped; th
 by the evaluation (metrics3d, Hungarian matching).
 
 The training renders are drawn once (OpenGL when EGL works: 20,000 at 64 px in about 5 s) and may be cached on
-disk (`data_cache`). Batch order is a function of (seed, step), as in the 2D training, so `resume` continues a
-run exactly. A run directory holds `config.json`, `checkpoint.pt` (atomic, every `checkpoint_every_s`, at the end
-and on SIGINT / SIGTERM) and `metrics.jsonl` (one JSON record per log or evaluation).
+disk (`data_cache`; an unreadable or mismatched cache is rebuilt, with a warning when unreadable). Batch order is
+a function of (seed, step), as in the 2D training, so `resume` continues a run exactly. `TrainingRun` is this
+recipe for the training engine (inverse_graphics/engine.py), which owns the run directory, budgets, evaluation,
+checkpoints, resume and distribution.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from inverse_graphics import distributed
 from inverse_graphics.air3d import AIR3D, GRADIENTS, MODEL_KIND, AIR3DConfig
 from inverse_graphics.air3d_objective import elbo_loss, sleep_loss
-from inverse_graphics.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, resume_state, save_atomic
+from inverse_graphics.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_file, restore, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
+from inverse_graphics.distributed import Dist
+from inverse_graphics.engine import Run, check_training_options, run_training
 from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.pretrained import load
-from inverse_graphics.train import StopFlag, batch_indices
+from inverse_graphics.train import batch_indices
 
 __all__ = [
     "RECIPES",
@@ -88,6 +89,7 @@ class AIR3DTrainConfig:
     # sleep-phase run continued by the ELBO with another gradient path; its model config must match this run's
 
     def __post_init__(self) -> None:
+        check_training_options(self)
         if self.gradient not in GRADIENTS or self.recipe not in RECIPES:
             raise ValueError(
                 f"gradient must be in {GRADIENTS} and recipe in {RECIPES}; got {self.gradient!r}, {self.recipe!r}"
@@ -109,21 +111,32 @@ class AIR3DTrainConfig:
         return cls(**d)
 
 
+def _read_cache(path: Path) -> dict | None:
+    """A data cache's contents, or None (with a warning: it will be rebuilt) when the file is not a usable one."""
+    try:
+        cached = read_checkpoint_file(path)  # the checkpoint format: tensors and plain data, no code
+    except CheckpointError as err:
+        warnings.warn(f"data cache {path} is unreadable ({err}); rebuilding it", stacklevel=3)
+        return None
+    images = cached.get("images") if isinstance(cached, dict) else None
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4):
+        warnings.warn(f"data cache {path} does not hold training renders; rebuilding it", stacklevel=3)
+        return None
+    return cached
+
+
 def training_images(cfg: AIR3DTrainConfig) -> torch.Tensor:
     """ByteTensor (n_train, 3, H, W): the training renders (labels dropped), from `data_cache` when it matches."""
     key = {k: getattr(cfg, k) for k in ("n_train", "seed", "image_size", "min_objects", "max_objects")}
     path = Path(cfg.data_cache) if cfg.data_cache else None
     if path is not None and path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key:
+        cached = _read_cache(path)
+        if cached is not None and cached.get("key") == key:
             return cached["images"]
     counts = {"min_objects": cfg.min_objects, "max_objects": cfg.max_objects, "image_size": cfg.image_size}
     images = training_renders(cfg.n_train, cfg.seed, backend=cfg.backend, **counts).images
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"key": key, "images": images}, tmp)
-        os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
+        save_atomic({"key": key, "images": images}, path)  # atomic: a killed run leaves no half-written cache
     return images
 
 
@@ -148,51 +161,52 @@ def load_air3d(path: str | os.PathLike, device: str = "cpu") -> AIR3D:
     return load(path, device, expect_model=(MODEL_KIND,))
 
 
-class TrainingRun:
-    """The mutable state of one training run: model, optimiser, step, clock, log file."""
+def _air3d_loss(model: AIR3D, x: torch.Tensor | None, n_sleep: int, gradient: str, device: str):
+    """This step's losses: the ELBO on images x (b, 3, H, W) when given, the sleep loss on n_sleep prior scenes."""
+    loss, stats = torch.zeros((), device=device), dict[str, float]()
+    if x is not None:
+        wake_loss, wake_stats = elbo_loss(model, x, gradient)
+        loss, stats = loss + wake_loss, {**stats, **wake_stats}
+    if n_sleep:
+        s_loss, s_stats = sleep_loss(model, n_sleep)
+        loss, stats = loss + s_loss, {**stats, **s_stats}
+    return loss, stats
 
-    def __init__(self, cfg: AIR3DTrainConfig, state: dict | None):
+
+class TrainingRun(Run):
+    """The air-tabletop recipe: model, optimiser and step (ELBO, sleep phase or both, by the recipe's schedule)."""
+
+    unused_parameters = True  # a sleep step leaves the NVIL baseline without a gradient
+    model: AIR3D
+
+    def __init__(
+        self,
+        cfg: AIR3DTrainConfig,
+        state: dict | None,
+        ctx: Dist | None = None,
+        images: torch.Tensor | None = None,
+    ):
         self.cfg = cfg
         self.model = AIR3D(cfg.model_config()).to(cfg.device)
         baseline = [p for n, p in self.model.named_parameters() if n.startswith("baseline.")]
         main = [p for n, p in self.model.named_parameters() if not n.startswith("baseline.")]
         self.opt = torch.optim.Adam([{"params": main, "lr": cfg.lr}, {"params": baseline, "lr": cfg.baseline_lr}])
-        self.step, self.train_time, self.images_seen = 0, 0.0, 0
         if state is None and cfg.init_from:
             start = load_checkpoint(cfg.init_from, expect_model=(MODEL_KIND,))
             if AIR3DConfig.from_dict(start["config"]) != self.model.config:
                 raise ValueError(f"init_from {cfg.init_from} has another model config: {start['config']}")
             restore(self.model, start, cfg.init_from)
-        if state is not None:
-            self.model.load_state_dict(state["state_dict"])
-            self.opt.load_state_dict(state["optimizer"])
-            self.step, self.train_time, self.images_seen = state["step"], state["train_time_s"], state["images_seen"]
-            torch.set_rng_state(state["rng"])
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        self.log = open(Path(cfg.out_dir) / "metrics.jsonl", "a")
+        self.train_data = images  # ByteTensor (n_train, 3, H, W), the training renders
+        self._held_out: LabelledRenders | None = None
+        self.desc = f"train {MODEL_KIND} ({cfg.recipe}, {cfg.gradient})"
+        self._start(state, ctx)
 
-    def write(self, record: dict) -> dict:
-        base = {"step": self.step, "images_seen": self.images_seen, "recipe": self.cfg.recipe}
-        record = {**base, "gradient": self.cfg.gradient, "train_time_s": round(self.train_time, 2), **record}
-        self.log.write(json.dumps(record) + "\n")
-        self.log.flush()
-        return record
+    @property
+    def images_seen(self) -> int:
+        return self.scenes  # wake images and sleep scenes
 
-    def checkpoint(self) -> None:
-        save_atomic(
-            {
-                "model": MODEL_KIND,
-                "config": self.model.config.to_dict(),
-                "state_dict": self.model.state_dict(),
-                "optimizer": self.opt.state_dict(),
-                "step": self.step,
-                "train_time_s": self.train_time,
-                "images_seen": self.images_seen,
-                "rng": torch.get_rng_state(),
-                "train_config": asdict(self.cfg),
-            },
-            Path(self.cfg.out_dir) / CHECKPOINT_NAME,
-        )
+    def load_extra(self, state: dict) -> None:
+        self.scenes = state.get("scenes", state.get("images_seen", 0))
 
     def main_lr(self) -> float:
         """The inference network's learning rate at this step: a function of the step, so resuming keeps it."""
@@ -207,71 +221,64 @@ class TrainingRun:
         """How many ELBO steps came before this one."""
         return self.step - self.cfg.sleep_steps if self.cfg.recipe == "sleep-then-wake" else self.step
 
+    def _baseline_only(self) -> None:
+        for name, p in self.model.named_parameters():
+            if not name.startswith("baseline."):
+                p.grad = None  # Adam leaves parameters without a gradient untouched
+
     def train_step(self, images: torch.Tensor) -> dict:
         """One optimiser step on the losses of this step's phases; images: the ByteTensor training renders."""
-        cfg, t0 = self.cfg, time.perf_counter()
+        cfg = self.cfg
         wake, sleep = cfg.phases(self.step)
         self.opt.param_groups[0]["lr"] = self.main_lr()
-        loss, stats = torch.zeros((), device=cfg.device), dict[str, float]()
+        x = None
         if wake:
-            x = images[batch_indices(cfg.seed, self.step, cfg.batch_size, len(images))].float() / 255.0
-            wake_loss, wake_stats = elbo_loss(self.model, x.to(cfg.device), cfg.gradient)
-            loss, stats = loss + wake_loss, {**stats, **wake_stats}
-        if sleep:
-            s_loss, s_stats = sleep_loss(self.model, cfg.batch_size)
-            loss, stats = loss + s_loss, {**stats, **s_stats}
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if wake and not sleep and self.wake_step() < cfg.baseline_warmup:
-            for name, p in self.model.named_parameters():
-                if not name.startswith("baseline."):
-                    p.grad = None  # Adam leaves parameters without a gradient untouched
-        self.opt.step()
-        self.step += 1
-        self.images_seen += cfg.batch_size * (wake + sleep)
-        self.train_time += time.perf_counter() - t0
-        return stats
+            rows = self.local_rows(batch_indices(cfg.seed, self.step, cfg.batch_size, len(images)))
+            x = (images[rows].float() / 255.0).to(cfg.device)
+        warm_up = wake and not sleep and self.wake_step() < cfg.baseline_warmup
+        args = (x, self.local_batch if sleep else 0, cfg.gradient, cfg.device)
+        scenes = cfg.batch_size * (wake + sleep)
+        return self.optimise(_air3d_loss, *args, scenes=scenes, before_step=self._baseline_only if warm_up else None)
+
+    @property
+    def held_out(self) -> LabelledRenders:
+        if self._held_out is None:  # rendered when first evaluated, on the one rank that evaluates
+            cfg = self.cfg
+            counts = {"min_objects": cfg.min_objects, "max_objects": cfg.max_objects, "image_size": cfg.image_size}
+            self._held_out = held_out_renders(cfg.eval_n, backend=cfg.backend, **counts)
+        return self._held_out
+
+    def evaluate(self) -> dict:
+        return evaluate_air3d(self.model, self.held_out, self.cfg.eval_refine, self.cfg.gradient)
+
+    def payload(self) -> dict:
+        config = self.model.config.to_dict()
+        return {"model": MODEL_KIND, "config": config, "train_config": asdict(self.cfg), "images_seen": self.scenes}
+
+    def record_fields(self) -> dict:
+        return {"images_seen": self.scenes, "recipe": self.cfg.recipe, "gradient": self.cfg.gradient}
+
+    def postfix(self, rec: dict) -> dict:
+        return {"count": f"{rec['count_acc']:.3f}", "pos_mm": rec["position_error_mm_median"]}
 
 
-def train_air3d(cfg: AIR3DTrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) a run; returns the final held-out evaluation record."""
-    cfg, state = resume_state(cfg, AIR3DTrainConfig, (MODEL_KIND,), resume)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    images = training_images(cfg) if cfg.recipe != "sleep" else torch.empty(0, dtype=torch.uint8)
-    counts = {"min_objects": cfg.min_objects, "max_objects": cfg.max_objects, "image_size": cfg.image_size}
-    held_out = held_out_renders(cfg.eval_n, backend=cfg.backend, **counts)
-    run = TrainingRun(cfg, state)
-    _loop(run, images, held_out, progress)
-    run.checkpoint()
-    final = run.write({"kind": "eval", **evaluate_air3d(run.model, held_out, cfg.eval_refine, cfg.gradient)})
-    run.log.close()
-    return final
+def shared_training_images(cfg: AIR3DTrainConfig, ctx: Dist) -> torch.Tensor:
+    """`training_images` on every rank; with a data cache, rank 0 reads or writes it first and the others then read
+    it (so that ranks never write one file at once)."""
+    if cfg.recipe == "sleep":
+        return torch.empty(0, dtype=torch.uint8)
+    if not (cfg.data_cache and ctx.active):
+        return training_images(cfg)
+    images = training_images(cfg) if ctx.is_main else None
+    distributed.barrier()
+    return images if images is not None else training_images(cfg)
 
 
-def _loop(run: TrainingRun, images: torch.Tensor, held_out: LabelledRenders, progress: bool) -> None:
-    """Train until a budget runs out or a signal arrives; log, evaluate and checkpoint on the way."""
-    cfg = run.cfg
-    budget_steps = cfg.steps if cfg.steps is not None else math.inf
-    budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf
-    last_eval = last_ckpt = run.train_time
-    total = None if budget_steps == math.inf else budget_steps
-    desc = f"train {MODEL_KIND} ({cfg.recipe}, {cfg.gradient})"
-    with StopFlag() as flag, tqdm(total=total, initial=run.step, disable=not progress, desc=desc) as bar:
-        while run.step < budget_steps and run.train_time < budget_s and not flag.stop:
-            stats = run.train_step(images)
-            bar.update(1)
-            if run.step % cfg.log_every == 0:
-                run.write({"kind": "train", **stats})
-            if run.train_time - last_eval >= cfg.eval_every_s:
-                rec = run.write({"kind": "eval", **evaluate_air3d(run.model, held_out, cfg.eval_refine, cfg.gradient)})
-                bar.set_postfix(count=f"{rec['count_acc']:.3f}", pos_mm=rec["position_error_mm_median"])
-                last_eval = run.train_time
-            if run.train_time - last_ckpt >= cfg.checkpoint_every_s:
-                run.checkpoint()
-                last_ckpt = run.train_time
-    if flag.stop:
-        print(f"stopped by signal at step {run.step}; saving the checkpoint in {cfg.out_dir}")
+def train_air3d(cfg: AIR3DTrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train (or resume) a run; returns the final held-out evaluation record. resume / overwrite: what to do with a
+    run already in cfg.out_dir (inverse_graphics.rundir). Under torchrun, cfg.batch_size is the global batch."""
+
+    def make_run(c: AIR3DTrainConfig, state: dict | None, ctx: Dist) -> TrainingRun:
+        return TrainingRun(c, state, ctx, shared_training_images(c, ctx))
+
+    return run_training(cfg, AIR3DTrainConfig, (MODEL_KIND,), make_run, resume, progress, overwrite)

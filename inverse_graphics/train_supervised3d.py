@@ -4,29 +4,25 @@ The training set is rendered once, before the first step, and held in memory as 
 are 250 MB; with OpenGL about 5 s to draw, with PyTorch3D's CPU rasterizer about 2 minutes). Batch order is a
 function of (seed, step), as in the 2D training, so `resume` continues the same run exactly.
 
-A run directory holds `config.json`, `checkpoint.pt` (written atomically every `checkpoint_every_s`, at the
-end and on SIGINT / SIGTERM) and `metrics.jsonl` (one JSON record per log or evaluation; `images_seen` counts
-training images, the budget to compare with AIR's).
+`_Run` is this recipe for the training engine (inverse_graphics/engine.py), which owns the run directory
+(config.json, the checkpoint, metrics.jsonl: `images_seen` counts training images, the budget to compare with
+AIR's), budgets, evaluation, checkpoints, resume and distribution.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from inverse_graphics.checkpoint import CHECKPOINT_NAME, resume_state, save_atomic
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
+from inverse_graphics.distributed import Dist
+from inverse_graphics.engine import Run, check_training_options, run_training
 from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.pretrained import load
 from inverse_graphics.supervised3d import MODEL_KIND, LossWeights, SupervisedConfig, SupervisedRegressor, matched_loss
-from inverse_graphics.train import StopFlag, batch_indices
+from inverse_graphics.train import batch_indices
 from scenes.tabletop import SceneTensors
 
 __all__ = ["SupervisedTrainConfig", "train_supervised", "load_supervised", "evaluate_supervised"]
@@ -56,6 +52,9 @@ class SupervisedTrainConfig:
     loss: LossWeights = field(default_factory=LossWeights)  # loss weights and position scale
     model_overrides: dict = field(default_factory=dict)  # extra SupervisedConfig fields (e.g. symmetric_yaw)
 
+    def __post_init__(self) -> None:
+        check_training_options(self)
+
     def model_config(self) -> SupervisedConfig:
         return SupervisedConfig(image_size=self.image_size, slots=self.max_objects, **self.model_overrides)
 
@@ -81,92 +80,61 @@ def load_supervised(path: str | os.PathLike, device: str = "cpu") -> SupervisedR
     return load(path, device, expect_model=(MODEL_KIND,))
 
 
-class _Run:
-    """The mutable state of one training run: model, optimiser, step, clock, log file."""
+def _supervised_loss(model: SupervisedRegressor, images: torch.Tensor, labels: SceneTensors, weights: LossWeights):
+    return matched_loss(model(images), labels, model.yaw_order, weights)
 
-    def __init__(self, cfg: SupervisedTrainConfig, state: dict | None):
+
+class _Run(Run):
+    """The supervised-tabletop recipe: labelled renders, the Hungarian-matched loss."""
+
+    model: SupervisedRegressor
+
+    def __init__(self, cfg: SupervisedTrainConfig, state: dict | None, ctx: Dist | None = None, data=None):
         self.cfg = cfg
         self.model = SupervisedRegressor(cfg.model_config()).to(cfg.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        self.step, self.train_time = 0, 0.0
-        if state is not None:
-            self.model.load_state_dict(state["state_dict"])
-            self.opt.load_state_dict(state["optimizer"])
-            self.step, self.train_time = state["step"], state["train_time_s"]
-            torch.set_rng_state(state["rng"])
-        self.log = open(Path(cfg.out_dir) / "metrics.jsonl", "a")
-
-    def write(self, record: dict) -> dict:
-        record = {"step": self.step, "images_seen": self.step * self.cfg.batch_size, **record}
-        self.log.write(json.dumps(record) + "\n")
-        self.log.flush()
-        return record
-
-    def checkpoint(self) -> None:
-        save_atomic(
-            {
-                "model": MODEL_KIND,
-                "config": self.model.config.to_dict(),
-                "state_dict": self.model.state_dict(),
-                "optimizer": self.opt.state_dict(),
-                "step": self.step,
-                "train_time_s": self.train_time,
-                "rng": torch.get_rng_state(),
-                "train_config": asdict(self.cfg),
-            },
-            Path(self.cfg.out_dir) / CHECKPOINT_NAME,
-        )
+        self.train_data: LabelledRenders | None = data
+        self._held_out: LabelledRenders | None = None
+        self.desc = "train supervised-tabletop"
+        self._start(state, ctx)
 
     def train_step(self, data: LabelledRenders) -> dict:
-        cfg, t0 = self.cfg, time.perf_counter()
-        images, labels = data.batch(batch_indices(cfg.seed, self.step, cfg.batch_size, len(data)))
+        cfg = self.cfg
+        rows = self.local_rows(batch_indices(cfg.seed, self.step, cfg.batch_size, len(data)))
+        images, labels = data.batch(rows)
         device_labels = SceneTensors(*(x.to(cfg.device) for x in (labels.shape_ids, labels.positions, labels.yaws)))
-        out = self.model(images.to(cfg.device))
-        loss, stats = matched_loss(out, device_labels, self.model.yaw_order, cfg.loss)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.step += 1
-        self.train_time += time.perf_counter() - t0
-        return stats
+        return self.optimise(_supervised_loss, images.to(cfg.device), device_labels, cfg.loss, scenes=cfg.batch_size)
+
+    @property
+    def held_out(self) -> LabelledRenders:
+        if self._held_out is None:  # rendered when first evaluated, on the one rank that evaluates
+            self._held_out = held_out_renders(self.cfg.eval_n, backend=self.cfg.backend, **_counts(self.cfg))
+        return self._held_out
+
+    def evaluate(self) -> dict:
+        return evaluate_supervised(self.model, self.held_out)
+
+    def payload(self) -> dict:
+        return {"model": MODEL_KIND, "config": self.model.config.to_dict(), "train_config": asdict(self.cfg)}
+
+    def record_fields(self) -> dict:
+        return {"images_seen": self.scenes}
+
+    def postfix(self, rec: dict) -> dict:
+        return {"count": f"{rec['count_acc']:.3f}", "pos_mm": rec["position_error_mm_median"]}
 
 
-def train_supervised(cfg: SupervisedTrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) a run; returns the final held-out evaluation record."""
-    cfg, state = resume_state(cfg, SupervisedTrainConfig, (MODEL_KIND,), resume)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    counts = {"min_objects": cfg.min_objects, "max_objects": cfg.max_objects, "image_size": cfg.image_size}
-    data = training_renders(cfg.n_train, cfg.seed, backend=cfg.backend, **counts)
-    held_out = held_out_renders(cfg.eval_n, backend=cfg.backend, **counts)
-    run = _Run(cfg, state)
-    budget_steps = cfg.steps if cfg.steps is not None else math.inf
-    budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf
-    last_eval = last_ckpt = run.train_time
-    total = None if budget_steps == math.inf else budget_steps
-    desc = "train supervised-tabletop"
-    with StopFlag() as flag, tqdm(total=total, initial=run.step, disable=not progress, desc=desc) as bar:
-        while run.step < budget_steps and run.train_time < budget_s and not flag.stop:
-            stats = run.train_step(data)
-            bar.update(1)
-            if run.step % cfg.log_every == 0:
-                run.write({"kind": "train", "train_time_s": round(run.train_time, 2), **stats})
-            if run.train_time - last_eval >= cfg.eval_every_s:
-                record = {"kind": "eval", "train_time_s": round(run.train_time, 2)}
-                rec = run.write({**record, **evaluate_supervised(run.model, held_out)})
-                bar.set_postfix(count=f"{rec['count_acc']:.3f}", pos_mm=rec["position_error_mm_median"])
-                last_eval = run.train_time
-            if run.train_time - last_ckpt >= cfg.checkpoint_every_s:
-                run.checkpoint()
-                last_ckpt = run.train_time
-    if flag.stop:
-        print(f"stopped by signal at step {run.step}; saving the checkpoint in {cfg.out_dir}")
-    run.checkpoint()
-    final = run.write(
-        {"kind": "eval", "train_time_s": round(run.train_time, 2), **evaluate_supervised(run.model, held_out)}
-    )
-    run.log.close()
-    return final
+def _counts(cfg: SupervisedTrainConfig) -> dict:
+    return {"min_objects": cfg.min_objects, "max_objects": cfg.max_objects, "image_size": cfg.image_size}
+
+
+def train_supervised(
+    cfg: SupervisedTrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False
+) -> dict:
+    """Train (or resume) a run; returns the final held-out evaluation record. resume / overwrite: what to do with a
+    run already in cfg.out_dir (inverse_graphics.rundir). Under torchrun, cfg.batch_size is the global batch."""
+
+    def make_run(c: SupervisedTrainConfig, state: dict | None, ctx: Dist) -> _Run:
+        return _Run(c, state, ctx, training_renders(c.n_train, c.seed, backend=c.backend, **_counts(c)))
+
+    return run_training(cfg, SupervisedTrainConfig, (MODEL_KIND,), make_run, resume, progress, overwrite)

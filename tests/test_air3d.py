@@ -327,7 +327,6 @@ def test_baseline_warmup_trains_only_the_baseline(tmp_path):
     assert moved and all(n.startswith("baseline.") for n in moved), moved
     run.train_step(images)  # the warm-up is over: the guide learns too
     assert any(not n.startswith("baseline.") and not torch.equal(p, before[n]) for n, p in run.model.named_parameters())
-    run.log.close()
 
 
 def test_default_recipe_schedules_the_learning_rate_by_step(tmp_path):
@@ -339,4 +338,3 @@ def test_default_recipe_schedules_the_learning_rate_by_step(tmp_path):
         run.step = step
         rates[step] = run.main_lr()
     assert list(rates.values()) == [cfg.lr, cfg.lr, cfg.lr_drop_to, cfg.lr_drop_to, cfg.wake_lr]
-    run.log.close()

@@ -344,16 +344,16 @@ def test_shipped_models_give_the_outputs_of_the_pickle_files(name):
 
 
 def test_resume_refuses_a_checkpoint_whose_training_config_does_not_fit(tmp_path):
-    from inverse_graphics.checkpoint import resume_state
+    from inverse_graphics.rundir import open_run
     from inverse_graphics.train import TrainConfig
 
     cfg = TrainConfig(out_dir=str(tmp_path), steps=1)
     save_atomic({**small_checkpoint(), "train_config": {"no_such_option": 1}}, tmp_path / CHECKPOINT_NAME)
     with pytest.raises(CheckpointError, match="training config does not fit"):
-        resume_state(cfg, TrainConfig, ("air",), resume=True)
+        open_run(cfg, TrainConfig, ("air",), resume=True, overwrite=False)
     save_atomic(small_checkpoint(), tmp_path / CHECKPOINT_NAME)  # exported weights: nothing to resume
     with pytest.raises(CheckpointError, match="no training config"):
-        resume_state(cfg, TrainConfig, ("air",), resume=True)
+        open_run(cfg, TrainConfig, ("air",), resume=True, overwrite=False)
 
 
 def test_restore_names_what_does_not_fit(tmp_path):
