@@ -119,6 +119,7 @@ _ONLY_AIR3D = {
     "wake_lr": "wake_lr",
 }
 _ONLY_3D = {
+    "world": "world",
     "min_objects": "min_objects",
     "max_objects": "max_objects",
     "image_size": "image_size",
@@ -193,6 +194,11 @@ def _add_train(sub) -> None:
     g.add_argument(
         "--init-from", help="air, dair, air-tabletop: start from this checkpoint's weights (fresh optimiser and steps)"
     )
+    g.add_argument(
+        "--world",
+        help="the scenes' World: a built-in name (primitives, kitchen) or a world file (inverse-graphics world init); "
+        "it sets the objects, camera, image size and count range, and its [randomize] section the training images",
+    )
     g.add_argument("--min-objects", type=int)
     g.add_argument("--max-objects", type=int)
     g.add_argument("--image-size", type=int)
@@ -212,6 +218,8 @@ def _check_applies(args, names: dict[str, str]) -> None:
     foreign += ["naive_yaw"] if args.naive_yaw and args.model != "supervised-tabletop" else []
     foreign += ["dair_memory"] if args.dair_memory and args.model != "dair" else []
     foreign += ["likelihood_sd"] if args.likelihood_sd is not None and args.model not in MODELS_2D else []
+    if args.world is not None:  # the world sets these
+        foreign += [o for o in ("min_objects", "max_objects", "image_size") if getattr(args, o) is not None]
     if foreign:
         listed = ", ".join("--" + o.replace("_", "-") for o in foreign)
         raise ValueError(f"{listed} do(es) not apply to `train {args.model}`; see `inverse-graphics train --help`")

@@ -145,6 +145,14 @@ class Run:
 
     def _load(self, state: dict) -> None:
         path = Path(self.cfg.out_dir) / CHECKPOINT_NAME
+        config = self.model.config.to_dict()  # type: ignore[union-attr, operator]
+        built, saved = (json.loads(json.dumps(c)) for c in (config, state["config"]))
+        if built != saved:  # e.g. the run's world file was edited since the run started
+            changed = sorted(k for k in {*built, *saved} if built.get(k) != saved.get(k))
+            raise CheckpointError(
+                f"{path}: the run's options now build another model than the one its checkpoint holds (it differs "
+                f"in {', '.join(changed)}; was a world file edited?); start a new run or restore the old file"
+            )
         restore(self.model, state, path, strict=True)  # CheckpointError naming what does not fit
         try:
             self.opt.load_state_dict(state["optimizer"])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from inverse_graphics import distributed
+from inverse_graphics import distributed, world3d
 from inverse_graphics.air3d import AIR3D, GRADIENTS, MODEL_KIND, AIR3DConfig
 from inverse_graphics.air3d_objective import elbo_loss, sleep_loss
 from inverse_graphics.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_file, restore, save_atomic
@@ -69,9 +69,12 @@ class AIR3DTrainConfig:
     lr_drop_to: float = 2e-4
     wake_lr: float | None = 1e-4  # "sleep-then-wake": the main rate of the ELBO phase (None: keep the sleep's)
     baseline_lr: float = 1e-2  # Adam, NVIL baseline (10x the main rate, as the 2D training)
-    image_size: int = 64  # H = W
-    min_objects: int = 0  # object count range of training and held-out scenes
-    max_objects: int = 3  # also the model's step count T
+    # The World of the scenes (a built-in name or a world file, scenes/world.py): objects, camera, image size, count
+    # range and, for the training renders, its appearance randomisation. None: the primitives of the three below.
+    world: str | None = None
+    image_size: int = 64  # H = W (without a world)
+    min_objects: int = 0  # object count range of training and held-out scenes (without a world)
+    max_objects: int = 3  # also the model's step count T (without a world)
     n_train: int = 20_000  # training renders (drawn once; only their images are used)
     data_cache: str | None = None  # .pt file of the training renders: read if it matches this config, else written
     backend: str = "auto"  # renderer of data and black box: "auto" (OpenGL if EGL works), "opengl", "pytorch3d"
@@ -96,6 +99,10 @@ class AIR3DTrainConfig:
             )
 
     def model_config(self) -> AIR3DConfig:
+        if self.world is not None:  # the model's sizes and count come from its world, which its config carries
+            world = world3d.run_world(self.world).to_dict()
+            sizes = {"image_size": None, "max_steps": None}
+            return AIR3DConfig(world=world, backend=self.backend, **sizes, **self.model_overrides)  # type: ignore[arg-type]
         return AIR3DConfig(
             image_size=self.image_size, max_steps=self.max_objects, backend=self.backend, **self.model_overrides
         )
@@ -126,15 +133,18 @@ def _read_cache(path: Path) -> dict | None:
 
 
 def training_images(cfg: AIR3DTrainConfig) -> torch.Tensor:
-    """ByteTensor (n_train, 3, H, W): the training renders (labels dropped), from `data_cache` when it matches."""
+    """ByteTensor (n_train, 3, H, W): the training renders (labels dropped), from `data_cache` when it matches. With
+    a world that randomises its appearance, each render is drawn under its own random appearance."""
     key = {k: getattr(cfg, k) for k in ("n_train", "seed", "image_size", "min_objects", "max_objects")}
+    key["world"] = world3d.world_digest(cfg)
     path = Path(cfg.data_cache) if cfg.data_cache else None
     if path is not None and path.is_file():
         cached = _read_cache(path)
         if cached is not None and cached.get("key") == key:
             return cached["images"]
-    counts = {"min_objects": cfg.min_objects, "max_objects": cfg.max_objects, "image_size": cfg.image_size}
-    images = training_renders(cfg.n_train, cfg.seed, backend=cfg.backend, **counts).images
+    options = world3d.scene_options(cfg)
+    randomize = world3d.randomizes(cfg)
+    images = training_renders(cfg.n_train, cfg.seed, backend=cfg.backend, randomize=randomize, **options).images
     if path is not None:
         save_atomic({"key": key, "images": images}, path)  # atomic: a killed run leaves no half-written cache
     return images
@@ -148,7 +158,8 @@ def evaluate_air3d(model: AIR3D, data: LabelledRenders, refine: int = 0, gradien
     model.eval()
     device = model.signal_mean.device
     images = data.images.float() / 255.0
-    summary = evaluate_method(lambda x: model.infer(x.to(device), refine=refine).scenes, images, data.scenes)
+    predict = lambda x: model.infer(x.to(device), refine=refine).scenes  # noqa: E731
+    summary = evaluate_method(predict, images, data.scenes, world=None if model.legacy else model.world)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         summary["elbo"] = elbo_loss(model, images[:64].to(device), gradient)[1]["elbo"]
@@ -244,8 +255,7 @@ class TrainingRun(Run):
     def held_out(self) -> LabelledRenders:
         if self._held_out is None:  # rendered when first evaluated, on the one rank that evaluates
             cfg = self.cfg
-            counts = {"min_objects": cfg.min_objects, "max_objects": cfg.max_objects, "image_size": cfg.image_size}
-            self._held_out = held_out_renders(cfg.eval_n, backend=cfg.backend, **counts)
+            self._held_out = held_out_renders(cfg.eval_n, backend=cfg.backend, **world3d.scene_options(cfg))
         return self._held_out
 
     def evaluate(self) -> dict:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from inverse_graphics import world3d
 from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
 from inverse_graphics.distributed import Dist
 from inverse_graphics.engine import Run, check_training_options, run_training
@@ -39,9 +40,12 @@ class SupervisedTrainConfig:
     batch_size: int = 64
     lr: float = 1e-3  # Adam
     n_train: int = 20_000  # labelled training renders (rendered once, before training)
-    min_objects: int = 0  # object count range of training and held-out scenes
-    max_objects: int = 3  # also the regressor's slot count K
-    image_size: int = 64  # H = W
+    # The World of the scenes (a built-in name or a world file, scenes/world.py): objects, camera, image size, count
+    # range and, for the training renders, its appearance randomisation. None: the primitives of the three below.
+    world: str | None = None
+    min_objects: int = 0  # object count range of training and held-out scenes (without a world)
+    max_objects: int = 3  # also the regressor's slot count K (without a world)
+    image_size: int = 64  # H = W (without a world)
     backend: str = "auto"  # renderer for the data: "auto" (OpenGL if EGL works), "opengl" or "pytorch3d"
     eval_n: int = 500  # held-out scenes for periodic evaluation (data3d.held_out_renders)
     eval_every_s: float = 60.0  # seconds of training between evaluations
@@ -56,6 +60,9 @@ class SupervisedTrainConfig:
         check_training_options(self)
 
     def model_config(self) -> SupervisedConfig:
+        if self.world is not None:  # sizes and slots from the world, which the model's config carries
+            world = world3d.run_world(self.world).to_dict()
+            return SupervisedConfig(world=world, image_size=None, slots=None, **self.model_overrides)
         return SupervisedConfig(image_size=self.image_size, slots=self.max_objects, **self.model_overrides)
 
     @classmethod
@@ -70,7 +77,8 @@ def evaluate_supervised(model: SupervisedRegressor, data: LabelledRenders, refin
     model.eval()
     images = data.images.float() / 255.0
     device = next(model.parameters()).device
-    summary = evaluate_method(lambda x: model.infer(x.to(device), refine=refine).scenes, images, data.scenes)
+    predict = lambda x: model.infer(x.to(device), refine=refine).scenes  # noqa: E731
+    summary = evaluate_method(predict, images, data.scenes, world=None if model.legacy else model.world)
     model.train(was_training)
     return summary
 
@@ -108,7 +116,8 @@ class _Run(Run):
     @property
     def held_out(self) -> LabelledRenders:
         if self._held_out is None:  # rendered when first evaluated, on the one rank that evaluates
-            self._held_out = held_out_renders(self.cfg.eval_n, backend=self.cfg.backend, **_counts(self.cfg))
+            cfg = self.cfg
+            self._held_out = held_out_renders(cfg.eval_n, backend=cfg.backend, **world3d.scene_options(cfg))
         return self._held_out
 
     def evaluate(self) -> dict:
@@ -124,10 +133,6 @@ class _Run(Run):
         return {"count": f"{rec['count_acc']:.3f}", "pos_mm": rec["position_error_mm_median"]}
 
 
-def _counts(cfg: SupervisedTrainConfig) -> dict:
-    return {"min_objects": cfg.min_objects, "max_objects": cfg.max_objects, "image_size": cfg.image_size}
-
-
 def train_supervised(
     cfg: SupervisedTrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False
 ) -> dict:
@@ -135,6 +140,9 @@ def train_supervised(
     run already in cfg.out_dir (inverse_graphics.rundir). Under torchrun, cfg.batch_size is the global batch."""
 
     def make_run(c: SupervisedTrainConfig, state: dict | None, ctx: Dist) -> _Run:
-        return _Run(c, state, ctx, training_renders(c.n_train, c.seed, backend=c.backend, **_counts(c)))
+        options = world3d.scene_options(c)
+        randomize = world3d.randomizes(c)
+        data = training_renders(c.n_train, c.seed, backend=c.backend, randomize=randomize, **options)
+        return _Run(c, state, ctx, data)
 
     return run_training(cfg, SupervisedTrainConfig, (MODEL_KIND,), make_run, resume, progress, overwrite)

@@ -19,11 +19,14 @@ measured on the world's own scene sampler (200 scenes, seed 0), so they follow i
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -265,3 +268,38 @@ def _hard(world: World, backend: str, image_size):
     except OpenGLUnavailableError as err:
         warnings.warn(f"rendering with PyTorch3D (slow): {err}", RuntimeWarning, stacklevel=3)
         return world.make_renderer("hard", "pytorch3d", image_size=image_size)
+
+
+# ---- runs: the world of a training config -----------------------------------------------------------------
+def run_world(name_or_path: str) -> World:
+    """A run's World, read once per process and world file version (parsing a file's meshes and measuring their
+    symmetry takes a second or two; an edited file is read again)."""
+    path = Path(name_or_path)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else name_or_path
+    if key not in _WORLDS:
+        _WORLDS[key] = load_world(name_or_path)
+    return _WORLDS[key]
+
+
+_WORLDS: dict[object, World] = {}
+
+
+def scene_options(cfg) -> dict:
+    """data3d's keyword arguments for a run's training or held-out renders: its world, or the primitives' counts and
+    size. (A 3D training config: `world`, `image_size`, `min_objects`, `max_objects`.)"""
+    if cfg.world is not None:
+        return {"world": run_world(cfg.world)}
+    return {"min_objects": cfg.min_objects, "max_objects": cfg.max_objects, "image_size": cfg.image_size}
+
+
+def randomizes(cfg) -> bool:
+    """Whether a run's training renders are drawn under random appearances: its world has a [randomize] section."""
+    return cfg.world is not None and run_world(cfg.world).randomize is not None
+
+
+def world_digest(cfg) -> str | None:
+    """A short hash of the run's world (None without one): a data cache of another world's renders is not reused."""
+    if cfg.world is None:
+        return None
+    text = json.dumps(run_world(cfg.world).to_dict(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -267,6 +267,30 @@ def test_eval_command_compares_tabletop_models_on_their_world_and_refuses_anothe
     assert refused in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["air-tabletop", "supervised-tabletop"])
+def test_train_with_a_world_file_trains_a_model_of_that_world_and_resume_refuses_an_edited_one(kind, tmp_path, capsys):
+    """`train KIND --world FILE`: the run's model is built for the world (its names, 48 x 32 images, 1-4 objects) and
+    its checkpoint carries it; the world sets sizes and counts, so --image-size with it is refused; a resume after
+    the world file changed is refused rather than continuing another model."""
+    from inverse_graphics.cli import main as cli
+
+    folder = tmp_path / "world"
+    folder.mkdir()
+    world_file = write_tiny(folder)
+    out = tmp_path / "run"
+    small = ["--steps", "2", "--batch-size", "4", "--n-train", "8", "--eval-n", "4", "--threads", "1", "--no-progress"]
+    args = ["train", kind, "--world", str(world_file), "--out", str(out), *small, "--backend", "pytorch3d"]
+    assert cli([*args, "--image-size", "64"]) == 2
+    assert "--image-size do(es) not apply" in capsys.readouterr().err
+    assert cli(args) == 0
+    model = load(out / "checkpoint.safetensors")
+    assert model.world.name == "tiny" and model.image_wh == (48, 32)
+    assert model.world.shape_names == ("block", "can", "prism")
+    world_file.write_text(TINY_WORLD.replace('objects_per_scene = [1, 4]', 'objects_per_scene = [1, 3]'))
+    assert cli(["train", kind, "--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 2
+    assert "another model than the one its checkpoint holds" in capsys.readouterr().err
+
+
 def test_shipped_models_are_the_primitives_world_with_their_scales():
     for name in ("air-tabletop", "supervised-tabletop"):
         model = ig.load_pretrained(name)
