@@ -186,7 +186,7 @@ def _add_train(sub) -> None:
     g.add_argument("--gradient", choices=["fd", "soft"], help="air-tabletop: finite differences or soft raster")
     g.add_argument("--sleep-steps", type=int, help="air-tabletop, sleep-then-wake: steps of the sleep phase")
     g.add_argument("--eval-refine", type=int, help="air-tabletop: refinement steps in the periodic evaluation")
-    g.add_argument("--data-cache", help="air-tabletop: .pt cache of the training renders")
+    g.add_argument("--data-cache", help="air-tabletop: cache file of the training renders (the checkpoint format)")
     g.add_argument("--lr-drop-step", type=int, help="air-tabletop: step from which the main rate is --lr-drop-to")
     g.add_argument("--lr-drop-to", type=_finite, help="air-tabletop")
     g.add_argument("--wake-lr", type=_finite, help="air-tabletop, sleep-then-wake: the main rate of the ELBO phase")

@@ -76,7 +76,7 @@ class AIR3DTrainConfig:
     min_objects: int = 0  # object count range of training and held-out scenes (without a world)
     max_objects: int = 3  # also the model's step count T (without a world)
     n_train: int = 20_000  # training renders (drawn once; only their images are used)
-    data_cache: str | None = None  # .pt file of the training renders: read if it matches this config, else written
+    data_cache: str | None = None  # cache file of the training renders (checkpoint format): read if it matches
     backend: str = "auto"  # renderer of data and black box: "auto" (OpenGL if EGL works), "opengl", "pytorch3d"
     eval_n: int = 200  # held-out scenes for periodic evaluation (data3d.held_out_renders)
     eval_refine: int = 0  # refinement steps during periodic evaluation (0: the raw amortised inference)
