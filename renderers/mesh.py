@@ -85,6 +85,28 @@ def image_width_height(image_size: int | tuple[int, int] | list[int]) -> tuple[i
     return size[0], size[1]
 
 
+class ImageSize:
+    """What every renderer's frozen settings share: an `image_size` field, one int (H = W) or (W, H), width first,
+    checked and kept as a tuple when not square, with `.width` and `.height`."""
+
+    image_size: int | tuple[int, int]
+
+    def _check_image_size(self) -> None:
+        width, height = image_width_height(self.image_size)
+        if not isinstance(self.image_size, int):
+            object.__setattr__(self, "image_size", (width, height))  # a list (from a file) becomes a tuple
+
+    @property
+    def width(self) -> int:
+        """W in pixels."""
+        return image_width_height(self.image_size)[0]
+
+    @property
+    def height(self) -> int:
+        """H in pixels."""
+        return image_width_height(self.image_size)[1]
+
+
 @dataclass(frozen=True)
 class Camera:
     """A pinhole camera in the world frame (metres); the conventions are in this module's docstring."""
@@ -245,7 +267,7 @@ class MeshLibrary:
 
 
 @dataclass(frozen=True)
-class MeshRenderSettings:
+class MeshRenderSettings(ImageSize):
     """How to rasterize. The soft-mode choices were measured on 12 random tabletop scenes at 64 px, comparing
     the autograd gradient of an image loss with central differences of the hard render at about one pixel of
     motion (the check is benchmarks/bench_gradients.py; run 2026-11-26 on the 2-core CPU):
@@ -277,19 +299,7 @@ class MeshRenderSettings:
     def __post_init__(self) -> None:
         if self.mode not in ("hard", "soft"):
             raise ValueError(f"mode must be 'hard' or 'soft', got {self.mode!r}")
-        width, height = image_width_height(self.image_size)
-        if not isinstance(self.image_size, int):
-            object.__setattr__(self, "image_size", (width, height))  # a list (from a file) becomes a tuple
-
-    @property
-    def width(self) -> int:
-        """W in pixels."""
-        return image_width_height(self.image_size)[0]
-
-    @property
-    def height(self) -> int:
-        """H in pixels."""
-        return image_width_height(self.image_size)[1]
+        self._check_image_size()
 
     @property
     def scaled_sigma(self) -> float:

@@ -28,6 +28,7 @@ import torch
 from renderers.mesh import (
     Appearance,
     Camera,
+    ImageSize,
     MeshLibrary,
     RenderOutput,
     Stage,
@@ -74,7 +75,7 @@ class OpenGLUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class OpenGLSettings:
+class OpenGLSettings(ImageSize):
     """How to draw with OpenGL."""
 
     image_size: int | tuple[int, int] = 64  # pixels: one int for H = W, or (W, H), width first
@@ -82,19 +83,7 @@ class OpenGLSettings:
     egl_device: int | None = None  # EGL device index (None: the default); pick a GPU on multi-GPU machines
 
     def __post_init__(self) -> None:
-        width, height = image_width_height(self.image_size)
-        if not isinstance(self.image_size, int):
-            object.__setattr__(self, "image_size", (width, height))
-
-    @property
-    def width(self) -> int:
-        """W in pixels."""
-        return image_width_height(self.image_size)[0]
-
-    @property
-    def height(self) -> int:
-        """H in pixels."""
-        return image_width_height(self.image_size)[1]
+        self._check_image_size()
 
 
 @cache
