@@ -76,6 +76,7 @@ __all__ = [
 ]
 
 MODEL_KIND = "air-tabletop"  # checkpoint "model" field
+ENCODER_MIN_SIDE = 48  # pixels: the derived encoder_pool keeps the pooled image's shorter side at least this
 GRADIENTS = ("fd", "soft")  # continuous gradient paths: finite differences (black box) or soft-rasterizer autograd
 
 
@@ -95,6 +96,11 @@ class AIR3DConfig:
     difference_input: bool = True  # DAIR: each step also sees x - render(scene so far)
     backend: str = "auto"  # hard renderer: "auto" (OpenGL if EGL works, else PyTorch3D), "opengl", "pytorch3d"
     refine_steps: int = 20  # infer's default render-and-compare steps (refine.RefineConfig: 11 -> 1.5 mm in 20)
+    # the image encoders (guide, residuals, baseline) average-pool their input by this factor; None: derived,
+    # the largest that keeps the image's shorter side >= ENCODER_MIN_SIDE pixels (1 up to 95 px, 2 at 128 x 96).
+    # The whole-image encoders need only a coarse position (the glimpse sees full resolution) and were most of
+    # a step's cost at 128 x 96: six residual encodings and their backward.
+    encoder_pool: int | None = None
     glimpse_size: int = 24  # G: the glimpse's side in samples
     # its side in normalised units of the image's shorter side (2 = that side; 0.75 = 24 pixels at 64); square in
     # pixels. None: derived from the world (inverse_graphics.world3d.derived_scales; the legacy 0.75 without one)
@@ -119,6 +125,8 @@ class AIR3DConfig:
         self.image_size = _size(size)
         if self.max_steps is None:
             self.max_steps = int((self.world or {}).get("objects_per_scene", (0, 3))[1])
+        if self.encoder_pool is None:
+            self.encoder_pool = max(1, min(image_wh(self.image_size)) // ENCODER_MIN_SIDE)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -268,7 +276,8 @@ class AIR3D(nn.Module):
                              "may have (objects_per_scene); use max_steps >= that or None")  # fmt: skip
         S = self.n_shapes = len(self.world.objects)
         self.step_dim = 1 + S + 2 + 2  # previous z_pres, one-hot shape, position / table half sides, v
-        self.encoder = ConvEncoder(size, cfg.channels, cfg.embed_dim)
+        assert cfg.encoder_pool is not None  # set by AIR3DConfig.__post_init__
+        self.encoder = ConvEncoder(size, cfg.channels, cfg.embed_dim, cfg.encoder_pool)
         # The embedding is unbounded (ReLU); unnormalised, it grew to ~80 in 1,000 sleep steps at lr 1e-3, the LSTM's
         # gates saturated (pre-activations ~270) and every image got the same q. LayerNorm keeps it at unit scale.
         self.embed_norm = nn.LayerNorm(cfg.embed_dim)
@@ -276,7 +285,7 @@ class AIR3D(nn.Module):
         self.where_head = WhereHead3D(cfg.rnn_hidden)
         self.glimpse_encoder = GlimpseEncoder(cfg.glimpse_size, cfg.glimpse_channels, cfg.glimpse_dim)
         self.object_head = ObjectHead3D(cfg.rnn_hidden, cfg.glimpse_dim, S)
-        self.baseline = Baseline3D(size, cfg.baseline_channels, self.step_dim, cfg.baseline_hidden)
+        self.baseline = Baseline3D(size, cfg.baseline_channels, self.step_dim, cfg.baseline_hidden, cfg.encoder_pool)
         use_appearance = default_fit_appearance(self.world) if cfg.appearance is None else cfg.appearance
         use_appearance = use_appearance and not self.legacy
         self.appearance_latent = AppearanceLatent(self.world, cfg.embed_dim) if use_appearance else None

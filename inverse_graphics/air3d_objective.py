@@ -21,7 +21,7 @@ later steps see the guide's own estimate of it, as at test time (`_own_estimate`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -146,33 +146,55 @@ def teacher_forced_log_q(
     images: FloatTensor (B, 3, H, W), the renders of p; p: prior samples, fields (B, T, ...); appearance: the
     true appearance latents (B, 3) with the model's appearance latent (their log q is added; the residuals take
     the guide's own estimate of the appearance, as at test time).
+
+    Step t is computed only for the scenes still active there (count >= t: a scene of n objects ends at step n,
+    whose z_pres = 0 is its last term); the batch shrinks as scenes end, which saves about a third of the work
+    when the count is uniform on 0..T, and gives the same log q per scene as the full batch.
     """
+    B = images.shape[0]
     prev, _, state = model.initial_state(images)
     count = p.z_pres.sum(1)  # (B,)
     remaining = p.z_pres > 0.5  # (B, T): true objects not yet explained
     chosen: list[PriorStep3D] = []
-    total = images.new_zeros(images.shape[0])
+    total = images.new_zeros(B)
     q_a, look = model.appearance_q(images, sample=False)
     if q_a is not None and appearance is not None:
         total = total + torch.distributions.Normal(q_a[0], q_a[1]).log_prob(appearance).sum(-1)
     gates = model.image_gates(images, None, look)
+    rows = torch.arange(B, device=images.device)  # which of the B scenes the live tensors below hold
     for t in range(model.max_steps):
+        live = count >= t
+        if not bool(live.all()):  # drop the scenes that ended at an earlier step (they never come back)
+            keep = live.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            rows, images, count, remaining, prev, gates = (
+                x[keep] for x in (rows, images, count, remaining, prev, gates)
+            )
+            state = (state[0][keep], state[1][keep])
+            p, chosen = _rows(p, keep), [_rows(c, keep) for c in chosen]
+            look = None if look is None else _rows(look, keep)
         if model.config.difference_input and chosen:
             gates = model.image_gates(images, PriorStep3D.stack(chosen).scene(), look)
         h, c = model.rnn(gates, prev, state)
         state, wd = (h, c), model.where(h)
         d = model.what(h, images, wd)
-        target = (count > t).to(images.dtype)  # (B,): z_pres_t of the true scene
-        candidates = _candidate_log_q(d, p).masked_fill(~remaining, -math.inf)  # (B, T)
+        target = (count > t).to(images.dtype)  # (b,): z_pres_t of the true scene
+        candidates = _candidate_log_q(d, p).masked_fill(~remaining, -math.inf)  # (b, T)
         j = candidates.detach().argmax(1)  # the greedy order: an index choice, not a gradient path
         log_obj = torch.where(target > 0, candidates.gather(1, j[:, None]).squeeze(1), torch.zeros_like(target))
         pres_prob = model.pres_probability(wd.pres_logit)
         log_pres = target * torch.log(pres_prob) + (1 - target) * torch.log1p(-pres_prob)
-        total = total + (count >= t).to(images.dtype) * (log_pres + log_obj)  # active steps only
+        total = total.index_add(0, rows, log_pres + log_obj)  # every live scene is active at step t
         remaining = remaining & ~(F.one_hot(j, remaining.shape[1]).bool() & (target > 0)[:, None])
         chosen.append(_own_estimate(model, d, target))
         prev = model.step_input(target, chosen[-1].shape, chosen[-1].position, chosen[-1].v)
     return total
+
+
+def _rows(x, keep: torch.Tensor):
+    """A dataclass of per-scene tensors (first dimension B) with only the scenes `keep` (LongTensor)."""
+    return replace(x, **{f.name: getattr(x, f.name)[keep] for f in fields(x)})
 
 
 @torch.no_grad()

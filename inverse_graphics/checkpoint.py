@@ -117,7 +117,7 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if not isinstance(node, dict):
         return node
     if len(node) == 1:
-        (tag, arg), = node.items()
+        ((tag, arg),) = node.items()
         if tag == "$dict":
             return {k: _decode(v, tensors) for k, v in arg}
         if tag == "$tuple":

@@ -110,6 +110,8 @@ _ONLY_AIR3D = {
     "recipe": "recipe",
     "gradient": "gradient",
     "sleep_steps": "sleep_steps",
+    "sleep_fraction": "sleep_fraction",
+    "lr_drop_fraction": "lr_drop_fraction",
     "eval_refine": "eval_refine",
     "data_cache": "data_cache",
     "init_from": "init_from",
@@ -184,9 +186,13 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("tabletop models (air-tabletop, supervised-tabletop)")
     g.add_argument("--recipe", choices=["wake", "sleep", "sleep-then-wake", "wake-sleep"], help="air-tabletop")
     g.add_argument("--gradient", choices=["fd", "soft"], help="air-tabletop: finite differences or soft raster")
-    g.add_argument("--sleep-steps", type=int, help="air-tabletop, sleep-then-wake: steps of the sleep phase")
+    g.add_argument("--sleep-fraction", type=_finite, help="air-tabletop, sleep-then-wake: the sleep phase's share "
+                   "of the budget (0.75)")  # fmt: skip
+    g.add_argument("--sleep-steps", type=int, help="air-tabletop, sleep-then-wake: steps of the sleep phase instead")
     g.add_argument("--eval-refine", type=int, help="air-tabletop: refinement steps in the periodic evaluation")
     g.add_argument("--data-cache", help="air-tabletop: cache file of the training renders (the checkpoint format)")
+    g.add_argument("--lr-drop-fraction", type=_finite, help="air-tabletop: share of the budget from which the "
+                   "main rate is --lr-drop-to (0.5)")  # fmt: skip
     g.add_argument("--lr-drop-step", type=int, help="air-tabletop: step from which the main rate is --lr-drop-to")
     g.add_argument("--lr-drop-to", type=_finite, help="air-tabletop")
     g.add_argument("--wake-lr", type=_finite, help="air-tabletop, sleep-then-wake: the main rate of the ELBO phase")
@@ -282,9 +288,7 @@ def _add_infer(sub) -> None:
     p.add_argument("--model", default="air-multi-mnist", help="a pretrained name or a checkpoint path")
     p.add_argument("--out", default="out/infer", help="output directory")
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--refine", type=_non_negative_int, default=None, help="tabletop models: refinement steps (0: none)"
-    )
+    p.add_argument("--refine", type=_non_negative_int, default=None, help="tabletop models: refinement steps (0: none)")
     p.add_argument(
         "--refine-gradient",
         choices=["fd", "soft"],

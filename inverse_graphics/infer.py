@@ -181,9 +181,7 @@ def main(cfg: InferConfig) -> dict:
     return record
 
 
-def read_rgb(
-    path: str | Path, size: int | tuple[int, int], resize: bool = False
-) -> tuple[np.ndarray, tuple[int, int]]:
+def read_rgb(path: str | Path, size: int | tuple[int, int], resize: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
     """An RGB image as float32 (3, H, W) in [0, 1] for size = (W, H), and its original (width, height). An image of
     another size is an ImageReadError naming both sizes unless `resize` (bilinear, with a note on stderr): the
     tabletop models were trained on renders of exactly their world's size and camera, so a resized photo is a

@@ -32,11 +32,15 @@ class ConvEncoder(nn.Module):
     layer. The coordinate channels (CoordConv, Liu et al. 2018) let the network read *where* an edge is, which
     position regression needs and plain convolutions, being translation equivariant, make hard to learn."""
 
-    coords: torch.Tensor  # FloatTensor (1, 2, H, W): x and y of each pixel, -1..1 across the width and the height
+    coords: torch.Tensor  # FloatTensor (1, 2, h, w): x and y of each (pooled) pixel, -1..1 across width and height
 
-    def __init__(self, image_size: int | tuple[int, int], channels: tuple[int, ...], embed_dim: int):
-        """image_size: an int (H = W) or (W, H)."""
+    def __init__(self, image_size: int | tuple[int, int], channels: tuple[int, ...], embed_dim: int, pool: int = 1):
+        """image_size: an int (H = W) or (W, H); pool: average-pool the image by this factor first (a cheaper
+        encoder for large images, whose fine detail the caller sees elsewhere, e.g. in a glimpse)."""
         super().__init__()
+        self.pool = int(pool)
+        if self.pool < 1:
+            raise ValueError(f"pool must be >= 1, got {pool}")
         layers: list[nn.Module] = []
         c_in = 3 + 2
         for c_out in channels:
@@ -44,6 +48,7 @@ class ConvEncoder(nn.Module):
             c_in = c_out
         self.conv = nn.Sequential(*layers)
         W, H = (image_size, image_size) if isinstance(image_size, int) else image_size
+        W, H = -(-W // self.pool), -(-H // self.pool)  # the pooled size (ceil_mode)
         w, h = W, H
         for _ in channels:
             w, h = (w + 1) // 2, (h + 1) // 2
@@ -55,7 +60,9 @@ class ConvEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images FloatTensor (B, 3, H, W) in [0, 1] -> FloatTensor (B, embed_dim)."""
         B = images.shape[0]
-        x = torch.cat([images, self.coords.expand(B, -1, -1, -1)], dim=1)  # (B, 5, H, W)
+        if self.pool > 1:
+            images = F.avg_pool2d(images, self.pool, ceil_mode=True)
+        x = torch.cat([images, self.coords.expand(B, -1, -1, -1)], dim=1)  # (B, 5, h, w)
         return F.relu(self.fc(self.conv(x).flatten(1)))
 
 
@@ -188,9 +195,11 @@ class Baseline3D(nn.Module):
     """NVIL baseline of 3D AIR: predicts each step's learning signal from the image and the previous latents
     (its own small CNN, as the 2D `modules.Baseline` has its own encoder). Inputs are detached by the caller."""
 
-    def __init__(self, image_size: int | tuple[int, int], channels: tuple[int, ...], step_dim: int, hidden: int):
+    def __init__(
+        self, image_size: int | tuple[int, int], channels: tuple[int, ...], step_dim: int, hidden: int, pool: int = 1
+    ):
         super().__init__()
-        self.encoder = ConvEncoder(image_size, channels, hidden)
+        self.encoder = ConvEncoder(image_size, channels, hidden, pool)
         self.norm = nn.LayerNorm(hidden)  # keeps the LSTM's gates unsaturated, as AIR3D's embed_norm
         self.rnn = GatedRecurrence(hidden, step_dim, hidden)
         self.out = nn.Linear(hidden, 1)

@@ -66,7 +66,10 @@ def _world_scenes(cfg: GenerateConfig) -> tuple[list[dict], Callable[[list, int]
         return [s.to_dict() for s in scenes], render, meta
     d = GenerateConfig(out_dir="")
     if (cfg.image_size, cfg.min_objects, cfg.max_objects, cfg.color_by_shape) != (
-        d.image_size, d.min_objects, d.max_objects, d.color_by_shape
+        d.image_size,
+        d.min_objects,
+        d.max_objects,
+        d.color_by_shape,
     ):
         raise ValueError("with --world, the image size, object counts and colours come from the world file")
     w = load_world(cfg.world)

@@ -4,7 +4,13 @@ with the sleep phase on scenes drawn from the model's own prior (inverse_graphic
 Recipes (`recipe`), to be recorded beside every number they produce:
 - "wake": the ELBO only (the paper's recipe).
 - "sleep": the sleep phase only (the guide learns from the generative model's own samples; no data images).
-- "sleep-then-wake": `sleep_steps` steps of the sleep phase, then the ELBO.
+- "sleep-then-wake": the sleep phase for the first `sleep_fraction` of the budget (or `sleep_steps` steps), then
+  the ELBO.
+The schedule (learning-rate drop, phase switch, the baseline's warm-up) is written in fractions of the run's budget
+(its steps, or its minutes, whichever ends first), so `--minutes 60` on any world gets the same shape of training
+as the 40-minute default; explicit step counts override it. A step budget makes the schedule a function of the step
+(bit-exact resume); a time budget makes it a function of the training clock, the same on every rank (the engine
+keeps one clock for all of them).
 - "wake-sleep": both losses summed at every step.
 Labels are never used for training: the training renders' scenes are dropped; the held-out scenes are used only
 by the evaluation (metrics3d, Hungarian matching).
@@ -59,13 +65,16 @@ class AIR3DTrainConfig:
     steps: int | None = None  # step budget; training stops at whichever budget ends first
     gradient: str = "fd"  # continuous latents: "fd" (finite differences, black box) or "soft" (autograd)
     # The defaults are the shipped model's recipe in one run (inverse_graphics/weights/README.md): sleep at lr 1e-3,
-    # then 2e-4 (identity 90% -> 98% in 2 minutes), then the ELBO at 1e-4 after a baseline warm-up. The ELBO alone
-    # from scratch ("wake", the paper's recipe) collapsed to empty scenes here (benchmarks/results/air3d_wake_only.md).
+    # then 2e-4 (identity 90% -> 98% in 2 minutes), then the ELBO at 1e-4 after a baseline warm-up; there, 20, 10
+    # and 10 of 40 minutes, hence the fractions below. The ELBO alone from scratch ("wake", the paper's recipe)
+    # collapsed to empty scenes here (benchmarks/results/air3d_wake_only.md).
     recipe: str = "sleep-then-wake"  # one of RECIPES (module docstring)
-    sleep_steps: int = 9600  # "sleep-then-wake": steps of the sleep phase before the ELBO (~30 min here)
+    sleep_fraction: float = 0.75  # "sleep-then-wake": the sleep phase's share of the budget
+    sleep_steps: int | None = None  # "sleep-then-wake": steps of the sleep phase instead (overrides the fraction)
     batch_size: int = 32  # training images per wake step (and prior scenes per sleep step)
     lr: float = 1e-3  # Adam, inference network
-    lr_drop_step: int | None = 6400  # from this step the main rate is lr_drop_to (None: never)
+    lr_drop_fraction: float | None = 0.5  # from this share of the budget the main rate is lr_drop_to (None: never)
+    lr_drop_step: int | None = None  # from this step instead (overrides the fraction)
     lr_drop_to: float = 2e-4
     wake_lr: float | None = 1e-4  # "sleep-then-wake": the main rate of the ELBO phase (None: keep the sleep's)
     baseline_lr: float = 1e-2  # Adam, NVIL baseline (10x the main rate, as the 2D training)
@@ -87,12 +96,17 @@ class AIR3DTrainConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     model_overrides: dict = field(default_factory=dict)  # extra AIR3DConfig fields (e.g. likelihood_sd)
     baseline_warmup: int = 300  # first ELBO steps in which only the NVIL baseline learns: a guide trained by the sleep
-    # phase meets an untrained baseline, and the first REINFORCE signals (ELBO ~ 1e4 nats, uncentred) would undo it
+    # phase meets an untrained baseline, and the first REINFORCE signals (ELBO ~ 1e4 nats, uncentred) would undo it.
+    # With a budget-fraction schedule, at most the first third of the ELBO phase (where its steps are slow).
     init_from: str | None = None  # start from this checkpoint's weights (fresh optimiser and step count), e.g. a
     # sleep-phase run continued by the ELBO with another gradient path; its model config must match this run's
 
     def __post_init__(self) -> None:
         check_training_options(self)
+        fractions = {"sleep_fraction": self.sleep_fraction, "lr_drop_fraction": self.lr_drop_fraction}
+        bad = [f"{k} = {v!r}" for k, v in fractions.items() if v is not None and not 0.0 <= v <= 1.0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: a share of the budget must be in [0, 1]")
         if self.gradient not in GRADIENTS or self.recipe not in RECIPES:
             raise ValueError(
                 f"gradient must be in {GRADIENTS} and recipe in {RECIPES}; got {self.gradient!r}, {self.recipe!r}"
@@ -106,12 +120,6 @@ class AIR3DTrainConfig:
         return AIR3DConfig(
             image_size=self.image_size, max_steps=self.max_objects, backend=self.backend, **self.model_overrides
         )
-
-    def phases(self, step: int) -> tuple[bool, bool]:
-        """(wake, sleep): which losses step `step` (0-based) trains on."""
-        if self.recipe == "sleep-then-wake":
-            return step >= self.sleep_steps, step < self.sleep_steps
-        return self.recipe in ("wake", "wake-sleep"), self.recipe in ("sleep", "wake-sleep")
 
     @classmethod
     def from_dict(cls, d: dict) -> AIR3DTrainConfig:
@@ -218,19 +226,52 @@ class TrainingRun(Run):
 
     def load_extra(self, state: dict) -> None:
         self.scenes = state.get("scenes", state.get("images_seen", 0))
+        self.wake_start = state.get("wake_start")
 
-    def main_lr(self) -> float:
-        """The inference network's learning rate at this step: a function of the step, so resuming keeps it."""
+    wake_start: int | None = None  # "sleep-then-wake": the step of the first ELBO step, once there was one
+
+    def progress(self) -> float:
+        """The share of the budget used so far: of its steps or its minutes, whichever is further."""
+        cfg, parts = self.cfg, [0.0]
+        if cfg.steps is not None:
+            parts.append(self.step / max(cfg.steps, 1))
+        if cfg.minutes is not None:
+            parts.append(self.train_time / (cfg.minutes * 60))
+        return max(parts)
+
+    def phases(self) -> tuple[bool, bool]:
+        """(wake, sleep): which losses this step trains on."""
         cfg = self.cfg
-        if cfg.recipe == "sleep-then-wake" and self.step >= cfg.sleep_steps and cfg.wake_lr is not None:
-            return cfg.wake_lr
-        if cfg.lr_drop_step is not None and self.step >= cfg.lr_drop_step:
-            return cfg.lr_drop_to
-        return cfg.lr
+        if cfg.recipe == "sleep-then-wake":
+            if self.wake_start is not None:  # the switch happens once
+                return True, False
+            sleeping = (
+                self.step < cfg.sleep_steps if cfg.sleep_steps is not None else self.progress() < cfg.sleep_fraction
+            )
+            return not sleeping, sleeping
+        return cfg.recipe in ("wake", "wake-sleep"), cfg.recipe in ("sleep", "wake-sleep")
 
-    def wake_step(self) -> int:
-        """How many ELBO steps came before this one."""
-        return self.step - self.cfg.sleep_steps if self.cfg.recipe == "sleep-then-wake" else self.step
+    def main_lr(self, wake_only: bool) -> float:
+        """The inference network's learning rate at this step (wake_only: an ELBO step of sleep-then-wake)."""
+        cfg = self.cfg
+        if wake_only and cfg.recipe == "sleep-then-wake" and cfg.wake_lr is not None:
+            return cfg.wake_lr
+        if cfg.lr_drop_step is not None:
+            dropped = self.step >= cfg.lr_drop_step
+        else:
+            dropped = cfg.lr_drop_fraction is not None and self.progress() >= cfg.lr_drop_fraction
+        return cfg.lr_drop_to if dropped else cfg.lr
+
+    def warming_up(self) -> bool:
+        """Whether this ELBO step trains only the baseline: the first `baseline_warmup` ELBO steps, and with a
+        budget-fraction schedule at most the first third of the ELBO phase."""
+        cfg = self.cfg
+        start = self.wake_start if cfg.recipe == "sleep-then-wake" else 0
+        if start is None or self.step - start >= cfg.baseline_warmup:
+            return False
+        if cfg.recipe == "sleep-then-wake" and cfg.sleep_steps is None:
+            return self.progress() < cfg.sleep_fraction + (1.0 - cfg.sleep_fraction) / 3
+        return True
 
     def _baseline_only(self) -> None:
         for name, p in self.model.named_parameters():
@@ -240,13 +281,15 @@ class TrainingRun(Run):
     def train_step(self, images: torch.Tensor) -> dict:
         """One optimiser step on the losses of this step's phases; images: the ByteTensor training renders."""
         cfg = self.cfg
-        wake, sleep = cfg.phases(self.step)
-        self.opt.param_groups[0]["lr"] = self.main_lr()
+        wake, sleep = self.phases()
+        if wake and not sleep and self.wake_start is None and cfg.recipe == "sleep-then-wake":
+            self.wake_start = self.step
+        self.opt.param_groups[0]["lr"] = self.main_lr(wake and not sleep)
         x = None
         if wake:
             rows = self.local_rows(batch_indices(cfg.seed, self.step, cfg.batch_size, len(images)))
             x = (images[rows].float() / 255.0).to(cfg.device)
-        warm_up = wake and not sleep and self.wake_step() < cfg.baseline_warmup
+        warm_up = wake and not sleep and self.warming_up()
         args = (x, self.local_batch if sleep else 0, cfg.gradient, cfg.device)
         scenes = cfg.batch_size * (wake + sleep)
         return self.optimise(_air3d_loss, *args, scenes=scenes, before_step=self._baseline_only if warm_up else None)
@@ -263,7 +306,8 @@ class TrainingRun(Run):
 
     def payload(self) -> dict:
         config = self.model.config.to_dict()
-        return {"model": MODEL_KIND, "config": config, "train_config": asdict(self.cfg), "images_seen": self.scenes}
+        return {"model": MODEL_KIND, "config": config, "train_config": asdict(self.cfg), "images_seen": self.scenes,
+                "wake_start": self.wake_start}  # fmt: skip
 
     def record_fields(self) -> dict:
         return {"images_seen": self.scenes, "recipe": self.cfg.recipe, "gradient": self.cfg.gradient}

@@ -136,8 +136,7 @@ def world_to_clip(
     if image_size is None and camera.intrinsics is not None:
         raise ValueError("world_to_clip needs the image size (W, H) for a camera given by intrinsics")
     camera = camera if eye is None else replace(camera, eye=(float(eye[0]), float(eye[1]), float(eye[2])))
-    view = pytorch3d_cameras(camera, 1, torch.device("cpu")).get_world_to_view_transform().get_matrix()[0]
-    view = view.T.double().numpy()  # PyTorch3D multiplies row vectors; transpose for column vectors
+    view = _look_at(camera)
     if camera.intrinsics is None:
         width, height = (1, 1) if image_size is None else image_width_height(image_size)
         f = 1.0 / math.tan(math.radians(camera.fov_degrees) / 2)  # fy = H / (2 tan): 2 fy / H
@@ -157,6 +156,29 @@ def world_to_clip(
         ]
     )
     return (projection @ view).astype(np.float32)
+
+
+def _look_at(camera: Camera) -> np.ndarray:
+    """(4, 4) float64 column-vector world-to-view matrix of PyTorch3D's `look_at_view_transform` for the camera,
+    in closed form: rows x, y, z of the view frame (z from the eye towards `at`, x = up x z, y = z x x) and the
+    translation -axis . eye. Why not PyTorch3D's own: its transform objects cost about 2 ms a call, and a batch of
+    scenes each with its own (randomised) eye made that the most of an OpenGL render. Where up is parallel to the
+    viewing direction PyTorch3D substitutes an axis: that rare case is left to it (tests compare the two)."""
+    eye, at, up = (np.asarray(v, dtype=np.float64) for v in (camera.eye, camera.at, camera.up))
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / max(float(np.linalg.norm(v)), 1e-5)  # PyTorch3D's F.normalize(eps=1e-5)
+
+    z = unit(at - eye)
+    x = unit(np.cross(up, z))
+    if np.all(np.abs(x) <= 5e-3):  # degenerate: PyTorch3D's replacement axis
+        view = pytorch3d_cameras(camera, 1, torch.device("cpu")).get_world_to_view_transform().get_matrix()[0]
+        return view.T.double().numpy()  # PyTorch3D multiplies row vectors; transpose for column vectors
+    y = unit(np.cross(z, x))
+    rotation = np.stack([x, y, z])  # (3, 3): rows are the view axes in world coordinates
+    view = np.eye(4)
+    view[:3, :3], view[:3, 3] = rotation, -rotation @ eye
+    return view
 
 
 class OpenGLRenderer(torch.nn.Module):

@@ -170,6 +170,23 @@ def test_sleep_loss_runs_and_the_greedy_order_ignores_slot_order():
     assert_close(a[keep], b[keep], atol=1e-4, rtol=1e-5)
 
 
+def test_sleep_log_q_of_a_batch_is_each_scene_s_alone():
+    """teacher_forced_log_q drops scenes from the batch as they end; each scene's log q must be what it is alone
+    (a batch of one never shrinks before its own end), and its gradient the same."""
+    model = _model()
+    p, images = model.sample(12)
+    counts = p.z_pres.sum(1)
+    assert len(set(counts.tolist())) > 2  # scenes that end at different steps
+    batch = teacher_forced_log_q(model, images, p)
+    alone = torch.cat([teacher_forced_log_q(model, images[i : i + 1], type(p)(*(x[i : i + 1] for x in (
+        p.z_pres, p.shape, p.u, p.v, p.position, p.yaw)))) for i in range(12)])  # fmt: skip
+    assert_close(batch, alone, atol=1e-4, rtol=1e-5)
+    weight = model.where_head.fc.weight
+    (g_batch,) = torch.autograd.grad(batch.sum(), weight)
+    (g_alone,) = torch.autograd.grad(alone.sum(), weight)
+    assert_close(g_batch, g_alone, atol=1e-4, rtol=1e-4)
+
+
 def test_infer_returns_valid_json_scenes_and_refines():
     model = _model().eval()
     _set_presence(model, 3.0)
@@ -329,12 +346,32 @@ def test_baseline_warmup_trains_only_the_baseline(tmp_path):
     assert any(not n.startswith("baseline.") and not torch.equal(p, before[n]) for n, p in run.model.named_parameters())
 
 
-def test_default_recipe_schedules_the_learning_rate_by_step(tmp_path):
-    cfg = AIR3DTrainConfig(out_dir=str(tmp_path / "r"), image_size=SIZE, backend=BACKEND, model_overrides=TINY)
+def test_default_recipe_schedules_by_share_of_the_budget(tmp_path):
+    """The default schedule: lr drop at half the budget, the ELBO from three quarters, its baseline warm-up at most
+    a third of the ELBO phase; by steps under a step budget, by the training clock under a time budget."""
+    cfg = AIR3DTrainConfig(out_dir=str(tmp_path / "r"), image_size=SIZE, backend=BACKEND, model_overrides=TINY,
+                           minutes=None, steps=100)  # fmt: skip
     assert cfg.recipe == "sleep-then-wake"  # the ELBO alone from scratch collapsed here (docs/air3d.md)
     run = TrainingRun(cfg, None)
-    rates = {}
-    for step in (0, cfg.lr_drop_step - 1, cfg.lr_drop_step, cfg.sleep_steps - 1, cfg.sleep_steps):
+    seen = {}
+    for step in (0, 49, 50, 74, 75, 83, 84):
         run.step = step
-        rates[step] = run.main_lr()
-    assert list(rates.values()) == [cfg.lr, cfg.lr, cfg.lr_drop_to, cfg.lr_drop_to, cfg.wake_lr]
+        wake, sleep = run.phases()
+        if wake and run.wake_start is None:
+            run.wake_start = step
+        seen[step] = (sleep, run.main_lr(wake and not sleep), wake and run.warming_up())
+    assert seen == {0: (True, cfg.lr, False), 49: (True, cfg.lr, False), 50: (True, cfg.lr_drop_to, False),
+                    74: (True, cfg.lr_drop_to, False), 75: (False, cfg.wake_lr, True),
+                    83: (False, cfg.wake_lr, True), 84: (False, cfg.wake_lr, False)}  # fmt: skip
+    timed = TrainingRun(replace(cfg, minutes=10.0, steps=None), None)
+    timed.step, timed.train_time = 10_000, 0.74 * 600
+    assert timed.phases() == (False, True) and timed.main_lr(False) == cfg.lr_drop_to
+    timed.train_time = 0.76 * 600
+    assert timed.phases() == (True, False)
+    fixed = TrainingRun(replace(cfg, sleep_steps=10, lr_drop_step=5), None)  # explicit steps override
+    fixed.step = 5
+    assert fixed.phases() == (False, True) and fixed.main_lr(False) == cfg.lr_drop_to
+    fixed.step = 10
+    assert fixed.phases() == (True, False)
+    with pytest.raises(ValueError, match="share of the budget"):
+        replace(cfg, sleep_fraction=1.5)

@@ -101,8 +101,12 @@ def test_infer_tabletop_reports_invalid_inferred_scenes_and_writes_every_image(t
 
         def infer(self, images, refine=None, refine_gradient="fd"):
             off = {"objects": [{"shape": "cube", "position": [0.295, 0.0], "yaw": 0.3}]}
-            overlap = {"objects": [{"shape": "cube", "position": [0.0, 0.0], "yaw": 0.0},
-                                   {"shape": "sphere", "position": [0.01, 0.0], "yaw": 0.0}]}
+            overlap = {
+                "objects": [
+                    {"shape": "cube", "position": [0.0, 0.0], "yaw": 0.0},
+                    {"shape": "sphere", "position": [0.01, 0.0], "yaw": 0.0},
+                ]
+            }
             ok = {"objects": [{"shape": "cube", "position": [0.0, 0.0], "yaw": 0.0}]}
             scenes = [off, overlap, ok]
             return SceneInference(scenes, torch.tensor([1, 2, 1]), torch.ones(3, 3), {})
@@ -126,8 +130,19 @@ def test_infer_tabletop_reports_invalid_inferred_scenes_and_writes_every_image(t
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
 @pytest.mark.parametrize(
     "option",
-    ["--lr", "--minutes", "--baseline-lr", "--eval-every", "--checkpoint-every", "--lr-floor", "--z-pres-prior",
-     "--z-pres-prior-start", "--lr-drop-to", "--wake-lr", "--likelihood-sd"],
+    [
+        "--lr",
+        "--minutes",
+        "--baseline-lr",
+        "--eval-every",
+        "--checkpoint-every",
+        "--lr-floor",
+        "--z-pres-prior",
+        "--z-pres-prior-start",
+        "--lr-drop-to",
+        "--wake-lr",
+        "--likelihood-sd",
+    ],
 )
 def test_non_finite_float_options_are_usage_errors(option, value, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -129,6 +129,19 @@ def test_world_to_clip_projects_by_the_pinhole_formula():
         opengl.world_to_clip(CAMERA)
 
 
+def test_closed_form_look_at_is_pytorch3d_s():
+    """`world_to_clip`'s view matrix is computed in closed form (fast for per-scene eyes); it must be PyTorch3D's
+    look_at_view_transform for any eye, including one straight above `at` (PyTorch3D's replacement axis)."""
+    from renderers.mesh import pytorch3d_cameras
+
+    rng = np.random.default_rng(1)
+    eyes = [tuple(rng.uniform(-0.8, 0.8, 3) + (0, 0, 1.0)) for _ in range(20)] + [(0.0, 0.0, 0.9)]
+    for eye in eyes:
+        camera = replace(CAMERA, eye=eye)
+        view = pytorch3d_cameras(camera, 1, torch.device("cpu")).get_world_to_view_transform().get_matrix()[0]
+        assert_close(opengl._look_at(camera), view.T.double().numpy(), atol=1e-6)
+
+
 def test_pixel_intrinsics_of_a_fov_camera_and_validation():
     fov = Camera(eye=(0, -1, 1), at=(0, 0, 0), fov_degrees=60.0)
     f = 48 / (2 * math.tan(math.radians(30)))

@@ -27,8 +27,16 @@ from inverse_graphics.checkpoint import (
 from inverse_graphics.cli import main as cli_main
 from tests.shipped_outputs import GOLDEN, model_inputs, outputs
 
-SMALL = AIRConfig(canvas_size=20, window_size=8, z_what_dim=4, embed_dim=8, rnn_hidden=8, encoder_hidden=8,
-                  decoder_hidden=8, baseline_hidden=8)
+SMALL = AIRConfig(
+    canvas_size=20,
+    window_size=8,
+    z_what_dim=4,
+    embed_dim=8,
+    rnn_hidden=8,
+    encoder_hidden=8,
+    decoder_hidden=8,
+    baseline_hidden=8,
+)
 
 
 def small_checkpoint(config: AIRConfig = SMALL) -> dict:
@@ -70,11 +78,22 @@ def test_round_trip_is_exact_for_every_listed_type():
         "floats": [float("nan"), float("inf"), -float("inf"), -0.0, 5e-324, 1.0, 1 / 3],
         "torch_rng": torch.get_rng_state(),  # uint8
         "numpy_rng": gen.bit_generator.state,  # PCG64: 128-bit ints
-        "tensors": [torch.zeros(0), torch.zeros(0, 3), torch.tensor(2.0), torch.ones(2, dtype=torch.bfloat16),
-                    torch.tensor([True, False]), torch.arange(6, dtype=torch.int32).reshape(2, 3).t(),
-                    torch.randn(4, dtype=torch.float64), torch.randn(3).half()],
-        "arrays": [np.arange(6, dtype=np.uint16).reshape(2, 3), np.array(3.5), np.ones((2, 2), bool)[:, ::-1],
-                   np.array([2**64 - 1], dtype=np.uint64)],
+        "tensors": [
+            torch.zeros(0),
+            torch.zeros(0, 3),
+            torch.tensor(2.0),
+            torch.ones(2, dtype=torch.bfloat16),
+            torch.tensor([True, False]),
+            torch.arange(6, dtype=torch.int32).reshape(2, 3).t(),
+            torch.randn(4, dtype=torch.float64),
+            torch.randn(3).half(),
+        ],
+        "arrays": [
+            np.arange(6, dtype=np.uint16).reshape(2, 3),
+            np.array(3.5),
+            np.ones((2, 2), bool)[:, ::-1],
+            np.array([2**64 - 1], dtype=np.uint64),
+        ],
         "strings": ["", "ünï", "$tensor"],
         "empty": [{}, [], ()],
     }
@@ -184,17 +203,73 @@ CLI_READERS = {
     "convert-untrusted": lambda p, t: ["convert", str(p), str(t / "new.safetensors")],
     "train-air-resume": lambda p, t: ["train", "air", "--out", _in_run_dir(p, t), "--resume", "--steps", "1"],
     "train-dair-resume": lambda p, t: ["train", "dair", "--out", _in_run_dir(p, t), "--resume", "--steps", "1"],
-    "train-air-init-from": lambda p, t: ["train", "air", "--out", str(t / "r"), "--init-from", str(p), "--steps",
-                                         "0", "--n-train", "8", "--batch-size", "8", "--eval-n", "8", "--no-progress"],
-    "train-dair-init-from": lambda p, t: ["train", "dair", "--out", str(t / "r"), "--init-from", str(p), "--steps",
-                                          "0", "--n-train", "8", "--batch-size", "8", "--eval-n", "8", "--no-progress"],
-    "train-air-tabletop-init-from": lambda p, t: ["train", "air-tabletop", "--out", str(t / "r"), "--init-from",
-                                                  str(p), "--recipe", "sleep", "--steps", "0", "--eval-n", "2",
-                                                  "--no-progress"],
-    "train-air-tabletop-resume": lambda p, t: ["train", "air-tabletop", "--out", _in_run_dir(p, t), "--resume",
-                                               "--steps", "0"],
-    "train-supervised-tabletop-resume": lambda p, t: ["train", "supervised-tabletop", "--out", _in_run_dir(p, t),
-                                                      "--resume", "--steps", "0"],
+    "train-air-init-from": lambda p, t: [
+        "train",
+        "air",
+        "--out",
+        str(t / "r"),
+        "--init-from",
+        str(p),
+        "--steps",
+        "0",
+        "--n-train",
+        "8",
+        "--batch-size",
+        "8",
+        "--eval-n",
+        "8",
+        "--no-progress",
+    ],
+    "train-dair-init-from": lambda p, t: [
+        "train",
+        "dair",
+        "--out",
+        str(t / "r"),
+        "--init-from",
+        str(p),
+        "--steps",
+        "0",
+        "--n-train",
+        "8",
+        "--batch-size",
+        "8",
+        "--eval-n",
+        "8",
+        "--no-progress",
+    ],
+    "train-air-tabletop-init-from": lambda p, t: [
+        "train",
+        "air-tabletop",
+        "--out",
+        str(t / "r"),
+        "--init-from",
+        str(p),
+        "--recipe",
+        "sleep",
+        "--steps",
+        "0",
+        "--eval-n",
+        "2",
+        "--no-progress",
+    ],
+    "train-air-tabletop-resume": lambda p, t: [
+        "train",
+        "air-tabletop",
+        "--out",
+        _in_run_dir(p, t),
+        "--resume",
+        "--steps",
+        "0",
+    ],
+    "train-supervised-tabletop-resume": lambda p, t: [
+        "train",
+        "supervised-tabletop",
+        "--out",
+        _in_run_dir(p, t),
+        "--resume",
+        "--steps",
+        "0",
+    ],
 }
 
 
@@ -231,8 +306,16 @@ def test_no_python_entry_point_unpickles_a_checkpoint(payload, tmp_path, monkeyp
 
     path, marker = payload
     monkeypatch.setattr(pretrained, "weights_path", lambda name: path)  # as if the installed weights were hostile
-    readers = [ig.load, load_checkpoint, load_air3d, load_supervised, load_model, pretrained.export,
-               lambda p: ig.load_pretrained("air-multi-mnist"), lambda p: load_model("air-tabletop")]
+    readers = [
+        ig.load,
+        load_checkpoint,
+        load_air3d,
+        load_supervised,
+        load_model,
+        pretrained.export,
+        lambda p: ig.load_pretrained("air-multi-mnist"),
+        lambda p: load_model("air-tabletop"),
+    ]
     for read in readers:
         args = (path, tmp_path / "out.safetensors") if read is pretrained.export else (path,)
         with pytest.raises(CheckpointError):

@@ -107,8 +107,11 @@ BAD_KEYS = [  # (edit of SMALL_WORLD, the key the error must name, words it must
     (("fx = 50.0\nfy = 52.0", "fov_degrees = 40\nfx = 50.0\nfy = 52.0"), "camera", "either fov_degrees or"),
     (("eye = [0.0, -0.5, 0.6]", "eye = [0.0, 0.0, 0.0]"), "camera.at", "must differ from eye"),
     (("ambient = 0.3", "ambient = -0.3"), "light.ambient", ">= 0"),
-    (("light_direction_degrees = 25", "light_direction_degrees = 100"), "randomize.light_direction_degrees",
-     "<= 90"),  # fmt: skip
+    (
+        ("light_direction_degrees = 25", "light_direction_degrees = 100"),
+        "randomize.light_direction_degrees",
+        "<= 90",
+    ),  # fmt: skip
     (("brightness = 0.2", "brightness = true"), "randomize.brightness", "must be a number"),
     (("color = [0.5, 0.4, 0.3]", "color = [0.5, 0.4, 1.3]"), "table.color[2]", "<= 1"),
     (("size = [0.5, 0.4]", "size = [0.5, 0]"), "table.size[1]", "> 0"),
@@ -209,8 +212,10 @@ SYMMETRIES = {  # mesh -> expected smallest symmetric turn in degrees (0 any, 36
     "sphere": (lambda: world_meshes.primitive_mesh("sphere", radius=0.05), 0),
     "wedge": (lambda: world_meshes.primitive_mesh("wedge", length=0.14, width=0.1, height=0.1), 360),
     "mug with a handle": (_mug, 360),
-    "cube, origin off its centre": (lambda: world_meshes.primitive_mesh("cube", size=0.1).apply_translation(
-        (0.03, 0.01, 0.0)), 360),  # fmt: skip
+    "cube, origin off its centre": (
+        lambda: world_meshes.primitive_mesh("cube", size=0.1).apply_translation((0.03, 0.01, 0.0)),
+        360,
+    ),  # fmt: skip
 }
 
 

@@ -22,8 +22,9 @@ def test_world_init_writes_an_editable_copy_that_loads_and_never_overwrites(tmp_
     copy, original = load_world(path), load_world(source)
     assert copy.name == "mine"
     assert copy.to_dict() == {**original.to_dict(), "name": "mine"} | {
-        "objects": [{**o, "source": o["source"].replace("kitchen/", "mine_meshes/")}
-                    for o in original.to_dict()["objects"]]  # fmt: skip
+        "objects": [
+            {**o, "source": o["source"].replace("kitchen/", "mine_meshes/")} for o in original.to_dict()["objects"]
+        ]  # fmt: skip
     }
     text = path.read_text()
     if source == "kitchen":

@@ -286,7 +286,7 @@ def test_train_with_a_world_file_trains_a_model_of_that_world_and_resume_refuses
     model = load(out / "checkpoint.safetensors")
     assert model.world.name == "tiny" and model.image_wh == (48, 32)
     assert model.world.shape_names == ("block", "can", "prism")
-    world_file.write_text(TINY_WORLD.replace('objects_per_scene = [1, 4]', 'objects_per_scene = [1, 3]'))
+    world_file.write_text(TINY_WORLD.replace("objects_per_scene = [1, 4]", "objects_per_scene = [1, 3]"))
     assert cli(["train", kind, "--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 2
     assert "another model than the one its checkpoint holds" in capsys.readouterr().err
 
