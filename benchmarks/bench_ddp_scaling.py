@@ -41,8 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accuracy-minutes", type=float, default=30.0, help="training budget of each accuracy run")
     p.add_argument("--accuracy-eval-every", type=float, default=30.0, help="seconds between evaluations")
     p.add_argument("--accuracy-eval-n", type=int, default=1000)
-    p.add_argument("--overlap", default="reject", help="multi-MNIST overlap rule of the accuracy runs (AIR reaches "
-                   "95%% on 'reject' scenes in ~1.3 min on one core here; on 'clip' it plateaus near 92%%)")
+    p.add_argument(
+        "--overlap",
+        default="reject",
+        help="multi-MNIST overlap rule of the accuracy runs (AIR reaches "
+        "95%% on 'reject' scenes in ~1.3 min on one core here; on 'clip' it plateaus near 92%%)",
+    )
     p.add_argument("--no-accuracy", action="store_true", help="measure throughput only")
     p.add_argument("--no-throughput", action="store_true", help="measure time to accuracy only")
     p.add_argument("--others", default="", help="what else was running on the machine (written to the results)")

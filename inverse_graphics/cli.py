@@ -318,13 +318,16 @@ def _add_demo(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/demo")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tabletop-model", default="air-kitchen", help="shipped 3D model of the second part")
+    p.add_argument("--n-tabletop", type=int, default=4, help="tabletop scenes (0: the 2D part only)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
     from inverse_graphics.demo import DemoConfig, main
 
-    main(DemoConfig(n=args.n, seed=args.seed, out_dir=args.out, device=args.device))
+    main(DemoConfig(n=args.n, seed=args.seed, out_dir=args.out, device=args.device,
+                    tabletop_model=args.tabletop_model, n_tabletop=args.n_tabletop))  # fmt: skip
     return 0
 
 
