@@ -38,7 +38,7 @@ ones, and the optional sleep phase) are in `air3d_objective.py`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -438,7 +438,12 @@ class AIR3D(nn.Module):
         return prev, images.new_ones(B), (zeros, zeros)
 
     def guide(self, images: torch.Tensor, sample: bool = True) -> Guide3D:
-        """Run all T steps on images (B, 3, H, W) in [0, 1]; returns the stacked latents."""
+        """Run all T steps on images (B, 3, H, W) in [0, 1]; returns the stacked latents.
+
+        Inference (sample False) computes each step only for the scenes still going (z_pres = 1 so far): a scene
+        that has stopped never restarts, and its later steps are reported as absent (z_pres and pres_prob 0, the
+        other fields 0). Training computes every step of every scene (the ELBO's terms need them)."""
+        B = images.shape[0]
         prev, prev_pres, state = self.initial_state(images)
         appearance, look = self.appearance_q(images, sample)
         gates = self.image_gates(images, None, look)
@@ -446,13 +451,48 @@ class AIR3D(nn.Module):
         inputs: list[torch.Tensor] = []
         for t in range(self.max_steps):
             inputs.append(prev)
-            if self.config.difference_input and t > 0:
-                gates = self.image_gates(images, self._stack(steps).scene(), look)
-            step = self.guide_step(gates, images, prev, prev_pres, state, sample)
+            rows = None if sample else prev_pres.nonzero().squeeze(1)
+            if rows is not None and rows.numel() == B:
+                rows = None  # every scene still going: no copies
+            if rows is None:
+                if self.config.difference_input and t > 0:
+                    gates = self.image_gates(images, self._stack(steps).scene(), look)
+                step = self.guide_step(gates, images, prev, prev_pres, state, sample)
+            else:
+                step = self._step_rows(rows, t, steps, gates, images, prev, prev_pres, state, look)
             steps.append(step)
             state, prev_pres = step.state, step.z_pres
             prev = self.step_input(step.z_pres, step.shape, step.position, step.v)
         return replace(self._stack(steps), step_inputs=torch.stack(inputs, dim=1), appearance=appearance)
+
+    def _step_rows(self, rows, t, steps, gates, images, prev, prev_pres, state, look) -> GuideStep3D:
+        """An inference step for the scenes `rows` (LongTensor) only, scattered into a full-batch GuideStep3D."""
+        if rows.numel() == 0:  # every scene has stopped (t > 0 here: at t = 0 every scene is going)
+            last = steps[-1]
+            zeros = {n: torch.zeros_like(getattr(last, n)) for n in GuideStep3D.__dataclass_fields__ if n != "state"}
+            return GuideStep3D(**zeros, state=state)
+        x = images[rows]
+        if self.config.difference_input and t > 0:
+            so_far = self._stack(steps).scene()
+            so_far = SceneTensors(so_far.shape_ids[rows], so_far.positions[rows], so_far.yaws[rows])
+            sub_look = (
+                None if look is None else replace(look, **{f.name: getattr(look, f.name)[rows] for f in fields(look)})
+            )
+            g = self.image_gates(x, so_far, sub_look)
+        else:
+            g = gates[rows]
+        sub = self.guide_step(g, x, prev[rows], prev_pres[rows], (state[0][rows], state[1][rows]), False)
+        out = {}
+        for name in GuideStep3D.__dataclass_fields__:
+            if name == "state":
+                continue
+            value = getattr(sub, name)
+            full = value.new_zeros((images.shape[0], *value.shape[1:]))
+            full[rows] = value
+            out[name] = full
+        h, c = state[0].clone(), state[1].clone()
+        h[rows], c[rows] = sub.state
+        return GuideStep3D(**out, state=(h, c))
 
     def appearance_q(self, images: torch.Tensor, sample: bool):
         """q(a | images) of the appearance latent: ((loc, scale, a) each (B, 3), the AppearanceFit of the loc for

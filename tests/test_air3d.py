@@ -187,6 +187,28 @@ def test_sleep_log_q_of_a_batch_is_each_scene_s_alone():
     assert_close(g_batch, g_alone, atol=1e-4, rtol=1e-4)
 
 
+def test_inference_guide_skips_stopped_scenes_without_changing_them():
+    """guide(sample=False) computes a step only for the scenes still going; each scene's result must be the one it
+    gets alone, and steps after a scene stops report absent objects."""
+    model = _model().eval()
+    images = _images(8, seed=3)
+    with torch.no_grad():  # presence logits of both signs at the first step: half the scenes stop there
+        model.where_head.fc.weight[0].mul_(50.0)
+        first = torch.logit(model.guide(images, sample=False).pres_prob[:, 0])
+        model.where_head.fc.bias[0] -= first.median() + 1e-3
+    batch = model.guide(images, sample=False)
+    assert 0 < batch.z_pres.sum() < batch.z_pres.numel()
+    for i in range(8):
+        alone = model.guide(images[i : i + 1], sample=False)
+        present = alone.z_pres[0] > 0.5
+        assert torch.equal(batch.z_pres[i], alone.z_pres[0]) and torch.equal(
+            batch.shape[i][present], alone.shape[0][present]
+        )
+        assert_close(batch.position[i][present], alone.position[0][present], atol=1e-5)
+        stopped = torch.cat([torch.zeros(1, dtype=torch.bool), alone.z_pres[0, :-1] < 0.5])
+        assert (batch.pres_prob[i][stopped] == 0).all()
+
+
 def test_infer_returns_valid_json_scenes_and_refines():
     model = _model().eval()
     _set_presence(model, 3.0)
