@@ -134,6 +134,7 @@ class AIR3DConfig:
     @classmethod
     def from_dict(cls, d: dict) -> AIR3DConfig:
         d = dict(d)
+        d.setdefault("encoder_pool", 1)  # configs saved before the field existed were trained on unpooled images
         for k in ("channels", "baseline_channels", "glimpse_channels", "position_sd", "image_size"):
             if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
