@@ -37,6 +37,7 @@ ones, and the optional sleep phase) are in `air3d_objective.py`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -101,7 +102,11 @@ class AIR3DConfig:
     # The whole-image encoders need only a coarse position (the glimpse sees full resolution) and were most of
     # a step's cost at 128 x 96: six residual encodings and their backward.
     encoder_pool: int | None = None
-    glimpse_size: int = 24  # G: the glimpse's side in samples
+    # G: the glimpse's side in samples; None: derived, one sample per pixel of the window (at least 24); the
+    # first convolution then has stride glimpse_stride (None: G // 24 rounded, so the layers after it see 24 x 24
+    # whatever the window). With 24 samples for a 47-pixel window (the kitchen's), a sample was 2 pixels, 14 mm.
+    glimpse_size: int | None = None
+    glimpse_stride: int | None = None
     # its side in normalised units of the image's shorter side (2 = that side; 0.75 = 24 pixels at 64); square in
     # pixels. None: derived from the world (inverse_graphics.world3d.derived_scales; the legacy 0.75 without one)
     glimpse_window: float | None = None
@@ -135,6 +140,7 @@ class AIR3DConfig:
     def from_dict(cls, d: dict) -> AIR3DConfig:
         d = dict(d)
         d.setdefault("encoder_pool", 1)  # configs saved before the field existed were trained on unpooled images
+        d.setdefault("glimpse_stride", 1)  # and had a stride-1 first glimpse convolution
         for k in ("channels", "baseline_channels", "glimpse_channels", "position_sd", "image_size"):
             if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
@@ -284,13 +290,15 @@ class AIR3D(nn.Module):
         self.embed_norm = nn.LayerNorm(cfg.embed_dim)
         self.rnn = GatedRecurrence(cfg.embed_dim, self.step_dim, cfg.rnn_hidden)
         self.where_head = WhereHead3D(cfg.rnn_hidden)
-        self.glimpse_encoder = GlimpseEncoder(cfg.glimpse_size, cfg.glimpse_channels, cfg.glimpse_dim)
+        self.scales = scales = self._scales()
+        G = self.glimpse_samples = cfg.glimpse_size or max(24, math.ceil(scales.glimpse_pixels))
+        stride = cfg.glimpse_stride or max(1, round(G / 24))
+        self.glimpse_encoder = GlimpseEncoder(G, cfg.glimpse_channels, cfg.glimpse_dim, stride)
         self.object_head = ObjectHead3D(cfg.rnn_hidden, cfg.glimpse_dim, S)
         self.baseline = Baseline3D(size, cfg.baseline_channels, self.step_dim, cfg.baseline_hidden, cfg.encoder_pool)
         use_appearance = default_fit_appearance(self.world) if cfg.appearance is None else cfg.appearance
         use_appearance = use_appearance and not self.legacy
         self.appearance_latent = AppearanceLatent(self.world, cfg.embed_dim) if use_appearance else None
-        self.scales = scales = self._scales()
         self.register_buffer("yaw_order", world3d.yaw_orders(self.world, True), persistent=False)
         self.register_buffer("pres_prior", self._count_prior(low, high), persistent=False)
         self.register_buffer("signal_mean", torch.zeros(T))
@@ -302,7 +310,7 @@ class AIR3D(nn.Module):
         self.register_buffer("position_sd", torch.tensor(scales.position_sd), persistent=False)
         self.register_buffer("table_half", torch.tensor(world3d.table_half_sizes(self.world)), persistent=False)
         W, H = self.image_wh
-        ramp = (torch.arange(cfg.glimpse_size) + 0.5) / cfg.glimpse_size * 2 - 1  # (G,) -1..1
+        ramp = (torch.arange(G) + 0.5) / G * 2 - 1  # (G,) -1..1
         if self.legacy:  # exactly the pre-world grid
             assert cfg.glimpse_window is not None
             ramp_x = ramp_y = ramp * cfg.glimpse_window / 2

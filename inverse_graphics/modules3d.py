@@ -138,17 +138,18 @@ class WhereHead3D(nn.Module):
 
 
 class GlimpseEncoder(nn.Module):
-    """A G x G glimpse (the image around one object) -> a feature vector: stride-1 then stride-2 convolutions,
-    so the few pixels that tell a cube from a cylinder are seen at full resolution."""
+    """A G x G glimpse (the image around one object) -> a feature vector: a first convolution of stride
+    `first_stride` (1: the few pixels that tell a cube from a cylinder are seen at full resolution; 2 for a glimpse
+    of twice as many samples, which its 3 x 3 kernels still see every one of), then stride-2 convolutions."""
 
-    def __init__(self, glimpse_size: int, channels: tuple[int, ...], out_dim: int):
+    def __init__(self, glimpse_size: int, channels: tuple[int, ...], out_dim: int, first_stride: int = 1):
         super().__init__()
         layers: list[nn.Module] = []
         c_in, side = 3, glimpse_size
         for i, c_out in enumerate(channels):
-            stride = 1 if i == 0 else 2
+            stride = first_stride if i == 0 else 2
             layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1), nn.ReLU()]
-            c_in, side = c_out, side if stride == 1 else (side + 1) // 2
+            c_in, side = c_out, (side - 1) // stride + 1  # kernel 3, padding 1
         self.conv = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in * side * side, out_dim)
 

@@ -71,7 +71,7 @@ class WorldScales:
 
 # The primitives world's scales as the pre-world checkpoints were trained with: 0.12 m, 5 cm, 0.75 normalised units
 # of a 64-pixel image = 24 pixels (glimpse_pixels is scaled with the image: 0.75 / 2 of its side).
-LEGACY = {"position_sd": 0.12, "glimpse_height": 0.05, "glimpse_window": 0.75}
+LEGACY = {"position_sd": 0.12, "glimpse_height": 0.05, "glimpse_window": 0.75, "glimpse_size": 24, "glimpse_stride": 1}
 
 
 @cache

@@ -170,6 +170,23 @@ def test_sleep_loss_runs_and_the_greedy_order_ignores_slot_order():
     assert_close(a[keep], b[keep], atol=1e-4, rtol=1e-5)
 
 
+def test_glimpse_samples_every_pixel_of_a_derived_window():
+    """A world's glimpse takes one sample per pixel of its window (at least 24), and a large one is read by a
+    strided first convolution; an explicit size and the pre-world models keep theirs."""
+    from inverse_graphics import world3d
+
+    world = world3d.run_world("kitchen")
+    model = AIR3D(AIR3DConfig(world=world.to_dict(), image_size=None, max_steps=None, **TINY))
+    G = model.glimpse_samples
+    assert G == max(24, math.ceil(model.scales.glimpse_pixels)) and G > 24  # the kitchen's window: ~47 pixels
+    assert model.glimpse_encoder.conv[0].stride == (round(G / 24),) * 2
+    assert model.glimpse(torch.rand(2, 3, 96, 128), torch.zeros(2, 2)).shape == (2, 3, G, G)
+    legacy = _model()
+    assert legacy.glimpse_samples == 24 and legacy.glimpse_encoder.conv[0].stride == (1, 1)
+    old = AIR3DConfig.from_dict({**legacy.config.to_dict(), "glimpse_stride": None} | {"glimpse_size": 24})
+    assert AIR3D(old).glimpse_encoder.conv[0].stride == (1, 1)
+
+
 def test_sleep_log_q_of_a_batch_is_each_scene_s_alone():
     """teacher_forced_log_q drops scenes from the batch as they end; each scene's log q must be what it is alone
     (a batch of one never shrinks before its own end), and its gradient the same."""
