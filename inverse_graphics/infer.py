@@ -257,7 +257,8 @@ def main_tabletop(cfg: InferConfig, model) -> dict:
     out = model.infer(x.to(cfg.device), refine=cfg.refine, refine_gradient=cfg.refine_gradient)
     t = world3d.scenes_to_tensors(world, out.scenes)  # results, not inputs: no table checks
     backend = getattr(model.config, "backend", "auto")
-    renders = t.render(world3d.renderer(world, "hard", size, backend, model.legacy)).images
+    colors = None if model.legacy else world3d.object_colors(world, t.shape_ids)  # the world's own colours
+    renders = t.render(world3d.renderer(world, "hard", size, backend, model.legacy), colors).images
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
