@@ -39,35 +39,60 @@ from renderers.mesh import (
 
 __all__ = ["OpenGLUnavailableError", "OpenGLSettings", "OpenGLRenderer", "opengl_available", "world_to_clip"]
 
+# One instanced draw per mesh per call: every instance carries its scene's pose, albedo, light, camera and the
+# offset of its tile in the framebuffer (clip-space scale and shift; the tile's own clip volume is kept by four
+# clip distances, as a viewport per tile kept it before), so a call costs a draw per shape, not per object.
 _VERTEX_SHADER = """
 #version 330
-uniform mat4 world_to_clip;
-uniform vec4 pose;  // (cos yaw, sin yaw, x, y)
+uniform vec2 tile_scale;  // a tile's size / the framebuffer's, per axis
 in vec3 in_position;
 in vec3 in_normal;
+in vec4 pose;  // per instance: (cos yaw, sin yaw, x, y)
+in vec3 albedo;
+in float is_object;
+in vec4 light;  // unit direction towards the light, ambient
+in float diffuse;
+in vec2 tile_offset;  // the tile's centre in the framebuffer's normalised device coordinates
+in mat4 world_to_clip;  // the scene's camera
 noperspective out vec3 normal;
+flat out vec3 v_albedo;
+flat out vec4 v_light;
+flat out float v_diffuse;
+flat out float v_is_object;
 void main() {
     vec2 xy = vec2(pose.x * in_position.x - pose.y * in_position.y,
                    pose.y * in_position.x + pose.x * in_position.y) + pose.zw;
     normal = vec3(pose.x * in_normal.x - pose.y * in_normal.y,
                   pose.y * in_normal.x + pose.x * in_normal.y, in_normal.z);
-    gl_Position = world_to_clip * vec4(xy, in_position.z, 1.0);
+    vec4 clip = world_to_clip * vec4(xy, in_position.z, 1.0);
+    gl_ClipDistance[0] = clip.w - clip.x;
+    gl_ClipDistance[1] = clip.w + clip.x;
+    gl_ClipDistance[2] = clip.w - clip.y;
+    gl_ClipDistance[3] = clip.w + clip.y;
+    gl_Position = vec4(clip.xy * tile_scale + clip.w * tile_offset, clip.zw);
+    v_albedo = albedo;
+    v_light = light;
+    v_diffuse = diffuse;
+    v_is_object = is_object;
 }
 """
 _FRAGMENT_SHADER = """
 #version 330
-uniform vec3 albedo;
-uniform vec3 light_direction;  // unit, towards the light
-uniform float ambient;
-uniform float diffuse;
-uniform float is_object;
 noperspective in vec3 normal;
+flat in vec3 v_albedo;
+flat in vec4 v_light;
+flat in float v_diffuse;
+flat in float v_is_object;
 out vec4 color;
 void main() {
-    float lambert = max(dot(normalize(normal), light_direction), 0.0);
-    color = vec4(albedo * (ambient + diffuse * lambert), is_object);
+    float lambert = max(dot(normalize(normal), v_light.xyz), 0.0);
+    color = vec4(v_albedo * (v_light.w + v_diffuse * lambert), v_is_object);
 }
 """
+_INSTANCE_FORMAT = "4f 3f 1f 4f 1f 2f 16f/i"  # one row of `_instances`
+_INSTANCE_ATTRIBUTES = ("pose", "albedo", "is_object", "light", "diffuse", "tile_offset", "world_to_clip")
+_INSTANCE_FLOATS = 31
+_GL_CLIP_DISTANCE0 = 0x3000
 
 
 class OpenGLUnavailableError(RuntimeError):
@@ -192,10 +217,14 @@ class OpenGLRenderer(torch.nn.Module):
         self.settings = settings or OpenGLSettings()
         self.ctx = _context(self.settings.egl_device)
         self.program = self.ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
-        self.shapes = [self._vertex_array(v, f) for v, f in zip(library.verts, library.faces, strict=True)]
-        self.table = self._vertex_array(stage.table_verts, stage.table_faces)
+        # the table last: meshes[k] is shape k, meshes[-1] the table
+        self._meshes = [self._mesh_buffers(v, f) for v, f in zip(library.verts, library.faces, strict=True)]
+        self._meshes.append(self._mesh_buffers(stage.table_verts, stage.table_faces))
+        self._instanced: list[tuple[Any, Any, int] | None] = [None] * len(self._meshes)  # (vao, buffer, rows)
         self._framebuffers: dict[tuple[int, int], Any] = {}  # one per tile layout, reused (see `_framebuffer`)
-        self._set_stage_uniforms()
+        direction = np.asarray(stage.light.direction, dtype=np.float64)
+        self._nominal_light = np.r_[direction / np.linalg.norm(direction), stage.light.ambient]  # (4,)
+        self._nominal_clip = world_to_clip(stage.camera, self.settings.image_size).T.reshape(16)  # column-major
 
     def _framebuffer(self, width: int, height: int):
         """The float framebuffer of this size, made once. Why reused: `Framebuffer.release()` does not release the
@@ -205,24 +234,54 @@ class OpenGLRenderer(torch.nn.Module):
             self._framebuffers[width, height] = self.ctx.simple_framebuffer((width, height), components=4, dtype="f4")
         return self._framebuffers[width, height]
 
-    def _vertex_array(self, verts: torch.Tensor, faces: torch.Tensor):
-        """A vertex array of interleaved (position, normal) float32 and uint32 triangle indices."""
+    def _mesh_buffers(self, verts: torch.Tensor, faces: torch.Tensor) -> tuple[Any, Any]:
+        """Interleaved (position, normal) float32 vertices and uint32 triangle indices, as GL buffers."""
         normals = vertex_normals(verts.double(), faces).float()
         data = torch.cat([verts.float(), normals], dim=1).numpy()  # (V, 6)
         vbo = self.ctx.buffer(np.ascontiguousarray(data, dtype="f4").tobytes())
-        ibo = self.ctx.buffer(faces.numpy().astype("u4").tobytes())
-        return self.ctx.vertex_array(self.program, [(vbo, "3f 3f", "in_position", "in_normal")], ibo)
+        return vbo, self.ctx.buffer(faces.numpy().astype("u4").tobytes())
 
-    def _set_stage_uniforms(self, stage: Stage | None = None) -> None:
-        """Camera and light uniforms of `stage` (default: the nominal one)."""
-        stage = stage or self.stage
-        light = stage.light
-        direction = np.asarray(light.direction, dtype=np.float64)
-        clip = world_to_clip(stage.camera, self.settings.image_size)
-        self.program["world_to_clip"].write(clip.T.tobytes())  # column-major
-        self.program["light_direction"].value = tuple(direction / np.linalg.norm(direction))
-        self.program["ambient"].value = light.ambient
-        self.program["diffuse"].value = light.diffuse
+    def _vertex_array(self, mesh: int, rows: int):
+        """Mesh `mesh`'s vertex array with an instance buffer of at least `rows` instances (grown by doubling; the
+        buffers are kept, as framebuffers are, since releasing GL objects every call is what leaked before)."""
+        held = self._instanced[mesh]
+        if held is None or held[2] < rows:
+            if held is not None:
+                held[0].release()
+                held[1].release()
+            capacity = max(64, 1 << (rows - 1).bit_length())
+            buffer = self.ctx.buffer(reserve=capacity * _INSTANCE_FLOATS * 4)
+            vbo, ibo = self._meshes[mesh]
+            content = [(vbo, "3f 3f", "in_position", "in_normal"), (buffer, _INSTANCE_FORMAT, *_INSTANCE_ATTRIBUTES)]
+            held = (self.ctx.vertex_array(self.program, content, ibo), buffer, capacity)
+            self._instanced[mesh] = held
+        return held
+
+    def _scene_uniforms(self, B: int, appearance: Appearance | None) -> dict[str, np.ndarray]:
+        """Each scene's light (B, 4) (unit direction, ambient), diffuse (B,), table albedo (B, 3) and world-to-clip
+        matrix (B, 16), column-major: the nominal stage where `appearance` leaves a field None."""
+
+        def rows(name: str) -> np.ndarray | None:
+            value = None if appearance is None else getattr(appearance, name)
+            return None if value is None else value.detach().cpu().double().numpy()
+
+        stage, light = self.stage, np.tile(self._nominal_light, (B, 1))
+        direction, ambient, diffuse, table, eye = (rows(n) for n in ("light_direction", "ambient", "diffuse",
+                                                                      "table_color", "eye"))  # fmt: skip
+        if direction is not None:
+            light[:, :3] = direction / np.linalg.norm(direction, axis=1, keepdims=True)
+        if ambient is not None:
+            light[:, 3] = ambient
+        clip = np.tile(self._nominal_clip, (B, 1))
+        if eye is not None and B > 0:  # the rare per-scene camera (randomised training renders): a matrix each
+            size = self.settings.image_size
+            clip = np.stack([world_to_clip(stage.camera, size, (e[0], e[1], e[2])).T.reshape(16) for e in eye])
+        return {
+            "light": light,
+            "diffuse": np.full(B, stage.light.diffuse) if diffuse is None else diffuse,
+            "table": np.tile(np.asarray(stage.table_color), (B, 1)) if table is None else table,
+            "clip": clip,
+        }
 
     @torch.no_grad()
     def forward(
@@ -245,48 +304,56 @@ class OpenGLRenderer(torch.nn.Module):
             appearance = None if appearance.is_nominal() else appearance
         ids, pos = shape_ids.cpu().numpy(), positions.detach().cpu().double().numpy()
         yaw = yaws.detach().cpu().double().numpy()
-        albedo = None if colors is None else colors.detach().cpu().numpy()
-        stages = None if appearance is None else [appearance.scene_stage(self.stage, b) for b in range(B)]
+        if colors is None:
+            albedo = np.tile(np.asarray(self.stage.object_color, dtype=np.float64), (*ids.shape, 1))
+        else:
+            albedo = colors.detach().cpu().double().numpy()
+        scene = self._scene_uniforms(B, appearance)
         chunks = [np.zeros((0, 4, H, W), dtype=np.float32)]
         for i in range(0, B, tiles):
-            chunk_albedo = None if albedo is None else albedo[i : i + tiles]
-            chunk_stages = None if stages is None else stages[i : i + tiles]
-            chunk = slice(i, i + tiles)
-            chunks.append(self._render_tiles(ids[chunk], pos[chunk], yaw[chunk], chunk_albedo, chunk_stages))
+            part = slice(i, i + tiles)
+            chunks.append(self._render_tiles(ids[part], pos[part], yaw[part], albedo[part],
+                                             {k: v[part] for k, v in scene.items()}))  # fmt: skip
         rgba = torch.from_numpy(np.concatenate(chunks))  # (B, 4, H, W)
         images = rgba[:, :3].clamp(0.0, 1.0).to(positions.device)
         return RenderOutput(images=images, object_mask=(rgba[:, 3] > 0.5).to(positions.device))
 
-    def _render_tiles(self, ids, pos, yaw, albedo, stages: list[Stage] | None = None) -> np.ndarray:
-        """Draw scenes (numpy (b, N), (b, N, 2), (b, N), (b, N, 3) or None; one Stage per scene or None for the
-        nominal one) as tiles; float32 (b, 4, H, W)."""
+    def _render_tiles(self, ids, pos, yaw, albedo, scene: dict[str, np.ndarray]) -> np.ndarray:
+        """Draw b scenes (numpy (b, N), (b, N, 2), (b, N), (b, N, 3); `_scene_uniforms` rows) as tiles of one
+        framebuffer, one instanced draw per mesh; float32 (b, 4, H, W)."""
         W, H, b = self.settings.width, self.settings.height, ids.shape[0]
         cols = math.ceil(math.sqrt(b))
         rows = math.ceil(b / cols)
         fbo = self._framebuffer(cols * W, rows * H)
         fbo.use()
+        fbo.viewport = (0, 0, cols * W, rows * H)
         self.ctx.enable(self.ctx.DEPTH_TEST)
+        for plane in range(4):
+            self.ctx.enable_direct(_GL_CLIP_DISTANCE0 + plane)
         fbo.clear(*self.stage.background_color, 0.0, depth=1.0)
-        for i in range(b):
-            fbo.viewport = ((i % cols) * W, (i // cols) * H, W, H)
-            if stages is not None:
-                self._set_stage_uniforms(stages[i])
-            table_color = self.stage.table_color if stages is None else stages[i].table_color
-            self._draw(self.table, (1.0, 0.0, 0.0, 0.0), table_color, 0.0)
-            for k, (x, y), angle, n in zip(ids[i], pos[i], yaw[i], range(ids.shape[1]), strict=True):
-                if k >= 0:
-                    color = self.stage.object_color if albedo is None else tuple(albedo[i, n])
-                    angle = 0.0 if k < len(self.yaw_invariant) and self.yaw_invariant[k] else angle
-                    self._draw(self.shapes[k], (math.cos(angle), math.sin(angle), x, y), color, 1.0)
-        if stages is not None:
-            self._set_stage_uniforms()  # back to the nominal stage for the next call
+        self.program["tile_scale"].value = (1.0 / cols, 1.0 / rows)
+        tile = np.arange(b)
+        offset = np.stack([(2 * (tile % cols) + 1) / cols - 1, (2 * (tile // cols) + 1) / rows - 1], 1)  # (b, 2)
+        per_scene = np.concatenate([scene["light"], scene["diffuse"][:, None], offset, scene["clip"]], 1)  # (b, 22)
+        table = np.concatenate([np.tile([1.0, 0.0, 0.0, 0.0], (b, 1)), scene["table"], np.zeros((b, 1)), per_scene], 1)
+        self._draw(len(self._meshes) - 1, table)
+        s, n = np.nonzero(ids >= 0)  # the objects: scene and slot of each
+        k = ids[s, n]
+        invariant = np.array([*self.yaw_invariant, *[False] * len(self._meshes)])[k]
+        angle = np.where(invariant, 0.0, yaw[s, n])
+        pose = np.concatenate([np.cos(angle)[:, None], np.sin(angle)[:, None], pos[s, n]], 1)  # (M, 4)
+        objects = np.concatenate([pose, albedo[s, n], np.ones((len(s), 1)), per_scene[s]], 1)  # (M, 31)
+        for shape in np.unique(k):
+            self._draw(int(shape), objects[k == shape])
         data = np.frombuffer(fbo.read(components=4, dtype="f4"), dtype=np.float32)
         grid = data.reshape(rows, H, cols, W, 4)[:, ::-1]  # OpenGL's row 0 is the bottom; flip to top-first
         tiles = grid.transpose(0, 2, 4, 1, 3).reshape(rows * cols, 4, H, W)[:b]  # (b, 4, H, W)
         return np.ascontiguousarray(tiles)
 
-    def _draw(self, vao, pose: tuple[float, float, float, float], albedo, is_object: float) -> None:
-        self.program["pose"].value = pose
-        self.program["albedo"].value = tuple(float(c) for c in albedo)
-        self.program["is_object"].value = is_object
-        vao.render()
+    def _draw(self, mesh: int, instances: np.ndarray) -> None:
+        """One instanced draw of mesh `mesh` (a shape id, or the table last), float (M, 31) `instances` rows."""
+        if len(instances) == 0:
+            return
+        vao, buffer, _ = self._vertex_array(mesh, len(instances))
+        buffer.write(np.ascontiguousarray(instances, dtype="f4").tobytes())
+        vao.render(instances=len(instances))
