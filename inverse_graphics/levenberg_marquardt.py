@@ -34,9 +34,21 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LMSettings", "LMResult", "damped_step", "jacobian", "levenberg_marquardt", "normal_equations", "solve_gain"]
+__all__ = [
+    "LMSettings",
+    "LMResult",
+    "Perturb",
+    "damped_step",
+    "jacobian",
+    "levenberg_marquardt",
+    "normal_equations",
+    "solve_gain",
+]
 
 BlackBox = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (params (M, P), rows (M,)) -> (M, D)
+# (params (M, P), rows (M,), cols (M,), base params (M, P), base outputs (M, D)) -> outputs (M, D) at params, which
+# differ from base params in entry cols only: a black box that can redraw only what that entry changes
+Perturb = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Project = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (params (M, P), rows (M,)) -> feasible (M, P)
 Smooth = Callable[[torch.Tensor], torch.Tensor]  # a linear map of outputs (M, D) -> (M, D')
 
@@ -89,7 +101,8 @@ def jacobian(
     """Finite-difference Jacobians of a batched black box, all perturbations of all problems in one call.
 
     Args:
-        fn: black box (params (M, P), rows LongTensor (M,): the problem each row belongs to) -> (M, D).
+        fn: black box (params (M, P), rows LongTensor (M,): the problem each row belongs to, cols LongTensor (M,):
+            the entry each row perturbs) -> (M, D).
         params: FloatTensor (B, P); steps: FloatTensor (P,), h_j > 0; active: BoolTensor (B, P), the entries to
             differentiate (the others get zero rows and cost nothing).
         base: FloatTensor (B, D), fn(params) when known (forward differences need it; None: evaluated here).
@@ -108,14 +121,14 @@ def jacobian(
     if central:
         lower = params[rows].clone()
         lower[torch.arange(M), cols] -= h
-        out = fn(torch.cat([shifted, lower]), torch.cat([rows, rows]))  # (2M, D)
+        out = fn(torch.cat([shifted, lower]), torch.cat([rows, rows]), torch.cat([cols, cols]))  # (2M, D)
         diff = (out[:M] - out[M:]) / (2 * h[:, None])
         evaluations += M
     else:
         if base is None:
-            base = fn(params, torch.arange(B, device=params.device))
+            base = fn(params, torch.arange(B, device=params.device), torch.full((B,), -1, device=params.device))
             evaluations += B
-        diff = (fn(shifted, rows) - base[rows]) / h[:, None]  # (M, D)
+        diff = (fn(shifted, rows, cols) - base[rows]) / h[:, None]  # (M, D)
     JT = params.new_zeros(B, P, diff.shape[1])
     JT[rows, cols] = diff
     return JT, evaluations
@@ -163,6 +176,7 @@ def levenberg_marquardt(
     project: Project | None = None,
     gain: bool = False,
     smooth: Smooth | None = None,
+    perturb: Perturb | None = None,
 ) -> LMResult:
     """Minimise || f(p; b) - x_b ||^2 for each problem b (module docstring).
 
@@ -178,6 +192,8 @@ def levenberg_marquardt(
         smooth: a linear map S of outputs (M, D) -> (M, D') (e.g. a blur of images) under which the steps are
             modelled and accepted, || S f(p) - S x ||^2, while the point returned is the best by the unsmoothed loss
             (module docstring); None: no smoothing.
+        perturb: evaluates the Jacobian's perturbed points given the base point and its outputs (e.g. a renderer
+            that redraws only the pixels one object's move can change); None: fn.
     Returns:
         LMResult.
     """
@@ -193,25 +209,26 @@ def levenberg_marquardt(
         return (raw * g[:, None]).clamp(max=1.0) if gain else raw
 
     def evaluate(p: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """At points p (M, P) of problems rows: gains (M,), losses (M,), smoothed outputs (M, D') and their losses."""
+        """At points p (M, P) of problems rows: raw outputs (M, D), gains (M,), losses (M,), smoothed outputs
+        (M, D') and their losses."""
         raw = fn(p, rows)
         g = solve_gain(raw, target[rows]) if gain else torch.ones(p.shape[0], device=device)
         out = predict(raw, g)
         loss = ((out - target[rows]) ** 2).sum(1)
         if smooth is None:
-            return g, loss, out, loss
+            return raw, g, loss, out, loss
         out_s = smooth(out)
-        return g, loss, out_s, ((out_s - target_s[rows]) ** 2).sum(1)
+        return raw, g, loss, out_s, ((out_s - target_s[rows]) ** 2).sum(1)
 
     with torch.no_grad():
         everyone = torch.arange(B, device=device)
-        g, loss, base, objective = evaluate(params, everyone)  # base: (smoothed) outputs at p, objective: LM's loss
+        raw, g, loss, base, objective = evaluate(params, everyone)  # base: (smoothed) outputs, objective: LM's loss
         start_loss, evaluations = loss.clone(), B
         best, best_loss, best_g = params.clone(), loss.clone(), g.clone()  # the start itself is a candidate
         p = project(params.clone(), everyone)
         moved = (p != params).any(1).nonzero(as_tuple=True)[0]  # starts off the feasible set: LM starts on it
         if moved.numel() > 0:
-            g[moved], loss[moved], base[moved], objective[moved] = evaluate(p[moved], moved)
+            raw[moved], g[moved], loss[moved], base[moved], objective[moved] = evaluate(p[moved], moved)
             evaluations += moved.numel()
             lower = moved[loss[moved] < best_loss[moved]]
             best[lower], best_loss[lower], best_g[lower] = p[lower], loss[lower], g[lower]
@@ -224,9 +241,10 @@ def levenberg_marquardt(
                 break
             iterations[idx] += 1
 
-            def perturbed(q: torch.Tensor, rows: torch.Tensor, idx=idx) -> torch.Tensor:
-                # the Jacobian is taken at the base point's gain (module docstring)
-                return smoothed(predict(fn(q, idx[rows]), g[idx[rows]]))
+            def perturbed(q: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, idx=idx) -> torch.Tensor:
+                problems = idx[rows]
+                out = fn(q, problems) if perturb is None else perturb(q, problems, cols, p[problems], raw[problems])
+                return smoothed(predict(out, g[problems]))  # at the base point's gain (module docstring)
 
             JT, n = jacobian(perturbed, p[idx], steps, active[idx], base[idx], cfg.differences == "central")
             evaluations += n
@@ -238,11 +256,11 @@ def levenberg_marquardt(
                 rows = idx[k]
                 delta = damped_step(JtJ[k], Jtr[k], damping[rows], active[rows], steps, cfg.max_step)
                 trial = project(p[rows] + delta, rows)
-                t_g, t_loss, t_base, t_objective = evaluate(trial, rows)
+                t_raw, t_g, t_loss, t_base, t_objective = evaluate(trial, rows)
                 evaluations += rows.shape[0]
                 better = t_objective < objective[rows]
                 won = rows[better]
-                p[won], g[won], base[won] = trial[better], t_g[better], t_base[better]
+                p[won], raw[won], g[won], base[won] = trial[better], t_raw[better], t_g[better], t_base[better]
                 objective[won] = t_objective[better]
                 lower = t_loss < best_loss[rows]  # the best point by the unsmoothed loss, whatever LM accepts
                 kept = rows[lower]

@@ -38,6 +38,7 @@ from inverse_graphics.appearance import AppearanceFit, fit_appearance
 from inverse_graphics.levenberg_marquardt import LMSettings, levenberg_marquardt
 from inverse_graphics.metrics3d import as_scene
 from renderers.finite_difference import FiniteDifferenceRenderer
+from renderers.mesh import Appearance
 from scenes import tabletop
 from scenes.tabletop import Scene
 from scenes.tabletop_objects import footprints_overlap
@@ -231,14 +232,57 @@ def _levenberg_marquardt(
         clamped = clamp_to_table(t.shape_ids[rows], positions, yaws, world)
         return torch.cat([clamped.flatten(1), yaws], dim=1)
 
+    def perturb(q: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, base_q: torch.Tensor, base: torch.Tensor):
+        slot = torch.where(cols < 2 * N, cols // 2, cols - 2 * N)  # the object whose x, y or yaw entry cols is
+        row_colors = None if colors is None else colors[rows]
+        look_rows = None if appearance is None else appearance.take(rows)
+        return redraw_moved(hard, t.shape_ids[rows], split(q), split(base_q), slot, base, row_colors, look_rows)
+
     start = torch.cat([t.positions.reshape(B, 2 * N), t.yaws], dim=1)  # (B, 3N)
     lm = replace(cfg.lm, iterations=cfg.steps)
     H, W = images.shape[2:]
     blur = SMOOTHING.get(cfg.smoothing)
     smooth = None if blur is None else (lambda y: blur(y.view(-1, 3, H, W)).flatten(1))
+    windowed = hasattr(hard, "object_boxes") and (appearance is None or appearance.eye is None)
     x = images.flatten(1)
-    result = levenberg_marquardt(render, start, x, steps, active, lm, project, look is not None, smooth)
+    result = levenberg_marquardt(render, start, x, steps, active, lm, project, look is not None, smooth,
+                                 perturb if windowed else None)  # fmt: skip
     return split(result.params)
+
+
+def redraw_moved(
+    renderer: torch.nn.Module,
+    shape_ids: torch.Tensor,
+    pose: tuple[torch.Tensor, torch.Tensor],
+    base_pose: tuple[torch.Tensor, torch.Tensor],
+    moved: torch.Tensor,
+    base: torch.Tensor,
+    colors: torch.Tensor | None = None,
+    appearance: Appearance | None = None,
+) -> torch.Tensor:
+    """Renders of M scenes that differ from their base renders by the pose of one object each, drawn only about
+    where that object is or was (a window holding its `object_boxes` at both poses) and copied from the base
+    elsewhere: the same images at the cost of those pixels (a finite-difference Jacobian's renders).
+
+    Args:
+        renderer: an OpenGLRenderer (it draws pixel windows); shape_ids LongTensor (M, N).
+        pose, base_pose: (positions FloatTensor (M, N, 2), yaws (M, N)), the scenes now and in their base renders.
+        moved: LongTensor (M,), the slot whose object moved (the only one whose pose may differ).
+        base: FloatTensor (M, 3 H W), the base renders, flattened; colors (M, N, 3) or None; appearance or None.
+    Returns:
+        FloatTensor (M, 3 H W).
+    """
+    M = shape_ids.shape[0]
+    one = moved[:, None]  # (M, 1)
+    ids = shape_ids.gather(1, one)  # (M, 1)
+
+    def box(positions: torch.Tensor, yaws: torch.Tensor) -> torch.Tensor:
+        xy = positions.gather(1, one[..., None].expand(M, 1, 2))
+        return renderer.object_boxes(ids, xy, yaws.gather(1, one))[:, 0]  # type: ignore[operator]  # (M, 4)
+
+    now, before = box(*pose), box(*base_pose)
+    windows = torch.cat([torch.minimum(now[:, :2], before[:, :2]), torch.maximum(now[:, 2:], before[:, 2:])], 1)
+    return renderer(shape_ids, *pose, colors, appearance, windows=windows, background=base).images.flatten(1)
 
 
 def _renderer(world: World, size: tuple[int, int], gradient: str, legacy: bool) -> torch.nn.Module:

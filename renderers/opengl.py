@@ -363,13 +363,16 @@ class OpenGLRenderer(torch.nn.Module):
         colors: torch.Tensor | None = None,
         appearance: Appearance | None = None,
         windows: torch.Tensor | None = None,
+        background: torch.Tensor | None = None,
     ) -> RenderOutput:
         """Same arguments and output as `MeshRenderer3D.forward` (images carry no gradient), and optionally
 
         windows: LongTensor (B, 4) pixel boxes (u0, v0, u1, v1) as `object_boxes` gives them: each scene is drawn
-            only in a tile of the largest window's size placed at its window's top left (the camera matrix maps
-            that part of the image onto the tile), the rest of its image left as background; so the cost is that
-            of the windows' pixels, e.g. to redraw where one object moved. None: the whole images.
+            only in a tile of the largest window's size that holds its window (at the window's top left, moved
+            left or up where it would leave the image; the camera matrix maps that part of the image onto the
+            tile), so the cost is that of the windows' pixels, e.g. to redraw where one object moved. Outside its
+            tile an image is `background` (FloatTensor (B, 3, H, W), e.g. the scenes' renders before the move)
+            or, without it, the stage's background colour, and its object mask False. None: the whole images.
         Returns:
             RenderOutput with images FloatTensor (B, 3, H, W) in [0, 1] and object_mask BoolTensor (B, H, W),
             on the device of `positions`.
@@ -388,29 +391,42 @@ class OpenGLRenderer(torch.nn.Module):
         tile = (W, H)
         if windows is not None and B > 0:
             _check_windows(windows, B, (W, H))
-            corner = windows[:, :2].cpu().numpy()  # (B, 2) top left (u0, v0)
-            tile = tuple(int(v) for v in (windows[:, 2:] - windows[:, :2]).amax(0).clamp(min=1).tolist())
-            scene["clip"] = _framed(scene["clip"], corner, tile, (W, H))
+            w, h = (int(v) for v in (windows[:, 2:] - windows[:, :2]).amax(0).tolist())
+            tile = (w, h)
+            corner = torch.minimum(windows[:, :2].cpu(), torch.tensor([W - w, H - h]))  # (B, 2): tiles in the image
+            scene["clip"] = _framed(scene["clip"], corner.numpy(), tile, (W, H))
+            boxes = self.object_boxes(shape_ids.cpu(), positions.cpu(), yaws.cpu())  # (B, N, 4)
+            low, high = corner[:, None], corner[:, None] + torch.tensor([w, h])  # (B, 1, 2) the tiles' pixels
+            outside = (boxes[..., 2:] <= low).any(-1) | (boxes[..., :2] >= high).any(-1)  # (B, N)
+            ids = np.where(outside.numpy(), -1, ids)  # an object outside a tile draws none of its pixels
         chunks = [np.zeros((0, 4, tile[1], tile[0]), dtype=np.float32)]
         for i in range(0, B, tiles):
             part = slice(i, i + tiles)
             chunks.append(self._render_tiles(ids[part], pos[part], yaw[part], albedo[part],
                                              {k: v[part] for k, v in scene.items()}, tile))  # fmt: skip
         rgba = torch.from_numpy(chunks[1] if len(chunks) == 2 else np.concatenate(chunks))  # (B, 4, h, w)
+        images, mask = rgba[:, :3].clamp(0.0, 1.0), rgba[:, 3] > 0.5
         if windows is not None and B > 0:
-            rgba = self._paste(rgba, windows[:, :2].cpu(), (W, H))
-        images = rgba[:, :3].clamp(0.0, 1.0).to(positions.device)
-        return RenderOutput(images=images, object_mask=(rgba[:, 3] > 0.5).to(positions.device))
+            images, mask = self._paste(images, mask, corner, (W, H), background)
+        return RenderOutput(images=images.to(positions.device), object_mask=mask.to(positions.device))
 
-    def _paste(self, crops: torch.Tensor, corner: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Tiles (B, 4, h, w) put at their windows' top left corners (B, 2) in background images (B, 4, H, W)."""
-        (B, _, h, w), (W, H) = crops.shape, size
-        full = crops.new_zeros(B, H + h, W + w, 4)  # channels last, padded: a tile may reach past the image
-        full[..., :3] = torch.tensor(self.stage.background_color, dtype=crops.dtype)
-        iy = corner[:, 1, None] + torch.arange(h)  # (B, h)
-        ix = corner[:, 0, None] + torch.arange(w)  # (B, w)
-        full[torch.arange(B)[:, None, None], iy[:, :, None], ix[:, None, :]] = crops.permute(0, 2, 3, 1)
-        return full[:, :H, :W].permute(0, 3, 1, 2)
+    def _paste(self, images: torch.Tensor, mask: torch.Tensor, corner: torch.Tensor, size: tuple[int, int],
+               background: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Tiles (B, 3, h, w) and their masks (B, h, w) put at their top left corners (B, 2) into `background`
+        (B, 3, H, W; None: the stage's background colour) and empty masks: (B, 3, H, W), (B, H, W)."""
+        (B, _, h, w), (W, H) = images.shape, size
+        if background is None:
+            full = torch.tensor(self.stage.background_color, dtype=images.dtype)[None, :, None, None]
+            full = full.expand(B, 3, H, W).clone()
+        else:
+            full = background.detach().to("cpu", images.dtype, copy=True).reshape(B, 3, H, W)
+        full_mask = torch.zeros(B, H, W, dtype=torch.bool)
+        b = torch.arange(B)[:, None, None]
+        iy = (corner[:, 1, None] + torch.arange(h))[:, :, None]  # (B, h, 1)
+        ix = (corner[:, 0, None] + torch.arange(w))[:, None, :]  # (B, 1, w)
+        full.permute(0, 2, 3, 1)[b, iy, ix] = images.permute(0, 2, 3, 1)  # channels last: one index per pixel
+        full_mask[b, iy, ix] = mask
+        return full, full_mask
 
     def _render_tiles(self, ids, pos, yaw, albedo, scene: dict[str, np.ndarray], tile: tuple[int, int]) -> np.ndarray:
         """Draw b scenes (numpy (b, N), (b, N, 2), (b, N), (b, N, 3); `_scene_uniforms` rows) as tiles of (w, h) =

@@ -65,7 +65,7 @@ def test_jacobian_matches_the_analytic_derivative_of_a_smooth_black_box(central)
     B, P, D = 4, 3, 6
     W = torch.randn(B, D, P, generator=g, dtype=torch.float64)
 
-    def fn(p, rows):
+    def fn(p, rows, cols):
         return torch.sin((W[rows] @ p[..., None])[..., 0])  # (M, D)
 
     p = torch.randn(B, P, generator=g, dtype=torch.float64)

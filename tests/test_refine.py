@@ -11,7 +11,15 @@ import torch
 from inverse_graphics import world3d
 from inverse_graphics.air3d import AIR3DConfig
 from inverse_graphics.metrics3d import match_scene, summarize
-from inverse_graphics.refine import DEFAULT_STEPS, RefineConfig, binomial_blur, clamp_to_table, pooled_blur, refine
+from inverse_graphics.refine import (
+    DEFAULT_STEPS,
+    RefineConfig,
+    binomial_blur,
+    clamp_to_table,
+    pooled_blur,
+    redraw_moved,
+    refine,
+)
 from scenes import tabletop
 from scenes.tabletop_objects import footprint
 from scenes.world import load_world
@@ -211,3 +219,27 @@ def test_the_method_follows_the_gradient_and_old_configs_get_the_lm_default():
     assert (new.refine_method, new.refine_steps) == ("adam", 5)
     with pytest.raises(ValueError, match="refine_method"):
         AIR3DConfig(refine_method="newton")
+
+
+def test_redrawing_only_where_one_object_moved_gives_the_whole_render():
+    """The Jacobian's renders: one object moved a pixel or turned, drawn in a window about it and copied from the
+    base render elsewhere, equal the whole render of the moved scene (OpenGL; PyTorch3D renders whole images)."""
+    from renderers import opengl
+
+    if opengl.opengl_available() is not None:
+        pytest.skip("OpenGL renderer unavailable")
+    world = load_world("kitchen")
+    scenes = [s for s in world.sample_scenes(12, seed=1) if s["objects"]][:6]
+    t = world3d.scenes_to_tensors(world, scenes)
+    renderer = world3d.renderer(world, "hard", world.image_size, "opengl")
+    colors = world3d.object_colors(world, t.shape_ids)
+    base = renderer(t.shape_ids, t.positions, t.yaws, colors).images.flatten(1)
+    slot = (t.shape_ids >= 0).sum(1) - 1  # the last object of each scene
+    positions, yaws = t.positions.clone(), t.yaws.clone()
+    rows = torch.arange(6)
+    positions[rows, slot, 0] += 0.008
+    yaws[rows, slot] += 0.3
+    redrawn = redraw_moved(renderer, t.shape_ids, (positions, yaws), (t.positions, t.yaws), slot, base, colors)
+    whole = renderer(t.shape_ids, positions, yaws, colors).images.flatten(1)
+    assert (redrawn - whole).abs().max() < 1e-4
+    assert (whole - base).abs().amax(1).gt(0.1).all()  # every scene did change
