@@ -15,16 +15,24 @@ Optimization, sec. 10.3):
    moves more than `max_step` of its difference step h_j (beyond that, a finite-difference model of a hard
    render is not to be trusted);
 3. the step is taken only if it lowers L_b (one evaluation); then lambda shrinks, else it grows and the step is
-   solved again from the same J (one more evaluation, no new Jacobian), up to `retries` times. A problem whose
-   damping passes `max_damping`, or whose retries all fail, has converged and costs nothing more.
+   solved again from the same J (one more evaluation, no new Jacobian), up to `retries` times. A problem has
+   converged, and costs nothing more, when its retries all fail, its damping passes `max_damping`, or a step it
+   took moved no parameter more than `tolerance` of its h_j (a twentieth of a pixel with one-pixel steps).
 
 So the loss never rises: the returned p is the best point evaluated. Problems are independent (a scene's J only
 involves its own parameters), so the P x P systems are tiny and solved batched.
 
-Optional: a free positive gain (an image's exposure), solved in closed form for every evaluated point,
-g = <f, x> / <f, f> over the entries where x < 1, with predictions (g f).clamp(max=1) (an image saturates at 1);
-the Jacobian is taken at the base point's g (variable projection: by the envelope theorem the gradient needs no
-term through g).
+Optional:
+- a free positive gain (an image's exposure), solved in closed form for every evaluated point,
+  g = <f, x> / <f, f> over the entries where x < 1, with predictions (g f).clamp(max=1) (an image saturates at 1);
+  the Jacobian is taken at the base point's g (variable projection: by the envelope theorem the gradient needs
+  no term through g);
+- a linear smoothing S of the outputs: steps are modelled and accepted on || S f(p) - S x ||^2 (a hard render's
+  residual is piecewise constant; blurred, it is a smooth function whose one-pixel differences are slopes),
+  while the point returned is the best evaluated by the unsmoothed loss;
+- a projection onto the feasible set (objects kept on a table) applied to the start and to every trial;
+- a `perturb` evaluator for the Jacobian's points, given the base point and its outputs (a renderer redraws only
+  the pixels one object's move can change).
 """
 
 from __future__ import annotations
@@ -64,11 +72,12 @@ class LMSettings:
     max_damping: float = 1e4  # a problem whose lambda passes this has converged (steps of ~1e-4 of Gauss-Newton's)
     retries: int = 2  # rejected steps re-solved with more damping from the same Jacobian, per iteration
     max_step: float = 3.0  # the largest move of parameter j in one step, in units of its difference step h_j
+    tolerance: float = 0.05  # converged once an accepted step moves no parameter more than this many steps h_j
     differences: str = "forward"  # "forward" (P evaluations per Jacobian) or "central" (2 P)
 
     def __post_init__(self) -> None:
-        if self.iterations < 0 or self.retries < 0:
-            raise ValueError(f"need iterations >= 0 and retries >= 0, got {self}")
+        if self.iterations < 0 or self.retries < 0 or self.tolerance < 0:
+            raise ValueError(f"need iterations, retries and tolerance >= 0, got {self}")
         if not (self.damping > 0 and self.damping_up > 1 and 0 < self.damping_down <= 1 and self.max_step > 0):
             raise ValueError(f"need damping > 0, damping_up > 1, 0 < damping_down <= 1, max_step > 0, got {self}")
         if self.differences not in ("forward", "central"):
@@ -95,9 +104,13 @@ def solve_gain(raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def jacobian(
-    fn: BlackBox, params: torch.Tensor, steps: torch.Tensor, active: torch.Tensor, base: torch.Tensor | None = None,
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    params: torch.Tensor,
+    steps: torch.Tensor,
+    active: torch.Tensor,
+    base: torch.Tensor | None = None,
     central: bool = False,
-) -> tuple[torch.Tensor, int]:  # fmt: skip
+) -> tuple[torch.Tensor, int]:
     """Finite-difference Jacobians of a batched black box, all perturbations of all problems in one call.
 
     Args:
@@ -268,6 +281,8 @@ def levenberg_marquardt(
                 damping[won] *= cfg.damping_down
                 damping[rows[~better]] *= cfg.damping_up
                 pending[k[better]] = False
+                small = (delta[better].abs() / steps).amax(1) <= cfg.tolerance  # the accepted steps that were tiny
+                live[won[small]] = False
                 if not pending.any():
                     break
             live[idx[pending]] = False  # no step from this Jacobian lowered the loss: converged
