@@ -261,10 +261,11 @@ class OpenGLRenderer(torch.nn.Module):
         direction = np.asarray(stage.light.direction, dtype=np.float64)
         self._nominal_light = np.r_[direction / np.linalg.norm(direction), stage.light.ambient]  # (4,)
         self._nominal_clip = world_to_clip(stage.camera, self.settings.image_size).T.reshape(16)  # column-major
-        boxes = [torch.stack([v.amin(0), v.amax(0)]).double() for v in library.verts]  # (2, 3) each
-        index = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])  # (8, 3)
-        corners = [b[index, torch.arange(3)] for b in boxes]  # (8, 3): the box's corners, object frame
-        self._corners = torch.stack(corners) if corners else torch.zeros(0, 8, 3, dtype=torch.float64)  # (K, 8, 3)
+        boxes = [torch.stack([v.amin(0), v.amax(0)]).double().numpy() for v in library.verts]  # (2, 3) each
+        index = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])  # (8, 3)
+        corners = [b[index, np.arange(3)] for b in boxes]  # (8, 3): the box's corners, object frame
+        self._corners = np.stack(corners) if corners else np.zeros((0, 8, 3))  # (K, 8, 3)
+        self._invariant = np.array([*self.yaw_invariant, *[False] * (len(corners) + 1)])  # (> K,) drawn at yaw 0
 
     def _framebuffer(self, width: int, height: int):
         """The float framebuffer of this size, made once. Why reused: `Framebuffer.release()` does not release the
@@ -334,25 +335,29 @@ class OpenGLRenderer(torch.nn.Module):
             LongTensor (B, N, 4) (u0, v0, u1, v1): columns u0 <= u < u1 and rows v0 <= v < v1 (from the top left),
             clipped to the image; the whole image for an empty slot or a box reaching behind the camera.
         """
+        ids = shape_ids.cpu().numpy()
+        xy, yaw = positions.detach().cpu().double().numpy(), yaws.detach().cpu().double().numpy()
+        return torch.from_numpy(self._boxes(ids, xy, yaw)).to(shape_ids.device)
+
+    def _boxes(self, ids: np.ndarray, xy: np.ndarray, yaw: np.ndarray) -> np.ndarray:
+        """`object_boxes` on numpy arrays (B, N), (B, N, 2), (B, N) -> int64 (B, N, 4) (numpy: small arrays, many
+        calls)."""
         W, H = self.settings.width, self.settings.height
-        k = shape_ids.clamp(min=0).cpu()
-        invariant = torch.tensor([*self.yaw_invariant, *[False] * len(self._corners)])[k]
-        angle = torch.where(invariant, torch.zeros_like(yaws.cpu()), yaws.detach().cpu()).double()
-        c, s = torch.cos(angle)[..., None], torch.sin(angle)[..., None]  # (B, N, 1)
+        k = np.maximum(ids, 0)
+        angle = np.where(self._invariant[k], 0.0, yaw)
+        c, s = np.cos(angle)[..., None], np.sin(angle)[..., None]  # (B, N, 1)
         local = self._corners[k]  # (B, N, 8, 3)
-        x = c * local[..., 0] - s * local[..., 1] + positions.detach().cpu().double()[..., 0:1]
-        y = s * local[..., 0] + c * local[..., 1] + positions.detach().cpu().double()[..., 1:2]
-        points = torch.stack([x, y, local[..., 2], torch.ones_like(x)], -1)  # (B, N, 8, 4)
-        clip = points @ torch.from_numpy(self._nominal_clip.reshape(4, 4)).double()  # column-major: row vectors
-        w = clip[..., 3]
-        u = (clip[..., 0] / w + 1) * W / 2
-        v = (1 - clip[..., 1] / w) * H / 2
-        box = torch.stack([u.amin(-1).floor() - 1, v.amin(-1).floor() - 1, u.amax(-1).ceil() + 1,
-                           v.amax(-1).ceil() + 1], -1)  # fmt: skip
-        box = torch.maximum(torch.minimum(box, box.new_tensor([W, H, W, H])), box.new_zeros(4))
-        whole = box.new_tensor([0, 0, W, H]).expand_as(box)
-        box = torch.where(((shape_ids.cpu() < 0) | (w <= 0).any(-1))[..., None], whole, box)
-        return box.long().to(shape_ids.device)
+        x = c * local[..., 0] - s * local[..., 1] + xy[..., 0:1]
+        y = s * local[..., 0] + c * local[..., 1] + xy[..., 1:2]
+        m = self._nominal_clip.reshape(4, 4)  # column-major: clip = [x, y, z, 1] @ m
+        cx, cy, cw = (x * m[0, i] + y * m[1, i] + local[..., 2] * m[2, i] + m[3, i] for i in (0, 1, 3))
+        u = (cx / cw + 1) * W / 2
+        v = (1 - cy / cw) * H / 2
+        box = np.stack([np.floor(u.min(-1)) - 1, np.floor(v.min(-1)) - 1, np.ceil(u.max(-1)) + 1,
+                        np.ceil(v.max(-1)) + 1], -1)  # fmt: skip
+        box = np.clip(box, 0, [W, H, W, H])
+        whole = ((ids < 0) | (cw <= 0).any(-1))[..., None]
+        return np.where(whole, np.array([0, 0, W, H]), box).astype(np.int64)
 
     @torch.no_grad()
     def forward(
@@ -395,10 +400,11 @@ class OpenGLRenderer(torch.nn.Module):
             tile = (w, h)
             corner = torch.minimum(windows[:, :2].cpu(), torch.tensor([W - w, H - h]))  # (B, 2): tiles in the image
             scene["clip"] = _framed(scene["clip"], corner.numpy(), tile, (W, H))
-            boxes = self.object_boxes(shape_ids.cpu(), positions.cpu(), yaws.cpu())  # (B, N, 4)
-            low, high = corner[:, None], corner[:, None] + torch.tensor([w, h])  # (B, 1, 2) the tiles' pixels
+            boxes = self._boxes(ids, pos, yaw)  # (B, N, 4)
+            low = corner.numpy()[:, None]
+            high = low + np.array([w, h])  # (B, 1, 2): the tiles' pixels
             outside = (boxes[..., 2:] <= low).any(-1) | (boxes[..., :2] >= high).any(-1)  # (B, N)
-            ids = np.where(outside.numpy(), -1, ids)  # an object outside a tile draws none of its pixels
+            ids = np.where(outside, -1, ids)  # an object outside a tile draws none of its pixels
         chunks = [np.zeros((0, 4, tile[1], tile[0]), dtype=np.float32)]
         for i in range(0, B, tiles):
             part = slice(i, i + tiles)
@@ -449,8 +455,7 @@ class OpenGLRenderer(torch.nn.Module):
         self._draw(len(self._meshes) - 1, table)
         s, n = np.nonzero(ids >= 0)  # the objects: scene and slot of each
         k = ids[s, n]
-        invariant = np.array([*self.yaw_invariant, *[False] * len(self._meshes)])[k]
-        angle = np.where(invariant, 0.0, yaw[s, n])
+        angle = np.where(self._invariant[k], 0.0, yaw[s, n])
         pose = np.concatenate([np.cos(angle)[:, None], np.sin(angle)[:, None], pos[s, n]], 1)  # (M, 4)
         objects = np.concatenate([pose, albedo[s, n], np.ones((len(s), 1)), per_scene[s]], 1)  # (M, 31)
         for shape in np.unique(k):
