@@ -97,7 +97,7 @@ class AIR3DConfig:
     difference_input: bool = True  # DAIR: each step also sees x - render(scene so far)
     backend: str = "auto"  # hard renderer: "auto" (OpenGL if EGL works, else PyTorch3D), "opengl", "pytorch3d"
     # infer's default refinement (inverse_graphics.refine): K = refine_steps iterations of refine_method, "lm"
-    # (Levenberg-Marquardt: scenes converge in about 3-5, from 11 mm to under 1 mm; benchmarks/bench_refine.py) or
+    # (Levenberg-Marquardt: scenes stop after about 2-4; benchmarks/results/refine_speed.md) or
     # "adam". A config written before refine_method existed counted Adam steps here (20); from_dict reads it as the
     # LM default, since Adam's step count says nothing about LM's.
     refine_steps: int = DEFAULT_STEPS["lm"]
@@ -561,7 +561,7 @@ class AIR3D(nn.Module):
             images: FloatTensor (B, 3, H, W) in [0, 1], (W, H) = the model's image size (its world's).
             refine: K iterations of render-and-compare refinement (inverse_graphics.refine) of the poses; None:
                 the config's `refine_steps` of its `refine_method` (8 Levenberg-Marquardt iterations by default,
-                most scenes converge in 3-5: benchmarks/results/refine_speed.md); 0: none.
+                scenes stop after about 2-4: benchmarks/results/refine_speed.md); 0: none.
             refine_gradient: "fd" (finite differences of the black-box render: the config's method) or "soft"
                 (Adam through PyTorch3D's soft rasterizer, K Adam steps, 20 when refine is None; far slower).
             resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError

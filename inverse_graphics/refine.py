@@ -10,10 +10,15 @@ does not add, remove or re-identify objects. Two methods (RefineConfig.method):
   each scene (P x P) and keeps the step only if the loss falls; every perturbed and trial pose of every scene of
   the batch is drawn in one renderer call. A hard render is piecewise constant in the pose: its residual changes
   only where an edge crosses a pixel centre, so a linear model of it is poor below a pixel and Gauss-Newton steps
-  from it stall (measured: median 9.6 -> 3.4 mm on 24 perturbed 64-pixel scenes). LM therefore models and
-  accepts its steps on a smoothed image (`pooled_blur`, about a 1.4-pixel Gaussian: an edge's sub-pixel position
-  becomes a smooth ramp that one-pixel differences measure) and returns each scene's best pose by the unsmoothed
-  image loss. Measured (benchmarks/bench_refine.py): better poses than Adam's with far fewer renders.
+  from it stall (measured on 24 scenes at 64 px perturbed by 1 cm / 0.15 rad: 3.4 mm median left). LM therefore
+  models and accepts its steps on a smoothed image (`pooled_blur`, about a 1.4-pixel Gaussian: an edge's
+  sub-pixel position becomes a smooth ramp that one-pixel differences measure) and returns each scene's best pose
+  by the unsmoothed image loss. The Jacobian's renders, one object moved each, are drawn only in a window about
+  that object (`redraw_moved`, OpenGL). Measured side by side with Adam (benchmarks/results/refine_speed.md, one
+  thread): from the shipped air-tabletop's guesses (1.9 mm, 2.0 degrees) LM reaches 0.48 mm and 0.44 degrees with
+  16 renders a scene, Adam 0.93 mm and 0.67 degrees with 189; from kitchen poses perturbed by 1 cm / 0.15 rad
+  (128 x 96, 11.6 mm) LM 0.49 mm and 0.26 degrees with 46 renders, Adam 1.54 mm and 1.02 degrees with 356; LM is
+  5.5-8x faster per image there.
 - "adam": K first-order Adam steps on the squared image error, gradients by central finite differences of the
   hard render (`gradient="fd"`, 2 P + 1 renders a step) or PyTorch3D's soft rasterizer (`"soft"`). Kept for
   comparison and for the soft gradient.
@@ -83,9 +88,11 @@ class RefineConfig:
 
     `steps` is K, the iterations of the method: Levenberg-Marquardt Jacobians for "lm" (the default), Adam steps for
     "adam". The two count different work: an LM iteration renders P + 1 to P + 1 + retries images per scene (P the
-    scene's free pose parameters, 3 per object, 2 for a yaw-invariant one) and stops early once no step lowers the
-    image loss; an Adam step renders 2 P + 1. So K = 20 (what models trained before LM existed store as their
-    `refine_steps`) is a good Adam length and, for LM, only a ceiling that converged scenes never reach.
+    scene's free pose parameters, 3 per object, 2 for a yaw-invariant one; the P Jacobian renders in a window about
+    the moved object) and a scene stops early once no step lowers its image loss or its steps fall under a
+    twentieth of a pixel; an Adam step renders 2 P + 1 whole images. DEFAULT_STEPS: 8 LM iterations (scenes took
+    about 2 on average from the shipped model's guesses, about 4 from 1 cm / 0.15 rad kitchen perturbations: a ceiling,
+    not a cost), 20 Adam steps (its former default).
     """
 
     method: str | None = None  # "lm": Levenberg-Marquardt (inverse_graphics.levenberg_marquardt) on the image

@@ -210,7 +210,7 @@ class SupervisedRegressor(nn.Module):
         Args:
             images: FloatTensor (B, 3, H, W) in [0, 1].
             refine: K iterations of render-and-compare refinement (inverse_graphics.refine: Levenberg-Marquardt,
-                about 5 converge); None or 0: none (the baseline is reported raw unless refinement is asked for).
+                about 2-4 are used); None or 0: none (the baseline is reported raw unless refinement is asked for).
             threshold: presence probability above which a slot reports an object.
             refine_gradient: "fd" (Levenberg-Marquardt on finite differences of the black-box render) or "soft"
                 (K Adam steps through the soft rasterizer).
