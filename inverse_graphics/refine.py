@@ -283,11 +283,10 @@ def redraw_moved(
     one = moved[:, None]  # (M, 1)
     ids = shape_ids.gather(1, one)  # (M, 1)
 
-    def box(positions: torch.Tensor, yaws: torch.Tensor) -> torch.Tensor:
-        xy = positions.gather(1, one[..., None].expand(M, 1, 2))
-        return renderer.object_boxes(ids, xy, yaws.gather(1, one))[:, 0]  # type: ignore[operator]  # (M, 4)
-
-    now, before = box(*pose), box(*base_pose)
+    xy = torch.cat([p.gather(1, one[..., None].expand(M, 1, 2)) for p in (pose[0], base_pose[0])])  # (2M, 1, 2)
+    yaw = torch.cat([y.gather(1, one) for y in (pose[1], base_pose[1])])  # (2M, 1)
+    boxes = renderer.object_boxes(torch.cat([ids, ids]), xy, yaw)[:, 0]  # type: ignore[operator]  # (2M, 4)
+    now, before = boxes[:M], boxes[M:]
     windows = torch.cat([torch.minimum(now[:, :2], before[:, :2]), torch.maximum(now[:, 2:], before[:, 2:])], 1)
     return renderer(shape_ids, *pose, colors, appearance, windows=windows, background=base).images.flatten(1)
 

@@ -427,11 +427,9 @@ class OpenGLRenderer(torch.nn.Module):
         else:
             full = background.detach().to("cpu", images.dtype, copy=True).reshape(B, 3, H, W)
         full_mask = torch.zeros(B, H, W, dtype=torch.bool)
-        b = torch.arange(B)[:, None, None]
-        iy = (corner[:, 1, None] + torch.arange(h))[:, :, None]  # (B, h, 1)
-        ix = (corner[:, 0, None] + torch.arange(w))[:, None, :]  # (B, 1, w)
-        full.permute(0, 2, 3, 1)[b, iy, ix] = images.permute(0, 2, 3, 1)  # channels last: one index per pixel
-        full_mask[b, iy, ix] = mask
+        for b, (x, y) in enumerate(corner.tolist()):  # a slice copy per tile: cheaper than index arrays here
+            full[b, :, y : y + h, x : x + w] = images[b]
+            full_mask[b, y : y + h, x : x + w] = mask[b]
         return full, full_mask
 
     def _render_tiles(self, ids, pos, yaw, albedo, scene: dict[str, np.ndarray], tile: tuple[int, int]) -> np.ndarray:
