@@ -18,7 +18,7 @@ does not add, remove or re-identify objects. Two methods (RefineConfig.method):
   thread): from the shipped air-tabletop's guesses (1.9 mm, 2.0 degrees) LM reaches 0.48 mm and 0.44 degrees with
   16 renders a scene, Adam 0.93 mm and 0.67 degrees with 189; from kitchen poses perturbed by 1 cm / 0.15 rad
   (128 x 96, 11.6 mm) LM 0.49 mm and 0.26 degrees with 46 renders, Adam 1.54 mm and 1.02 degrees with 356; LM is
-  5.5-8x faster per image there.
+  5.7-10.4x faster per image there (6.5-7.5x on primitives).
 - "adam": K first-order Adam steps on the squared image error, gradients by central finite differences of the
   hard render (`gradient="fd"`, 2 P + 1 renders a step) or PyTorch3D's soft rasterizer (`"soft"`). Kept for
   comparison and for the soft gradient.
