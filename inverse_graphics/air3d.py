@@ -58,6 +58,7 @@ from inverse_graphics.modules3d import (
     WhereDists,
     WhereHead3D,
 )
+from inverse_graphics.refine import DEFAULT_STEPS
 from inverse_graphics.supervised3d import SceneInference, check_images, default_fit_appearance, scene_inference
 from inverse_graphics.world3d import LEGACY
 from renderers.mesh import Appearance
@@ -96,7 +97,12 @@ class AIR3DConfig:
     z_pres_prior: float | None = None  # rho of a geometric count prior; None: per-step rho, count uniform on 0..T
     difference_input: bool = True  # DAIR: each step also sees x - render(scene so far)
     backend: str = "auto"  # hard renderer: "auto" (OpenGL if EGL works, else PyTorch3D), "opengl", "pytorch3d"
-    refine_steps: int = 20  # infer's default render-and-compare steps (refine.RefineConfig: 11 -> 1.5 mm in 20)
+    # infer's default refinement (inverse_graphics.refine): K = refine_steps iterations of refine_method, "lm"
+    # (Levenberg-Marquardt: scenes stop after about 2-4; benchmarks/results/refine_speed.md) or
+    # "adam". A config written before refine_method existed counted Adam steps here (20); from_dict reads it as the
+    # LM default, since Adam's step count says nothing about LM's.
+    refine_steps: int = DEFAULT_STEPS["lm"]
+    refine_method: str = "lm"
     # the image encoders (guide, residuals, baseline) average-pool their input by this factor; None: derived,
     # the largest that keeps the image's shorter side >= ENCODER_MIN_SIDE pixels (1 up to 95 px, 2 at 128 x 96).
     # The whole-image encoders need only a coarse position (the glimpse sees full resolution) and were most of
@@ -132,6 +138,8 @@ class AIR3DConfig:
             self.max_steps = int((self.world or {}).get("objects_per_scene", (0, 3))[1])
         if self.encoder_pool is None:
             self.encoder_pool = max(1, min(image_wh(self.image_size)) // ENCODER_MIN_SIDE)
+        if self.refine_method not in DEFAULT_STEPS or self.refine_steps < 0:
+            raise ValueError(f"refine_method must be in {tuple(DEFAULT_STEPS)} and refine_steps >= 0, got {self}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,6 +149,8 @@ class AIR3DConfig:
         d = dict(d)
         d.setdefault("encoder_pool", 1)  # configs saved before the field existed were trained on unpooled images
         d.setdefault("glimpse_stride", 1)  # and had a stride-1 first glimpse convolution
+        if "refine_method" not in d:  # written before LM: refine_steps were Adam's (see the field's comment)
+            d["refine_steps"], d["refine_method"] = DEFAULT_STEPS["lm"], "lm"
         for k in ("channels", "baseline_channels", "glimpse_channels", "position_sd", "image_size"):
             if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
@@ -598,12 +608,11 @@ class AIR3D(nn.Module):
 
         Args:
             images: FloatTensor (B, 3, H, W) in [0, 1], (W, H) = the model's image size (its world's).
-            refine: K steps of render-and-compare refinement (inverse_graphics.refine) of the poses; None: the
-                config's `refine_steps` (20 by default: median position error 11 -> 1.5 mm from 1 cm
-                perturbations, finite differences of the black-box render, about 1 s per scene on one CPU thread);
-                0: none.
-            refine_gradient: "fd" (finite differences of the black-box render) or "soft" (PyTorch3D's soft
-                rasterizer, about 20x slower here).
+            refine: K iterations of render-and-compare refinement (inverse_graphics.refine) of the poses; None:
+                the config's `refine_steps` of its `refine_method` (8 Levenberg-Marquardt iterations by default,
+                scenes stop after about 2-4: benchmarks/results/refine_speed.md); 0: none.
+            refine_gradient: "fd" (finite differences of the black-box render: the config's method) or "soft"
+                (Adam through PyTorch3D's soft rasterizer, K Adam steps, 20 when refine is None; far slower).
             resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError
                 naming both sizes.
             fit_appearance: with refinement, fit each image's exposure gain and light direction first, from the
@@ -618,7 +627,9 @@ class AIR3D(nn.Module):
             TypeError / ValueError naming the problem for a non-tensor, non-float, wrong shape, NaN or [0, 1].
         """
         images = world3d.prepare_images(images, self.image_wh, resize).to(self.signal_mean)
-        steps = self.config.refine_steps if refine is None else int(refine)
+        method = "adam" if refine_gradient == "soft" else self.config.refine_method
+        default = self.config.refine_steps if method == self.config.refine_method else DEFAULT_STEPS[method]
+        steps = default if refine is None else int(refine)
         g = self.guide(images, sample=False)
         t = g.scene()
         t = SceneTensors(t.shape_ids, world3d.clamp_to_table(self.world, t.shape_ids, t.positions, t.yaws), t.yaws)
@@ -627,7 +638,7 @@ class AIR3D(nn.Module):
         guess = None
         if self.appearance_latent is not None and g.appearance is not None:
             guess = self.appearance_latent.decode(g.appearance[0])
-        out = scene_inference(t, images, steps, g.pres_prob, refine_gradient, world, fit, guess)
+        out = scene_inference(t, images, steps, g.pres_prob, refine_gradient, world, fit, guess, method)
         if guess is not None and "appearance" not in out.extras:
             out.extras["appearance"] = guess.to_dicts()
         return out

@@ -88,7 +88,7 @@ def tabletop_part(cfg: DemoConfig) -> dict:
     W, H = world.image_size
     look = "its randomised appearance" if world.randomize is not None else "its nominal appearance"
     print(f"\n{cfg.tabletop_model}: {cfg.n_tabletop} scenes of the {world.name!r} world ({W} x {H}, {look}), "
-          f"inferred with {model.config.refine_steps} refinement steps in {seconds:.1f} s")  # fmt: skip
+          f"inferred with at most {model.config.refine_steps} refinement iterations in {seconds:.1f} s")  # fmt: skip
     print(f"{'scene':>5}  {'true':>4}  {'inferred':>8}  objects (true -> inferred: position error, yaw error)")
     correct = 0
     for i, (truth, pred) in enumerate(zip(truths, out.scenes, strict=True)):

@@ -118,9 +118,11 @@ def scene_inference(
     world: World | None = None,
     fit_appearance: bool | None = False,
     start_appearance: AppearanceFit | None = None,
+    method: str | None = None,
 ) -> SceneInference:
-    """Decoded scene tensors -> SceneInference, after `refine_steps` steps of render-and-compare refinement
-    against images (B, 3, H, W) when positive, with `refine_gradient` ("fd" or "soft", see RefineConfig) in
+    """Decoded scene tensors -> SceneInference, after `refine_steps` iterations of render-and-compare refinement
+    against images (B, 3, H, W) when positive: Levenberg-Marquardt on the hard render for `refine_gradient` "fd",
+    Adam steps through the soft rasterizer for "soft" (RefineConfig; `method` "lm" or "adam" overrides it), in
     `world` (None: the primitives world) and, with `fit_appearance`, the per-image appearance fitted first
     (inverse_graphics.appearance; extras["appearance"]), starting from `start_appearance` (e.g. the guide's):
     True fits the light too (RefineConfig.appearance_steps, PyTorch3D renders: seconds per image), None only the
@@ -131,7 +133,7 @@ def scene_inference(
     extras: dict = {}
     if refine_steps > 0:
         extras["unrefined"] = scenes
-        cfg = RefineConfig(steps=refine_steps, gradient=refine_gradient, appearance=fit_appearance is not False)
+        cfg = RefineConfig(method, refine_steps, gradient=refine_gradient, appearance=fit_appearance is not False)
         cfg = cfg if fit_appearance is not None else replace(cfg, appearance_steps=0)
         with torch.enable_grad():
             scenes = refine(scenes, images, cfg, world, start_appearance)
@@ -207,10 +209,11 @@ class SupervisedRegressor(nn.Module):
 
         Args:
             images: FloatTensor (B, 3, H, W) in [0, 1].
-            refine: K steps of render-and-compare refinement (inverse_graphics.refine); None or 0: none (the
-                baseline is reported raw unless refinement is asked for).
+            refine: K iterations of render-and-compare refinement (inverse_graphics.refine: Levenberg-Marquardt,
+                about 2-4 are used); None or 0: none (the baseline is reported raw unless refinement is asked for).
             threshold: presence probability above which a slot reports an object.
-            refine_gradient: "fd" (finite differences of the black-box render) or "soft" (soft rasterizer).
+            refine_gradient: "fd" (Levenberg-Marquardt on finite differences of the black-box render) or "soft"
+                (K Adam steps through the soft rasterizer).
             resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError
                 naming both sizes.
             fit_appearance: with refinement, fit each image's exposure gain and light direction first

@@ -41,7 +41,9 @@ __all__ = ["OpenGLUnavailableError", "OpenGLSettings", "OpenGLRenderer", "opengl
 
 # One instanced draw per mesh per call: every instance carries its scene's pose, albedo, light, camera and the
 # offset of its tile in the framebuffer (clip-space scale and shift; the tile's own clip volume is kept by four
-# clip distances, as a viewport per tile kept it before), so a call costs a draw per shape, not per object.
+# clip distances, as a viewport per tile kept it before), so a call costs a draw per shape, not per object. The
+# camera matrix can also frame a pixel window of the image instead of all of it (`forward(..., windows=...)`):
+# the tile is then the window's size and only that part is shaded.
 _VERTEX_SHADER = """
 #version 330
 uniform vec2 tile_scale;  // a tile's size / the framebuffer's, per axis
@@ -54,17 +56,23 @@ in vec4 light;  // unit direction towards the light, ambient
 in float diffuse;
 in vec2 tile_offset;  // the tile's centre in the framebuffer's normalised device coordinates
 in mat4 world_to_clip;  // the scene's camera
-noperspective out vec3 normal;
+// The normal is interpolated linearly in screen space (PyTorch3D's perspective_correct=False), written as a
+// perspective-correct varying of normal * w: its interpolant is that screen-linear one times a positive scalar,
+// which the fragment shader's normalize removes. Why not `noperspective`: Mesa's clipper (llvmpipe, 22.3)
+// interpolates noperspective varyings wrongly on triangles cut by clip distances (measured: whole runs of pixels
+// shaded with a zero normal inside a window).
+out vec3 normal_w;
 flat out vec3 v_albedo;
-flat out vec4 v_light;
+flat out vec4 v_light;  // direction, ambient
 flat out float v_diffuse;
 flat out float v_is_object;
 void main() {
     vec2 xy = vec2(pose.x * in_position.x - pose.y * in_position.y,
                    pose.y * in_position.x + pose.x * in_position.y) + pose.zw;
-    normal = vec3(pose.x * in_normal.x - pose.y * in_normal.y,
-                  pose.y * in_normal.x + pose.x * in_normal.y, in_normal.z);
+    vec3 normal = vec3(pose.x * in_normal.x - pose.y * in_normal.y,
+                       pose.y * in_normal.x + pose.x * in_normal.y, in_normal.z);
     vec4 clip = world_to_clip * vec4(xy, in_position.z, 1.0);
+    normal_w = normal * clip.w;
     gl_ClipDistance[0] = clip.w - clip.x;
     gl_ClipDistance[1] = clip.w + clip.x;
     gl_ClipDistance[2] = clip.w - clip.y;
@@ -78,18 +86,18 @@ void main() {
 """
 _FRAGMENT_SHADER = """
 #version 330
-noperspective in vec3 normal;
+in vec3 normal_w;
 flat in vec3 v_albedo;
 flat in vec4 v_light;
 flat in float v_diffuse;
 flat in float v_is_object;
 out vec4 color;
 void main() {
-    float lambert = max(dot(normalize(normal), v_light.xyz), 0.0);
+    float lambert = max(dot(normalize(normal_w), v_light.xyz), 0.0);
     color = vec4(v_albedo * (v_light.w + v_diffuse * lambert), v_is_object);
 }
 """
-_INSTANCE_FORMAT = "4f 3f 1f 4f 1f 2f 16f/i"  # one row of `_instances`
+_INSTANCE_FORMAT = "4f 3f 1f 4f 1f 2f 16f/i"  # one row of the instance data (`_render_tiles`)
 _INSTANCE_ATTRIBUTES = ("pose", "albedo", "is_object", "light", "diffuse", "tile_offset", "world_to_clip")
 _INSTANCE_FLOATS = 31
 _GL_CLIP_DISTANCE0 = 0x3000
@@ -206,6 +214,34 @@ def _look_at(camera: Camera) -> np.ndarray:
     return view
 
 
+def _check_windows(windows: torch.Tensor, batch: int, size: tuple[int, int]) -> None:
+    """ValueError unless windows is a LongTensor (batch, 4) of boxes 0 <= u0 < u1 <= W, 0 <= v0 < v1 <= H."""
+    W, H = size
+    if not isinstance(windows, torch.Tensor) or windows.dtype != torch.long or tuple(windows.shape) != (batch, 4):
+        got = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise ValueError(f"windows must be a LongTensor of shape ({batch}, 4), got {got}")
+    u0, v0, u1, v1 = windows.unbind(1)
+    if not bool(((0 <= u0) & (u0 < u1) & (u1 <= W) & (0 <= v0) & (v0 < v1) & (v1 <= H)).all()):
+        raise ValueError(f"windows must be pixel boxes (u0, v0, u1, v1) with 0 <= u0 < u1 <= {W}, 0 <= v0 < v1 <= {H}")
+
+
+def _framed(clip: np.ndarray, corner: np.ndarray, tile: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Column-major world-to-clip matrices (B, 16) of a (W, H) image -> those that map its pixels
+    [u0, u0 + w) x [v0, v0 + h) (corner (B, 2) = (u0, v0), tile = (w, h)) onto a whole w x h tile:
+    x' = (x - c_x clip_w) W / w and y' = (y - c_y clip_w) H / h, (c_x, c_y) the window's centre in the image's
+    normalised device coordinates (y up). Pixel centres stay pixel centres: a window draws what the whole image
+    draws there."""
+    (W, H), (w, h), B = size, tile, clip.shape[0]
+    cx = (2 * corner[:, 0] + w) / W - 1
+    cy = 1 - (2 * corner[:, 1] + h) / H
+    frame = np.zeros((B, 4, 4))
+    frame[:, 0, 0], frame[:, 0, 3] = W / w, -cx * W / w
+    frame[:, 1, 1], frame[:, 1, 3] = H / h, -cy * H / h
+    frame[:, 2, 2] = frame[:, 3, 3] = 1.0
+    matrices = clip.reshape(B, 4, 4).transpose(0, 2, 1)  # column-major rows -> matrices
+    return (frame @ matrices).transpose(0, 2, 1).reshape(B, 16)
+
+
 class OpenGLRenderer(torch.nn.Module):
     """Forward-only hard renderer with the call shape of `renderers.mesh.MeshRenderer3D` (no gradients: wrap
     it in `renderers.finite_difference.FiniteDifferenceRenderer` for those)."""
@@ -225,6 +261,11 @@ class OpenGLRenderer(torch.nn.Module):
         direction = np.asarray(stage.light.direction, dtype=np.float64)
         self._nominal_light = np.r_[direction / np.linalg.norm(direction), stage.light.ambient]  # (4,)
         self._nominal_clip = world_to_clip(stage.camera, self.settings.image_size).T.reshape(16)  # column-major
+        boxes = [torch.stack([v.amin(0), v.amax(0)]).double().numpy() for v in library.verts]  # (2, 3) each
+        index = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])  # (8, 3)
+        corners = [b[index, np.arange(3)] for b in boxes]  # (8, 3): the box's corners, object frame
+        self._corners = np.stack(corners) if corners else np.zeros((0, 8, 3))  # (K, 8, 3)
+        self._invariant = np.array([*self.yaw_invariant, *[False] * (len(corners) + 1)])  # (> K,) drawn at yaw 0
 
     def _framebuffer(self, width: int, height: int):
         """The float framebuffer of this size, made once. Why reused: `Framebuffer.release()` does not release the
@@ -284,6 +325,41 @@ class OpenGLRenderer(torch.nn.Module):
         }
 
     @torch.no_grad()
+    def object_boxes(self, shape_ids: torch.Tensor, positions: torch.Tensor, yaws: torch.Tensor) -> torch.Tensor:
+        """Pixel boxes that hold each object's image under the nominal camera: the projection of its posed
+        object-frame bounding box, widened to whole pixels plus one.
+
+        Args:
+            shape_ids: LongTensor (B, N), -1 for empty slots; positions: FloatTensor (B, N, 2); yaws: (B, N).
+        Returns:
+            LongTensor (B, N, 4) (u0, v0, u1, v1): columns u0 <= u < u1 and rows v0 <= v < v1 (from the top left),
+            clipped to the image; the whole image for an empty slot or a box reaching behind the camera.
+        """
+        ids = shape_ids.cpu().numpy()
+        xy, yaw = positions.detach().cpu().double().numpy(), yaws.detach().cpu().double().numpy()
+        return torch.from_numpy(self._boxes(ids, xy, yaw)).to(shape_ids.device)
+
+    def _boxes(self, ids: np.ndarray, xy: np.ndarray, yaw: np.ndarray) -> np.ndarray:
+        """`object_boxes` on numpy arrays (B, N), (B, N, 2), (B, N) -> int64 (B, N, 4) (numpy: small arrays, many
+        calls)."""
+        W, H = self.settings.width, self.settings.height
+        k = np.maximum(ids, 0)
+        angle = np.where(self._invariant[k], 0.0, yaw)
+        c, s = np.cos(angle)[..., None], np.sin(angle)[..., None]  # (B, N, 1)
+        local = self._corners[k]  # (B, N, 8, 3)
+        x = c * local[..., 0] - s * local[..., 1] + xy[..., 0:1]
+        y = s * local[..., 0] + c * local[..., 1] + xy[..., 1:2]
+        m = self._nominal_clip.reshape(4, 4)  # column-major: clip = [x, y, z, 1] @ m
+        cx, cy, cw = (x * m[0, i] + y * m[1, i] + local[..., 2] * m[2, i] + m[3, i] for i in (0, 1, 3))
+        u = (cx / cw + 1) * W / 2
+        v = (1 - cy / cw) * H / 2
+        box = np.stack([np.floor(u.min(-1)) - 1, np.floor(v.min(-1)) - 1, np.ceil(u.max(-1)) + 1,
+                        np.ceil(v.max(-1)) + 1], -1)  # fmt: skip
+        box = np.clip(box, 0, [W, H, W, H])
+        whole = ((ids < 0) | (cw <= 0).any(-1))[..., None]
+        return np.where(whole, np.array([0, 0, W, H]), box).astype(np.int64)
+
+    @torch.no_grad()
     def forward(
         self,
         shape_ids: torch.Tensor,
@@ -291,9 +367,17 @@ class OpenGLRenderer(torch.nn.Module):
         yaws: torch.Tensor,
         colors: torch.Tensor | None = None,
         appearance: Appearance | None = None,
+        windows: torch.Tensor | None = None,
+        background: torch.Tensor | None = None,
     ) -> RenderOutput:
-        """Same arguments and output as `MeshRenderer3D.forward` (images carry no gradient).
+        """Same arguments and output as `MeshRenderer3D.forward` (images carry no gradient), and optionally
 
+        windows: LongTensor (B, 4) pixel boxes (u0, v0, u1, v1) as `object_boxes` gives them: each scene is drawn
+            only in a tile of the largest window's size that holds its window (at the window's top left, moved
+            left or up where it would leave the image; the camera matrix maps that part of the image onto the
+            tile), so the cost is that of the windows' pixels, e.g. to redraw where one object moved. Outside its
+            tile an image is `background` (FloatTensor (B, 3, H, W), e.g. the scenes' renders before the move)
+            or, without it, the stage's background colour, and its object mask False. None: the whole images.
         Returns:
             RenderOutput with images FloatTensor (B, 3, H, W) in [0, 1] and object_mask BoolTensor (B, H, W),
             on the device of `positions`.
@@ -309,19 +393,49 @@ class OpenGLRenderer(torch.nn.Module):
         else:
             albedo = colors.detach().cpu().double().numpy()
         scene = self._scene_uniforms(B, appearance)
-        chunks = [np.zeros((0, 4, H, W), dtype=np.float32)]
+        tile = (W, H)
+        if windows is not None and B > 0:
+            _check_windows(windows, B, (W, H))
+            w, h = (int(v) for v in (windows[:, 2:] - windows[:, :2]).amax(0).tolist())
+            tile = (w, h)
+            corner = torch.minimum(windows[:, :2].cpu(), torch.tensor([W - w, H - h]))  # (B, 2): tiles in the image
+            scene["clip"] = _framed(scene["clip"], corner.numpy(), tile, (W, H))
+            boxes = self._boxes(ids, pos, yaw)  # (B, N, 4)
+            low = corner.numpy()[:, None]
+            high = low + np.array([w, h])  # (B, 1, 2): the tiles' pixels
+            outside = (boxes[..., 2:] <= low).any(-1) | (boxes[..., :2] >= high).any(-1)  # (B, N)
+            ids = np.where(outside, -1, ids)  # an object outside a tile draws none of its pixels
+        chunks = [np.zeros((0, 4, tile[1], tile[0]), dtype=np.float32)]
         for i in range(0, B, tiles):
             part = slice(i, i + tiles)
             chunks.append(self._render_tiles(ids[part], pos[part], yaw[part], albedo[part],
-                                             {k: v[part] for k, v in scene.items()}))  # fmt: skip
-        rgba = torch.from_numpy(np.concatenate(chunks))  # (B, 4, H, W)
-        images = rgba[:, :3].clamp(0.0, 1.0).to(positions.device)
-        return RenderOutput(images=images, object_mask=(rgba[:, 3] > 0.5).to(positions.device))
+                                             {k: v[part] for k, v in scene.items()}, tile))  # fmt: skip
+        rgba = torch.from_numpy(chunks[1] if len(chunks) == 2 else np.concatenate(chunks))  # (B, 4, h, w)
+        images, mask = rgba[:, :3].clamp(0.0, 1.0), rgba[:, 3] > 0.5
+        if windows is not None and B > 0:
+            images, mask = self._paste(images, mask, corner, (W, H), background)
+        return RenderOutput(images=images.to(positions.device), object_mask=mask.to(positions.device))
 
-    def _render_tiles(self, ids, pos, yaw, albedo, scene: dict[str, np.ndarray]) -> np.ndarray:
-        """Draw b scenes (numpy (b, N), (b, N, 2), (b, N), (b, N, 3); `_scene_uniforms` rows) as tiles of one
-        framebuffer, one instanced draw per mesh; float32 (b, 4, H, W)."""
-        W, H, b = self.settings.width, self.settings.height, ids.shape[0]
+    def _paste(self, images: torch.Tensor, mask: torch.Tensor, corner: torch.Tensor, size: tuple[int, int],
+               background: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Tiles (B, 3, h, w) and their masks (B, h, w) put at their top left corners (B, 2) into `background`
+        (B, 3, H, W; None: the stage's background colour) and empty masks: (B, 3, H, W), (B, H, W)."""
+        (B, _, h, w), (W, H) = images.shape, size
+        if background is None:
+            full = torch.tensor(self.stage.background_color, dtype=images.dtype)[None, :, None, None]
+            full = full.expand(B, 3, H, W).clone()
+        else:
+            full = background.detach().to("cpu", images.dtype, copy=True).reshape(B, 3, H, W)
+        full_mask = torch.zeros(B, H, W, dtype=torch.bool)
+        for b, (x, y) in enumerate(corner.tolist()):  # a slice copy per tile: cheaper than index arrays here
+            full[b, :, y : y + h, x : x + w] = images[b]
+            full_mask[b, y : y + h, x : x + w] = mask[b]
+        return full, full_mask
+
+    def _render_tiles(self, ids, pos, yaw, albedo, scene: dict[str, np.ndarray], tile: tuple[int, int]) -> np.ndarray:
+        """Draw b scenes (numpy (b, N), (b, N, 2), (b, N), (b, N, 3); `_scene_uniforms` rows) as tiles of (w, h) =
+        `tile` pixels in one framebuffer, one instanced draw per mesh; float32 (b, 4, h, w)."""
+        (W, H), b = tile, ids.shape[0]
         cols = math.ceil(math.sqrt(b))
         rows = math.ceil(b / cols)
         fbo = self._framebuffer(cols * W, rows * H)
@@ -332,15 +446,14 @@ class OpenGLRenderer(torch.nn.Module):
             self.ctx.enable_direct(_GL_CLIP_DISTANCE0 + plane)
         fbo.clear(*self.stage.background_color, 0.0, depth=1.0)
         self.program["tile_scale"].value = (1.0 / cols, 1.0 / rows)
-        tile = np.arange(b)
-        offset = np.stack([(2 * (tile % cols) + 1) / cols - 1, (2 * (tile // cols) + 1) / rows - 1], 1)  # (b, 2)
-        per_scene = np.concatenate([scene["light"], scene["diffuse"][:, None], offset, scene["clip"]], 1)  # (b, 22)
+        index = np.arange(b)
+        offset = np.stack([(2 * (index % cols) + 1) / cols - 1, (2 * (index // cols) + 1) / rows - 1], 1)  # (b, 2)
+        per_scene = np.concatenate([scene["light"], scene["diffuse"][:, None], offset, scene["clip"]], 1)  # (b, 23)
         table = np.concatenate([np.tile([1.0, 0.0, 0.0, 0.0], (b, 1)), scene["table"], np.zeros((b, 1)), per_scene], 1)
         self._draw(len(self._meshes) - 1, table)
         s, n = np.nonzero(ids >= 0)  # the objects: scene and slot of each
         k = ids[s, n]
-        invariant = np.array([*self.yaw_invariant, *[False] * len(self._meshes)])[k]
-        angle = np.where(invariant, 0.0, yaw[s, n])
+        angle = np.where(self._invariant[k], 0.0, yaw[s, n])
         pose = np.concatenate([np.cos(angle)[:, None], np.sin(angle)[:, None], pos[s, n]], 1)  # (M, 4)
         objects = np.concatenate([pose, albedo[s, n], np.ones((len(s), 1)), per_scene[s]], 1)  # (M, 31)
         for shape in np.unique(k):

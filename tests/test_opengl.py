@@ -89,3 +89,35 @@ def test_repeated_calls_do_not_leak_memory():
     for _ in range(150):
         t.render(renderer)
     assert rss_mb() - before < 100
+
+
+@requires_egl
+def test_object_boxes_hold_each_object_and_windows_draw_what_the_whole_image_draws_there():
+    """Each object drawn alone lies inside its `object_boxes` box; a render through pixel windows (tiles of the
+    largest window's size, framed by the camera matrix) equals the whole render inside every window."""
+    scenes = tabletop.sample_scenes(12, seed=2, min_objects=1, max_objects=3)
+    t = tabletop.scenes_to_tensors(scenes)
+    renderer = tabletop.make_renderer(64, backend="opengl")
+    full = renderer(t.shape_ids, t.positions, t.yaws)
+    boxes = renderer.object_boxes(t.shape_ids, t.positions, t.yaws)  # (B, N, 4)
+    B, N = t.shape_ids.shape
+    for b in range(B):
+        for n in range(N):
+            if t.shape_ids[b, n] < 0:
+                assert boxes[b, n].tolist() == [0, 0, 64, 64]
+                continue
+            alone = torch.full_like(t.shape_ids[b : b + 1], -1)
+            alone[0, n] = t.shape_ids[b, n]
+            mask = renderer(alone, t.positions[b : b + 1], t.yaws[b : b + 1]).object_mask[0]
+            u0, v0, u1, v1 = boxes[b, n].tolist()
+            assert mask.any() and not mask[:v0].any() and not mask[v1:].any(), (b, n)
+            assert not mask[:, :u0].any() and not mask[:, u1:].any(), (b, n)
+    windows = boxes[:, 0]
+    part = renderer(t.shape_ids, t.positions, t.yaws, windows=windows)
+    v, u = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    inside = (u >= windows[:, 0, None, None]) & (u < windows[:, 2, None, None])
+    inside &= (v >= windows[:, 1, None, None]) & (v < windows[:, 3, None, None])  # (B, 64, 64)
+    assert (part.images - full.images).abs().amax(1)[inside].max() < 1e-4
+    assert torch.equal(part.object_mask[inside], full.object_mask[inside])
+    with pytest.raises(ValueError, match="pixel boxes"):
+        renderer(t.shape_ids, t.positions, t.yaws, windows=windows.flip(1))
