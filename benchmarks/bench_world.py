@@ -25,6 +25,7 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,9 +146,9 @@ def score(model, images: torch.Tensor, scenes, refine: int, world: World) -> dic
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    air = load_model(args.air)
-    world = load_world(args.world) if args.world else air.world
-    methods = {"3D AIR": air}
+    air: Any = load_model(args.air)  # a tabletop model (AIR3D); load_model's annotation is the 2D model's
+    world: World = load_world(args.world) if args.world else air.world
+    methods: dict[str, Any] = {"3D AIR": air}
     if args.supervised:
         methods["supervised"] = load_model(args.supervised)
     for label, model in methods.items():
@@ -206,9 +207,10 @@ def check_targets(rows: list[dict], timing: dict) -> dict:
             out[f"clean {key} (K={refined})"] = (r[key], r[key] is not None and r[key] <= TARGETS[key])
     base = air.get(("clean", 0))
     for c in (*CONDITIONS, "pyrender"):
-        r = air.get((c, 0))
-        if r is None:
+        found = air.get((c, 0))
+        if found is None:
             continue
+        r = found
         count_target = TARGETS["pyrender_count_acc"] if c == "pyrender" else TARGETS["shift_count_acc"]
         out[f"{c}: count"] = (r["count_acc"], r["count_acc"] is not None and r["count_acc"] >= count_target)
         if c != "pyrender":

@@ -74,6 +74,7 @@ def tabletop_part(cfg: DemoConfig) -> dict:
     from inverse_graphics import world3d
     from inverse_graphics.metrics3d import match_scene
 
+    assert cfg.tabletop_model is not None  # main calls this part only with a model
     model = load_pretrained(cfg.tabletop_model, device=cfg.device)
     world = model.world
     truths = world.sample_scenes(cfg.n_tabletop, seed=cfg.seed)
