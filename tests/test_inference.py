@@ -108,9 +108,10 @@ def test_infer_cli_unknown_model(tmp_path, capsys):
 
 def test_demo_runs_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("INVERSE_GRAPHICS_DATA", str(tmp_path / "nowhere"))  # the demo needs no data files
-    assert cli_main(["demo", "--out", str(tmp_path)]) == 0
+    assert cli_main(["demo", "--out", str(tmp_path), "--n-tabletop", "2"]) == 0
     text = capsys.readouterr().out
     assert "count accuracy" in text and (tmp_path / "demo.png").stat().st_size > 5000
+    assert "counts right:" in text and (tmp_path / "tabletop.png").stat().st_size > 5000  # the 3D part
 
 
 def test_shipped_dair_model_loads_and_counts(fresh_scenes):
