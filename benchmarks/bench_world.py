@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
                 add(method, condition, 0, images, n_shift)
     n_pyrender = min(args.n_pyrender, len(scenes))
     if n_pyrender:
-        from benchmarks.pyrender_scenes import render_world_scenes
+        from benchmarks.pyrender_scenes import render_in_subprocess
 
-        images = render_world_scenes(world, scenes[:n_pyrender])
+        images = render_in_subprocess(world, scenes[:n_pyrender])
         for method in methods:
             add(method, "pyrender", 0, images, n_pyrender)
     timing = speed(air, clean, args.speed_images) if args.speed_images else {}

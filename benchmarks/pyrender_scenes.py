@@ -25,7 +25,7 @@ from scenes.world import World
 
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")  # headless; must be set before PyOpenGL is first imported
 
-__all__ = ["PyrenderUnavailable", "render_world_scenes"]
+__all__ = ["PyrenderUnavailable", "render_world_scenes", "render_in_subprocess"]
 
 
 class PyrenderUnavailable(RuntimeError):
@@ -106,3 +106,19 @@ def render_world_scenes(world: World, scenes: list[dict]) -> torch.Tensor:
     finally:
         renderer.delete()
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().clamp(0.0, 1.0)
+
+
+def _child(world_dict: dict, scenes: list[dict]):
+    from scenes.world import World
+
+    return render_world_scenes(World.from_dict(world_dict), scenes).numpy()
+
+
+def render_in_subprocess(world: World, scenes: list[dict]) -> torch.Tensor:
+    """`render_world_scenes` in a fresh process: pyrender's EGL context and the project's moderngl one in one
+    process crashed Mesa's software rasteriser (a segfault in swrast_dri.so) after a few thousand OpenGL renders,
+    so a benchmark that uses both keeps them apart."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return torch.from_numpy(pool.apply(_child, (world.to_dict(), scenes)))
