@@ -25,7 +25,7 @@ from scenes.world import World
 
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")  # headless; must be set before PyOpenGL is first imported
 
-__all__ = ["PyrenderUnavailable", "render_world_scenes", "render_in_subprocess"]
+__all__ = ["PyrenderUnavailable", "pyrender_mesh", "frame_pose", "render_world_scenes", "render_in_subprocess"]
 
 
 class PyrenderUnavailable(RuntimeError):
@@ -47,7 +47,8 @@ def _renderer(width: int, height: int):
         raise PyrenderUnavailable(f"pyrender cannot make a headless EGL context: {err}") from err
 
 
-def _mesh(verts: torch.Tensor, faces: torch.Tensor, color):
+def pyrender_mesh(verts: torch.Tensor, faces: torch.Tensor, color):
+    """A pyrender mesh with the project's vertex normals (so both shade the same surface) and a matte material."""
     import pyrender
     import trimesh
 
@@ -60,7 +61,7 @@ def _mesh(verts: torch.Tensor, faces: torch.Tensor, color):
     return pyrender.Mesh.from_trimesh(surface, material=material, smooth=True)
 
 
-def _frame(z: np.ndarray, hint: np.ndarray) -> np.ndarray:
+def frame_pose(z: np.ndarray, hint: np.ndarray) -> np.ndarray:
     """(4, 4) pose whose third axis is unit z and whose second is as close to `hint` as possible."""
     z = z / np.linalg.norm(z)
     x = np.cross(hint, z)
@@ -81,7 +82,7 @@ def render_world_scenes(world: World, scenes: list[dict]) -> torch.Tensor:
     camera, light = stage.camera, stage.light
     fx, fy, cx, cy = camera.pixel_intrinsics(W, H)
     eye, at, up = (np.asarray(v, dtype=np.float64) for v in (camera.eye, camera.at, camera.up))
-    camera_pose = _frame(eye - at, up)  # pyrender's camera looks along its -z with +y up
+    camera_pose = frame_pose(eye - at, up)  # pyrender's camera looks along its -z with +y up
     camera_pose[:3, 3] = eye
     towards = np.asarray(light.direction, dtype=np.float64)  # a directional light shines along its pose's -z
     hint = np.array([0.0, 1.0, 0.0]) if abs(towards[1]) < 0.9 * np.linalg.norm(towards) else np.array([1.0, 0, 0])
@@ -91,16 +92,16 @@ def render_world_scenes(world: World, scenes: list[dict]) -> torch.Tensor:
     try:
         for b in range(len(scenes)):
             scene = pyrender.Scene(ambient_light=np.array([light.ambient] * 3 + [1.0]), bg_color=[0.0, 0.0, 0.0, 0.0])
-            scene.add(_mesh(stage.table_verts, stage.table_faces, stage.table_color))
+            scene.add(pyrender_mesh(stage.table_verts, stage.table_faces, stage.table_color))
             for k, position, yaw in zip(t.shape_ids[b].tolist(), t.positions[b], t.yaws[b], strict=True):
                 if k >= 0:
                     verts = place_vertices(
                         library.verts[k].double(), position.double(), library.pose_yaw(k, yaw).double()
                     )
-                    scene.add(_mesh(verts, library.faces[k], colors[k].tolist()))
+                    scene.add(pyrender_mesh(verts, library.faces[k], colors[k].tolist()))
             scene.add(pyrender.IntrinsicsCamera(fx, fy, cx, cy, znear=camera.znear, zfar=camera.zfar), pose=camera_pose)
             sun = pyrender.DirectionalLight(color=np.ones(3), intensity=light.diffuse * math.pi / 0.96)
-            scene.add(sun, pose=_frame(towards, hint))
+            scene.add(sun, pose=frame_pose(towards, hint))
             color, _ = renderer.render(scene)
             images.append((color[..., :3].astype(np.float64) / 255) ** 2.2)  # sRGB-ish gamma 2.2 -> linear
     finally:

@@ -25,7 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from renderers.mesh import Appearance, Camera, MeshRenderer3D, MeshRenderSettings, Stage, place_vertices, vertex_normals
+from benchmarks.pyrender_scenes import frame_pose, pyrender_mesh
+from renderers.mesh import Appearance, Camera, MeshRenderer3D, MeshRenderSettings, Stage, place_vertices
 from scenes import tabletop
 from scenes.tabletop_objects import library
 
@@ -53,30 +54,6 @@ RENDERER, REASON = _offscreen_renderer_or_reason(*SIZE)
 pytestmark = pytest.mark.skipif(RENDERER is None, reason=str(REASON))
 
 
-def _mesh(verts: torch.Tensor, faces: torch.Tensor, color):
-    """A pyrender mesh with our vertex normals (so both shade the same surface) and a matte material."""
-    import pyrender
-    import trimesh
-
-    verts = verts.detach().double()
-    normals = vertex_normals(verts, faces)
-    surface = trimesh.Trimesh(verts.numpy(), faces.numpy(), vertex_normals=normals.numpy(), process=False)
-    material = pyrender.MetallicRoughnessMaterial(
-        baseColorFactor=[*map(float, color), 1.0], metallicFactor=0.0, roughnessFactor=1.0
-    )
-    return pyrender.Mesh.from_trimesh(surface, material=material, smooth=True)
-
-
-def _frame(z: np.ndarray, hint: np.ndarray) -> np.ndarray:
-    """(4, 4) pose whose third axis is unit z and whose second is as close to `hint` as possible."""
-    z = z / np.linalg.norm(z)
-    x = np.cross(hint, z)
-    x /= np.linalg.norm(x)
-    pose = np.eye(4)
-    pose[:3, 0], pose[:3, 1], pose[:3, 2] = x, np.cross(z, x), z
-    return pose
-
-
 def _pyrender_scene(stage: Stage, shape_ids, positions, yaws, colors, flat: bool):
     """The scene for pyrender: table and posed objects, the pinhole camera, the directional light."""
     import pyrender
@@ -84,16 +61,16 @@ def _pyrender_scene(stage: Stage, shape_ids, positions, yaws, colors, flat: bool
     light, camera, shapes = stage.light, stage.camera, library()
     ambient = 0.0 if flat else light.ambient
     scene = pyrender.Scene(ambient_light=np.array([ambient] * 3 + [1.0]), bg_color=[0.0, 0.0, 0.0, 0.0])
-    scene.add(_mesh(stage.table_verts, stage.table_faces, stage.table_color))
+    scene.add(pyrender_mesh(stage.table_verts, stage.table_faces, stage.table_color))
     objects = []
     for k, position, yaw, color in zip(shape_ids.tolist(), positions, yaws, colors, strict=True):
         if k >= 0:
             verts = place_vertices(shapes.verts[k].double(), position.double(), shapes.pose_yaw(k, yaw).double())
-            objects.append(scene.add(_mesh(verts, shapes.faces[k], color.tolist())))
+            objects.append(scene.add(pyrender_mesh(verts, shapes.faces[k], color.tolist())))
     fx, fy, cx, cy = camera.pixel_intrinsics(*SIZE)
     eye, at, up = (np.asarray(v, dtype=np.float64) for v in (camera.eye, camera.at, camera.up))
     # pyrender's camera looks along its -z with +y up: its pose's third axis points from `at` back to the eye
-    camera_pose = _frame(eye - at, up)
+    camera_pose = frame_pose(eye - at, up)
     camera_pose[:3, 3] = eye
     scene.add(pyrender.IntrinsicsCamera(fx, fy, cx, cy, znear=camera.znear, zfar=camera.zfar), pose=camera_pose)
     # pyrender's Lambertian term is (1 - F) (1 - 0.04) albedo / pi * intensity * n.l, F ~ 0.04 at roughness 1:
@@ -101,7 +78,7 @@ def _pyrender_scene(stage: Stage, shape_ids, positions, yaws, colors, flat: bool
     towards = np.asarray(light.direction, dtype=np.float64)  # a directional light shines along its pose's -z
     hint = np.array([0.0, 1.0, 0.0]) if abs(towards[1]) < 0.9 * np.linalg.norm(towards) else np.array([1.0, 0, 0])
     sun = pyrender.DirectionalLight(color=np.ones(3), intensity=light.diffuse * math.pi / 0.96)
-    scene.add(sun, pose=_frame(towards, hint))
+    scene.add(sun, pose=frame_pose(towards, hint))
     return scene, objects
 
 
