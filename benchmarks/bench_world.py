@@ -4,7 +4,8 @@ On `--n` held-out scenes of the world (data3d.held_out_renders: its own sampler 
 run draws, nominal appearance), every model is scored by the same code (inverse_graphics.metrics3d: Hungarian
 matching on the table plane; count and identity accuracy; median position error in mm; median yaw error reduced
 by each object's symmetry, any-yaw objects excluded; median MSSD, BOP's maximum symmetry-aware surface distance):
-- clean: unrefined on all `--n`, and with `--refine K` steps of render-and-compare on the first `--n-refine`;
+- clean: unrefined on all `--n`, and refined (render and compare: the model's default, or `--refine K`
+  iterations) on the first `--n-refine`;
 - shifted at test time, the same scenes: exposure x0.8 and x1.2, the light tilted 30 degrees (away from the
   zenith, or towards it where away would pass 75 degrees from it), Gaussian pixel noise sd 0.05, JPEG quality 75,
   each object's colour jittered by up to +-0.15 per channel (uniform); unrefined on the first `--n-shift`;
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--supervised", default=None, help="optional supervised regressor: pretrained name or checkpoint")
     p.add_argument("--n", type=int, default=1000, help="held-out scenes (unrefined rows)")
     p.add_argument("--n-refine", type=int, default=200, help="of those, scenes for the refined rows")
-    p.add_argument("--refine", type=int, default=20, help="K, refinement steps of the refined rows (0: none)")
+    p.add_argument("--refine", type=int, default=None, help="K, refinement iterations (0: none; default: the model's)")
     p.add_argument("--n-shift", type=int, default=1000, help="of those, scenes per shifted condition (0: none)")
     p.add_argument("--n-pyrender", type=int, default=200, help="of those, scenes drawn by pyrender (0: none)")
     p.add_argument("--speed-images", type=int, default=20, help="images timed one at a time, refined (0: no speed)")
@@ -170,8 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     for method in methods:
         add(method, "clean", 0, clean, len(scenes))
-        if args.refine and args.n_refine:
-            add(method, "clean", args.refine, clean, min(args.n_refine, len(scenes)))
+        k = args.refine if args.refine is not None else int(getattr(methods[method].config, "refine_steps", 8))
+        if k and args.n_refine:
+            add(method, "clean", k, clean, min(args.n_refine, len(scenes)))
     n_shift = min(args.n_shift, len(scenes))
     if n_shift:
         for i, condition in enumerate(CONDITIONS):
