@@ -100,10 +100,10 @@ def meshes() -> dict[str, trimesh.Trimesh]:
     corners = [[x, y, z] for x, z in profile for y in (-0.8, 0.8)]
     wedge = trimesh.Trimesh(vertices=np.array(corners)).convex_hull
     wedge.apply_translation([-1.0, 0.0, 0.0])  # its frame's origin a third of the way along (not the centroid)
+    flange, core = (0.03, 0.008), (0.014, 0.05)  # (radius, height): two flanges and the core between them, metres
+    parts = [(flange, 0.004), (core, 0.025), (flange, 0.046)]  # centre heights
     spool = trimesh.util.concatenate([
-        trimesh.creation.cylinder(radius=0.03, height=0.008, sections=32).apply_translation([0, 0, 0.004]),
-        trimesh.creation.cylinder(radius=0.014, height=0.05, sections=32).apply_translation([0, 0, 0.025]),
-        trimesh.creation.cylinder(radius=0.03, height=0.008, sections=32).apply_translation([0, 0, 0.046]),
+        trimesh.creation.cylinder(radius=r, height=h, sections=32).apply_translation([0, 0, z]) for (r, h), z in parts
     ])  # fmt: skip
     spool.apply_transform(trimesh.transformations.rotation_matrix(-np.pi / 2, [1, 0, 0]))  # z up -> y up (glTF)
     return {"nut.stl": nut, "block.ply": block, "wedge_stop.obj": wedge, "spool.glb": spool}

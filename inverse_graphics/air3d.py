@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -492,12 +492,8 @@ class AIR3D(nn.Module):
             return GuideStep3D(**zeros, state=state)
         x = images[rows]
         if self.config.difference_input and t > 0:
-            so_far = self._stack(steps).scene()
-            so_far = SceneTensors(so_far.shape_ids[rows], so_far.positions[rows], so_far.yaws[rows])
-            sub_look = (
-                None if look is None else replace(look, **{f.name: getattr(look, f.name)[rows] for f in fields(look)})
-            )
-            g = self.image_gates(x, so_far, sub_look)
+            sub_look = None if look is None else world3d.rows_of(look, rows)
+            g = self.image_gates(x, world3d.rows_of(self._stack(steps).scene(), rows), sub_look)
         else:
             g = gates[rows]
         sub = self.guide_step(g, x, prev[rows], prev_pres[rows], (state[0][rows], state[1][rows]), False)

@@ -21,7 +21,7 @@ later steps see the guide's own estimate of it, as at test time (`_own_estimate`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from inverse_graphics.air3d import (
 )
 from inverse_graphics.estimators import gaussian_log_likelihood, score_function_surrogate
 from inverse_graphics.modules3d import ObjectDists
+from inverse_graphics.world3d import rows_of
 
 __all__ = ["ElboTerms", "elbo_terms", "choice_log_q", "elbo_loss", "sleep_loss", "teacher_forced_log_q"]
 
@@ -172,8 +173,8 @@ def teacher_forced_log_q(
                 x[keep] for x in (rows, images, count, remaining, prev, gates)
             )
             state = (state[0][keep], state[1][keep])
-            p, chosen = _rows(p, keep), [_rows(c, keep) for c in chosen]
-            look = None if look is None else _rows(look, keep)
+            p, chosen = rows_of(p, keep), [rows_of(c, keep) for c in chosen]
+            look = None if look is None else rows_of(look, keep)
         if model.config.difference_input and chosen:
             gates = model.image_gates(images, PriorStep3D.stack(chosen).scene(), look)
         h, c = model.rnn(gates, prev, state)
@@ -190,11 +191,6 @@ def teacher_forced_log_q(
         chosen.append(_own_estimate(model, d, target))
         prev = model.step_input(target, chosen[-1].shape, chosen[-1].position, chosen[-1].v)
     return total
-
-
-def _rows(x, keep: torch.Tensor):
-    """A dataclass of per-scene tensors (first dimension B) with only the scenes `keep` (LongTensor)."""
-    return replace(x, **{f.name: getattr(x, f.name)[keep] for f in fields(x)})
 
 
 @torch.no_grad()

@@ -146,6 +146,14 @@ def training_renders(n: int, seed: int, **kwargs) -> LabelledRenders:
     return make_labelled_renders(n, np.random.default_rng((seed, 0)), **kwargs)
 
 
+def run_held_out(cfg) -> LabelledRenders:
+    """The periodic evaluation's held-out scenes of a tabletop training config (eval_n, backend, its world or count
+    range)."""
+    from inverse_graphics import world3d
+
+    return held_out_renders(cfg.eval_n, backend=cfg.backend, **world3d.scene_options(cfg))
+
+
 def held_out_renders(n: int, **kwargs) -> LabelledRenders:
     """The held-out scenes shared by every 3D method's evaluation: the same for the same `n` and count range
     (sample_scenes draws all counts first, so a different `n` gives different scenes)."""

@@ -82,10 +82,7 @@ def tabletop_part(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     out = model.infer(images)
     seconds = time.perf_counter() - t0
-    t = world3d.scenes_to_tensors(world, out.scenes)
-    backend = getattr(model.config, "backend", "auto")
-    colors = None if model.legacy else world3d.object_colors(world, t.shape_ids)  # the world's own colours
-    renders = t.render(world3d.renderer(world, "hard", model.image_wh, backend, model.legacy), colors).images
+    renders = world3d.rerender(model, out.scenes)
     W, H = world.image_size
     look = "its randomised appearance" if world.randomize is not None else "its nominal appearance"
     print(f"\n{cfg.tabletop_model}: {cfg.n_tabletop} scenes of the {world.name!r} world ({W} x {H}, {look}), "

@@ -255,10 +255,7 @@ def main_tabletop(cfg: InferConfig, model) -> dict:
     loaded = [read_rgb(p, size, cfg.resize) for p in cfg.images]
     x = torch.from_numpy(np.stack([a for a, _ in loaded]))
     out = model.infer(x.to(cfg.device), refine=cfg.refine, refine_gradient=cfg.refine_gradient)
-    t = world3d.scenes_to_tensors(world, out.scenes)  # results, not inputs: no table checks
-    backend = getattr(model.config, "backend", "auto")
-    colors = None if model.legacy else world3d.object_colors(world, t.shape_ids)  # the world's own colours
-    renders = t.render(world3d.renderer(world, "hard", size, backend, model.legacy), colors).images
+    renders = world3d.rerender(model, out.scenes)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from inverse_graphics import distributed, world3d
 from inverse_graphics.air3d import AIR3D, GRADIENTS, MODEL_KIND, AIR3DConfig
 from inverse_graphics.air3d_objective import elbo_loss, sleep_loss
 from inverse_graphics.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_file, restore, save_atomic
-from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
+from inverse_graphics.data3d import LabelledRenders, run_held_out, training_renders
 from inverse_graphics.distributed import Dist
 from inverse_graphics.engine import Run, check_training_options, run_training
 from inverse_graphics.metrics3d import evaluate_method
@@ -218,7 +219,6 @@ class TrainingRun(Run):
                 raise ValueError(f"init_from {cfg.init_from} has another model config: {start['config']}")
             restore(self.model, start, cfg.init_from)
         self.train_data = images  # ByteTensor (n_train, 3, H, W), the training renders
-        self._held_out: LabelledRenders | None = None
         self.desc = f"train {MODEL_KIND} ({cfg.recipe}, {cfg.gradient})"
         self._start(state, ctx)
 
@@ -296,12 +296,9 @@ class TrainingRun(Run):
         scenes = cfg.batch_size * (wake + sleep)
         return self.optimise(_air3d_loss, *args, scenes=scenes, before_step=self._baseline_only if warm_up else None)
 
-    @property
+    @cached_property
     def held_out(self) -> LabelledRenders:
-        if self._held_out is None:  # rendered when first evaluated, on the one rank that evaluates
-            cfg = self.cfg
-            self._held_out = held_out_renders(cfg.eval_n, backend=cfg.backend, **world3d.scene_options(cfg))
-        return self._held_out
+        return run_held_out(self.cfg)  # rendered when first evaluated, on the one rank that evaluates
 
     def evaluate(self) -> dict:
         return evaluate_air3d(self.model, self.held_out, self.cfg.eval_refine, self.cfg.gradient)

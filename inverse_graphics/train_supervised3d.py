@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import torch
 
 from inverse_graphics import world3d
-from inverse_graphics.data3d import LabelledRenders, held_out_renders, training_renders
+from inverse_graphics.data3d import LabelledRenders, run_held_out, training_renders
 from inverse_graphics.distributed import Dist
 from inverse_graphics.engine import Run, check_training_options, run_training
 from inverse_graphics.metrics3d import evaluate_method
@@ -102,7 +103,6 @@ class _Run(Run):
         self.model = SupervisedRegressor(cfg.model_config()).to(cfg.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.train_data: LabelledRenders | None = data
-        self._held_out: LabelledRenders | None = None
         self.desc = "train supervised-tabletop"
         self._start(state, ctx)
 
@@ -113,12 +113,9 @@ class _Run(Run):
         device_labels = SceneTensors(*(x.to(cfg.device) for x in (labels.shape_ids, labels.positions, labels.yaws)))
         return self.optimise(_supervised_loss, images.to(cfg.device), device_labels, cfg.loss, scenes=cfg.batch_size)
 
-    @property
+    @cached_property
     def held_out(self) -> LabelledRenders:
-        if self._held_out is None:  # rendered when first evaluated, on the one rank that evaluates
-            cfg = self.cfg
-            self._held_out = held_out_renders(cfg.eval_n, backend=cfg.backend, **world3d.scene_options(cfg))
-        return self._held_out
+        return run_held_out(self.cfg)  # rendered when first evaluated, on the one rank that evaluates
 
     def evaluate(self) -> dict:
         return evaluate_supervised(self.model, self.held_out)

@@ -19,6 +19,7 @@ measured on the world's own scene sampler (200 scenes, seed 0), so they follow i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -195,6 +196,22 @@ def tensors_to_scenes(world: World, t: SceneTensors) -> list[dict]:
         {"objects": [{"shape": names[k], "position": [p[0], p[1]], "yaw": y} for k, p, y in zip(i, ps, ys) if k >= 0]}
         for i, ps, ys in rows
     ]
+
+
+def rows_of(x, keep: torch.Tensor):
+    """A dataclass of per-scene tensors (first dimension B), e.g. SceneTensors or AppearanceFit, with only the scenes
+    `keep` (LongTensor)."""
+    return dataclasses.replace(x, **{f.name: getattr(x, f.name)[keep] for f in dataclasses.fields(x)})
+
+
+def rerender(model, scenes: list[dict]) -> torch.Tensor:
+    """Hard renders (B, 3, H, W) of a tabletop model's inferred scene dicts in its world, at its image size, in the
+    world's object colours (the pre-world primitives models: the renderer's own, as they were trained)."""
+    world = model.world
+    t = scenes_to_tensors(world, scenes)  # results, not inputs: no table checks
+    colors = None if model.legacy else object_colors(world, t.shape_ids)
+    backend = getattr(model.config, "backend", "auto")
+    return t.render(renderer(world, "hard", model.image_wh, backend, model.legacy), colors).images
 
 
 def object_colors(world: World, shape_ids: torch.Tensor) -> torch.Tensor:
