@@ -21,7 +21,7 @@ import time
 import torch
 
 from benchmarks.common import markdown_table, write_results
-from inverse_graphics.train_air3d import AIR3DTrainConfig, TrainingRun, training_images
+from inverse_graphics.tabletop.train_air3d import AIR3DTrainConfig, TrainingRun, training_images
 
 CASES = (("wake", "fd"), ("wake", "soft"), ("sleep", "fd"), ("wake-sleep", "fd"))
 

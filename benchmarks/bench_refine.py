@@ -1,5 +1,5 @@
 """Render-and-compare refinement, side by side in one run: Levenberg-Marquardt (the default) against the Adam
-finite-difference descent it replaced (inverse_graphics.refine), on the same scenes, starts and thread count.
+finite-difference descent it replaced (inverse_graphics.tabletop.refine), on the same scenes, starts and thread count.
 
 Two starts:
 - primitives world, 64 x 64: the shipped `air-tabletop` model's unrefined guesses on `--n` held-out scenes
@@ -8,7 +8,7 @@ Two starts:
   perturbed by N(0, 1 cm) per coordinate and N(0, 0.15 rad) in yaw, footprints clamped onto the table.
 
 Per method: median position error (mm) and median symmetry-reduced yaw error (degrees, any-yaw objects excluded)
-by inverse_graphics.metrics3d over all scenes (refined at batch 32); the image loss (never above the start's, by
+by tabletop.metrics3d over all scenes (refined at batch 32); the image loss (never above the start's, by
 construction, checked here); renders per scene; and speed on `--threads` torch threads: refinement ms per image
 at batch 1 (mean, and median in the JSON, over the first `--speed-images` images, the two methods alternating
 image by image) and at batch 32 (over all the scenes). The primitives rows also time the model's guide
@@ -68,7 +68,7 @@ class RenderCounter:
 
 
 def _errors(scenes, truths, world) -> dict:
-    from inverse_graphics.metrics3d import match_scene, summarize
+    from inverse_graphics.tabletop.metrics3d import match_scene, summarize
 
     s = summarize([match_scene(p, t, world=world) for p, t in zip(scenes, truths, strict=True)], world)
     return {"position_mm": s["position_error_mm_median"], "yaw_deg": s["yaw_error_deg_median"]}
@@ -76,7 +76,7 @@ def _errors(scenes, truths, world) -> dict:
 
 def _losses(scenes, images, world, legacy: bool) -> torch.Tensor:
     """(B,) squared error of the hard render of `scenes` against `images` (what refinement lowers)."""
-    from inverse_graphics import world3d
+    from inverse_graphics.tabletop import world3d
 
     t = world3d.scenes_to_tensors(world, scenes)
     colors = None if legacy else world3d.object_colors(world, t.shape_ids)
@@ -87,8 +87,8 @@ def _losses(scenes, images, world, legacy: bool) -> torch.Tensor:
 def compare(label: str, start: list[dict], images: torch.Tensor, truths, world, legacy: bool, configs: dict,
             speed_images: int) -> list[dict]:  # fmt: skip
     """Both methods on one world: accuracy at batch 32, renders per scene, ms per image at batch 1 and 32."""
-    from inverse_graphics import world3d
-    from inverse_graphics.refine import refine
+    from inverse_graphics.tabletop import world3d
+    from inverse_graphics.tabletop.refine import refine
 
     refine_world = None if legacy else world
     size = (images.shape[3], images.shape[2])
@@ -120,7 +120,7 @@ def compare(label: str, start: list[dict], images: torch.Tensor, truths, world, 
 
 def primitives_rows(args, configs) -> tuple[list[dict], dict]:
     import inverse_graphics as ig
-    from inverse_graphics.data3d import held_out_renders
+    from inverse_graphics.tabletop.data3d import held_out_renders
     from scenes.world import load_world
 
     world = load_world("primitives")
@@ -141,8 +141,8 @@ def primitives_rows(args, configs) -> tuple[list[dict], dict]:
 
 
 def kitchen_rows(args, configs) -> list[dict]:
-    from inverse_graphics import world3d
-    from inverse_graphics.data3d import held_out_renders
+    from inverse_graphics.tabletop import world3d
+    from inverse_graphics.tabletop.data3d import held_out_renders
     from scenes.world import SceneTensors, load_world
 
     world = load_world("kitchen")
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.gl_threads != "mesa":  # read by Mesa when the first GL context is made, which is below
         os.environ["LP_NUM_THREADS"] = str(int(args.gl_threads))
     torch.set_num_threads(args.threads)
-    from inverse_graphics.refine import RefineConfig
+    from inverse_graphics.tabletop.refine import RefineConfig
 
     lm = RefineConfig() if args.lm_steps is None else RefineConfig(steps=args.lm_steps)
     configs = {"adam": replace(RefineConfig(method="adam"), steps=args.adam_steps), "lm": lm}

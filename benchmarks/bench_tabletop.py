@@ -1,6 +1,6 @@
 """3D AIR against supervised regressors on held-out tabletop scenes: the comparison table of issue 4.
 
-Every method is scored by the same code (inverse_graphics.metrics3d: Hungarian matching on the table plane, count
+Every method is scored by the same code (tabletop.metrics3d: Hungarian matching on the table plane, count
 and identity accuracy, median position error in mm, median yaw error in degrees reduced by each shape's symmetry,
 spheres and cylinders excluded, images/s) on the same held-out scenes (data3d.held_out_renders: 0-3 objects, 64 px,
 a seed no training run draws). Rows without refinement use --n scenes; rows with render-and-compare refinement
@@ -30,9 +30,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
-from inverse_graphics.data3d import held_out_renders  # noqa: E402
 from inverse_graphics.evaluate import load_model  # noqa: E402
-from inverse_graphics.metrics3d import evaluate_method  # noqa: E402
+from inverse_graphics.tabletop.data3d import held_out_renders  # noqa: E402
+from inverse_graphics.tabletop.metrics3d import evaluate_method  # noqa: E402
 
 TARGETS = {"count_acc": 0.98, "identity_acc": 0.95, "position_error_mm_median": 5.0, "yaw_error_deg_median": 5.0}
 SYMMETRIC = ("cube", "box", "wedge")  # shapes with a yaw, by decreasing symmetry order (4, 2, 1)

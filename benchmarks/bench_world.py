@@ -1,7 +1,7 @@
 """Tabletop models on one World's held-out scenes: the targets of the worlds issue, for any world file.
 
 On `--n` held-out scenes of the world (data3d.held_out_renders: its own sampler and count range, a seed no training
-run draws, nominal appearance), every model is scored by the same code (inverse_graphics.metrics3d: Hungarian
+run draws, nominal appearance), every model is scored by the same code (inverse_graphics.tabletop.metrics3d: Hungarian
 matching on the table plane; count and identity accuracy; median position error in mm; median yaw error reduced
 by each object's symmetry, any-yaw objects excluded; median MSSD, BOP's maximum symmetry-aware surface distance):
 - clean: unrefined on all `--n`, and refined (render and compare: the model's default, or `--refine K`
@@ -33,9 +33,9 @@ import torch
 from PIL import Image
 
 from benchmarks.common import RESULTS, markdown_table, write_results
-from inverse_graphics.data3d import held_out_renders
 from inverse_graphics.evaluate import load_model
-from inverse_graphics.metrics3d import evaluate_method
+from inverse_graphics.tabletop.data3d import held_out_renders
+from inverse_graphics.tabletop.metrics3d import evaluate_method
 from renderers.mesh import Appearance
 from scenes.world import World, load_world
 

@@ -269,11 +269,11 @@ def _run_train(args) -> int:
 
         rec = train(TrainConfig.from_dict(kw), resume, progress, overwrite=overwrite)
     elif args.model == "air-tabletop":
-        from inverse_graphics.train_air3d import AIR3DTrainConfig, train_air3d
+        from inverse_graphics.tabletop.train_air3d import AIR3DTrainConfig, train_air3d
 
         rec = train_air3d(AIR3DTrainConfig.from_dict(kw), resume, progress, overwrite=overwrite)
     else:
-        from inverse_graphics.train_supervised3d import SupervisedTrainConfig, train_supervised
+        from inverse_graphics.tabletop.train_supervised3d import SupervisedTrainConfig, train_supervised
 
         rec = train_supervised(SupervisedTrainConfig.from_dict(kw), resume, progress, overwrite=overwrite)
     print(json.dumps(rec))

@@ -71,8 +71,8 @@ def main(cfg: DemoConfig) -> dict:
 
 def tabletop_part(cfg: DemoConfig) -> dict:
     """Scenes of the 3D model's world, inferred and re-rendered; prints counts and per-object errors."""
-    from inverse_graphics import world3d
-    from inverse_graphics.metrics3d import match_scene
+    from inverse_graphics.tabletop import world3d
+    from inverse_graphics.tabletop.metrics3d import match_scene
 
     assert cfg.tabletop_model is not None  # main calls this part only with a model
     model = load_pretrained(cfg.tabletop_model, device=cfg.device)

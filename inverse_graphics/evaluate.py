@@ -12,8 +12,8 @@ import torch
 
 from inverse_graphics.air import AIR
 from inverse_graphics.count_search import CountSearchConfig, search_counts
-from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.pretrained import WEIGHTS, load, load_pretrained
+from inverse_graphics.tabletop.metrics3d import evaluate_method
 from scenes import mnist, multi_mnist
 
 
@@ -128,7 +128,7 @@ def main_tabletop(cfg: EvalConfig, model) -> dict:
     """Every tabletop model of `cfg` (model, then compare) on the same held-out scenes of one World (data3d's
     held-out seed): the metrics of `metrics3d.evaluate_method` per model and their comparison table. A model of
     another world than the scenes' is refused: its object names, camera and image size would not fit them."""
-    from inverse_graphics.data3d import held_out_renders
+    from inverse_graphics.tabletop.data3d import held_out_renders
     from scenes.world import load_world
 
     world = load_world(cfg.world) if cfg.world is not None else model.world

@@ -249,7 +249,7 @@ def scene_problems(world, scene: dict) -> list[str]:
 
 def main_tabletop(cfg: InferConfig, model) -> dict:
     """`infer` for the tabletop models (AIR3D or SupervisedRegressor): results.json and <stem>_scene.png."""
-    from inverse_graphics import world3d
+    from inverse_graphics.tabletop import world3d
 
     world, size = model.world, model.image_wh
     loaded = [read_rgb(p, size, cfg.resize) for p in cfg.images]

@@ -39,10 +39,10 @@ def _build(kind: str, config: dict) -> torch.nn.Module:
     if kind in KINDS_2D:
         return AIR(AIRConfig.from_dict(config))
     if kind == "air-tabletop":
-        from inverse_graphics.air3d import AIR3D, AIR3DConfig
+        from inverse_graphics.tabletop.air3d import AIR3D, AIR3DConfig
 
         return AIR3D(AIR3DConfig.from_dict(config))
-    from inverse_graphics.supervised3d import SupervisedConfig, SupervisedRegressor
+    from inverse_graphics.tabletop.supervised3d import SupervisedConfig, SupervisedRegressor
 
     return SupervisedRegressor(SupervisedConfig.from_dict(config))
 

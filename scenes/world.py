@@ -348,13 +348,21 @@ class World:
             "objects_per_scene": list(self.objects_per_scene),
             "min_gap": self.min_gap,
             "camera": camera,
-            "light": {"direction": list(self.light.direction), "ambient": self.light.ambient,
-                      "diffuse": self.light.diffuse},  # fmt: skip
+            "light": {
+                "direction": list(self.light.direction),
+                "ambient": self.light.ambient,
+                "diffuse": self.light.diffuse,
+            },  # fmt: skip
             "table": {"size": list(self.table.size), "color": list(self.table.color)},
             "objects": [
-                {"name": o.name, "source": o.source, "color": list(o.color), "yaw_period": o.yaw_period,
-                 "vertices": np.asarray(o.mesh.vertices, dtype=np.float64).tolist(),
-                 "faces": np.asarray(o.mesh.faces, dtype=np.int64).tolist()}  # fmt: skip
+                {
+                    "name": o.name,
+                    "source": o.source,
+                    "color": list(o.color),
+                    "yaw_period": o.yaw_period,
+                    "vertices": np.asarray(o.mesh.vertices, dtype=np.float64).tolist(),
+                    "faces": np.asarray(o.mesh.faces, dtype=np.int64).tolist(),
+                }  # fmt: skip
                 for o in self.objects
             ],
         }

@@ -16,9 +16,9 @@ import torch
 
 from inverse_graphics.distributed import Dist
 from inverse_graphics.engine import Run
+from inverse_graphics.tabletop.train_air3d import AIR3DTrainConfig, TrainingRun
+from inverse_graphics.tabletop.train_supervised3d import SupervisedTrainConfig, _Run
 from inverse_graphics.train import AIRRun, TrainConfig
-from inverse_graphics.train_air3d import AIR3DTrainConfig, TrainingRun
-from inverse_graphics.train_supervised3d import SupervisedTrainConfig, _Run
 from renderers.opengl import opengl_available
 
 B = 4  # the global batch
@@ -94,7 +94,7 @@ def build(case: str, ctx: Dist, out_dir: str) -> Run:
         run = TrainingRun(cfg3, None, ctx, images)
         run.model.sample = _pooled(run.model.sample, ctx)
     else:
-        from inverse_graphics.data3d import make_labelled_renders
+        from inverse_graphics.tabletop.data3d import make_labelled_renders
 
         cfgs = SupervisedTrainConfig(**common, n_train=8, image_size=SIZE, backend=BACKEND,
                                      model_overrides={"channels": (8, 16), "embed_dim": 16})  # fmt: skip

@@ -12,12 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from inverse_graphics.air3d import AIR3D, POSITION_SD, AIR3DConfig, check_images, count_prior, decode_yaw
-from inverse_graphics.air3d_objective import choice_log_q, elbo_loss, elbo_terms, sleep_loss, teacher_forced_log_q
 from inverse_graphics.checkpoint import CHECKPOINT_NAME, CheckpointError
 from inverse_graphics.estimators import score_function_surrogate
-from inverse_graphics.modules3d import Baseline3D, GlimpseEncoder, ObjectHead3D, WhereHead3D
-from inverse_graphics.train_air3d import RECIPES, AIR3DTrainConfig, TrainingRun, load_air3d, train_air3d
+from inverse_graphics.tabletop.air3d import AIR3D, POSITION_SD, AIR3DConfig, check_images, count_prior, decode_yaw
+from inverse_graphics.tabletop.air3d_objective import (
+    choice_log_q,
+    elbo_loss,
+    elbo_terms,
+    sleep_loss,
+    teacher_forced_log_q,
+)
+from inverse_graphics.tabletop.modules3d import Baseline3D, GlimpseEncoder, ObjectHead3D, WhereHead3D
+from inverse_graphics.tabletop.train_air3d import RECIPES, AIR3DTrainConfig, TrainingRun, load_air3d, train_air3d
 from renderers.opengl import opengl_available
 from scenes import tabletop
 from scenes.tabletop import TABLE_HALF_SIZE, Scene
@@ -173,7 +179,7 @@ def test_sleep_loss_runs_and_the_greedy_order_ignores_slot_order():
 def test_glimpse_samples_every_pixel_of_a_derived_window():
     """A world's glimpse takes one sample per pixel of its window (at least 24), and a large one is read by a
     strided first convolution; an explicit size and the pre-world models keep theirs."""
-    from inverse_graphics import world3d
+    from inverse_graphics.tabletop import world3d
 
     world = world3d.run_world("kitchen")
     model = AIR3D(AIR3DConfig(world=world.to_dict(), image_size=None, max_steps=None, **TINY))

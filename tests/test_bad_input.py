@@ -93,7 +93,7 @@ def test_inputs_with_the_same_stem_write_distinct_overlays(tmp_path, scene):
 
 def test_infer_tabletop_reports_invalid_inferred_scenes_and_writes_every_image(tmp_path, capsys):
     """The model's own output may be partly off the table or interpenetrating: flagged, never aborting."""
-    from inverse_graphics.supervised3d import SceneInference
+    from inverse_graphics.tabletop.supervised3d import SceneInference
 
     class Model:  # stands for a tabletop model whose inference returns such scenes
         config = type("C", (), {"image_size": 64, "backend": "auto"})()

@@ -301,8 +301,8 @@ def test_resume_of_an_old_run_directory_names_the_conversion(model, payload, tmp
 
 def test_no_python_entry_point_unpickles_a_checkpoint(payload, tmp_path, monkeypatch):
     from inverse_graphics.evaluate import load_model
-    from inverse_graphics.train_air3d import load_air3d
-    from inverse_graphics.train_supervised3d import load_supervised
+    from inverse_graphics.tabletop.train_air3d import load_air3d
+    from inverse_graphics.tabletop.train_supervised3d import load_supervised
 
     path, marker = payload
     monkeypatch.setattr(pretrained, "weights_path", lambda name: path)  # as if the installed weights were hostile

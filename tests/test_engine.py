@@ -13,9 +13,9 @@ import torch
 
 from inverse_graphics.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from inverse_graphics.cli import main as cli_main
+from inverse_graphics.tabletop.train_air3d import AIR3DTrainConfig, training_images
+from inverse_graphics.tabletop.train_supervised3d import SupervisedTrainConfig
 from inverse_graphics.train import TrainConfig, train
-from inverse_graphics.train_air3d import AIR3DTrainConfig, training_images
-from inverse_graphics.train_supervised3d import SupervisedTrainConfig
 from tests.test_train import tiny
 
 

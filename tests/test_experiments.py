@@ -14,8 +14,8 @@ from benchmarks import bench_dair_generalisation, bench_omniglot, bench_represen
 from inverse_graphics.air import AIR, AIRConfig
 from inverse_graphics.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from inverse_graphics.pretrained import load
+from inverse_graphics.tabletop.train_supervised3d import SupervisedTrainConfig, train_supervised
 from inverse_graphics.train import TrainConfig, train
-from inverse_graphics.train_supervised3d import SupervisedTrainConfig, train_supervised
 from scenes.multi_mnist import MultiMnist
 from tests.conftest import SHARED_DATA, assert_close
 

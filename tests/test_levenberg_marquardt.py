@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from inverse_graphics.levenberg_marquardt import (
+from inverse_graphics.tabletop.levenberg_marquardt import (
     LMSettings,
     damped_step,
     jacobian,

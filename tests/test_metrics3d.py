@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from inverse_graphics.metrics3d import MatchSettings, as_scene, evaluate_method, match_scene, summarize
+from inverse_graphics.tabletop.metrics3d import MatchSettings, as_scene, evaluate_method, match_scene, summarize
 from scenes import tabletop
 
 TRUE = {

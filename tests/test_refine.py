@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from inverse_graphics import world3d
-from inverse_graphics.air3d import AIR3DConfig
-from inverse_graphics.metrics3d import match_scene, summarize
-from inverse_graphics.refine import (
+from inverse_graphics.tabletop import world3d
+from inverse_graphics.tabletop.air3d import AIR3DConfig
+from inverse_graphics.tabletop.metrics3d import match_scene, summarize
+from inverse_graphics.tabletop.refine import (
     DEFAULT_STEPS,
     RefineConfig,
     binomial_blur,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from inverse_graphics.checkpoint import CHECKPOINT_NAME, CheckpointError
-from inverse_graphics.data3d import make_labelled_renders
-from inverse_graphics.modules3d import ConvEncoder, SlotOutput
-from inverse_graphics.supervised3d import (
+from inverse_graphics.tabletop.data3d import make_labelled_renders
+from inverse_graphics.tabletop.modules3d import ConvEncoder, SlotOutput
+from inverse_graphics.tabletop.supervised3d import (
     LossWeights,
     SupervisedConfig,
     SupervisedRegressor,
@@ -21,7 +21,7 @@ from inverse_graphics.supervised3d import (
     pair_costs,
     yaw_orders,
 )
-from inverse_graphics.train_supervised3d import SupervisedTrainConfig, _Run, load_supervised, train_supervised
+from inverse_graphics.tabletop.train_supervised3d import SupervisedTrainConfig, _Run, load_supervised, train_supervised
 from renderers.opengl import opengl_available
 from scenes import tabletop
 from scenes.tabletop import Scene, SceneTensors

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import inverse_graphics as ig
-from inverse_graphics.data3d import make_labelled_renders
-from inverse_graphics.metrics3d import evaluate_method
+from inverse_graphics.tabletop.data3d import make_labelled_renders
+from inverse_graphics.tabletop.metrics3d import evaluate_method
 from scenes.tabletop import Scene
 
 

@@ -15,16 +15,16 @@ import torch
 import trimesh
 
 import inverse_graphics as ig
-from inverse_graphics import world3d
-from inverse_graphics.air3d import AIR3D, AIR3DConfig
-from inverse_graphics.air3d_objective import elbo_loss, sleep_loss
-from inverse_graphics.appearance import fit_appearance
 from inverse_graphics.checkpoint import save_atomic
-from inverse_graphics.data3d import make_labelled_renders
-from inverse_graphics.metrics3d import match_scene, mssd, summarize
 from inverse_graphics.pretrained import load
-from inverse_graphics.refine import RefineConfig, refine
-from inverse_graphics.supervised3d import LossWeights, SupervisedConfig, SupervisedRegressor, matched_loss
+from inverse_graphics.tabletop import world3d
+from inverse_graphics.tabletop.air3d import AIR3D, AIR3DConfig
+from inverse_graphics.tabletop.air3d_objective import elbo_loss, sleep_loss
+from inverse_graphics.tabletop.appearance import fit_appearance
+from inverse_graphics.tabletop.data3d import make_labelled_renders
+from inverse_graphics.tabletop.metrics3d import match_scene, mssd, summarize
+from inverse_graphics.tabletop.refine import RefineConfig, refine
+from inverse_graphics.tabletop.supervised3d import LossWeights, SupervisedConfig, SupervisedRegressor, matched_loss
 from renderers.mesh import Appearance
 from scenes.world import World, load_world
 from tests.conftest import assert_close

@@ -114,7 +114,7 @@ def make_labelled_renders(
 def _world_renders(world: World, n: int, seed, image_size, backend: str, chunk: int,
                    randomize: bool) -> LabelledRenders:  # fmt: skip
     """`make_labelled_renders` for a World."""
-    from inverse_graphics import world3d
+    from inverse_graphics.tabletop import world3d
 
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     scenes = world.sample_scenes(n, seed=rng)
@@ -149,7 +149,7 @@ def training_renders(n: int, seed: int, **kwargs) -> LabelledRenders:
 def run_held_out(cfg) -> LabelledRenders:
     """The periodic evaluation's held-out scenes of a tabletop training config (eval_n, backend, its world or count
     range)."""
-    from inverse_graphics import world3d
+    from inverse_graphics.tabletop import world3d
 
     return held_out_renders(cfg.eval_n, backend=cfg.backend, **world3d.scene_options(cfg))
 

@@ -100,7 +100,7 @@ def fit_appearance(
     Returns:
         AppearanceFit, each image's best iterate by the squared image error (the start included).
     """
-    from inverse_graphics import world3d
+    from inverse_graphics.tabletop import world3d
 
     B = images.shape[0]
     size = (int(images.shape[3]), int(images.shape[2]))

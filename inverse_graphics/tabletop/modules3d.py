@@ -103,7 +103,7 @@ class SlotHead(nn.Module):
 
 @dataclass(frozen=True)
 class WhereDists:
-    """3D AIR's first look at one step (inverse_graphics/air3d.py defines the latents): is there another object,
+    """3D AIR's first look at one step (tabletop/air3d.py defines the latents): is there another object,
     and roughly where (the glimpse is taken there; `ObjectDists` refines the position from the glimpse)."""
 
     pres_logit: torch.Tensor  # FloatTensor (B,): logit of q(z_pres = 1)

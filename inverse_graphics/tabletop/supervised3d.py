@@ -25,10 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from inverse_graphics import world3d
-from inverse_graphics.appearance import AppearanceFit
-from inverse_graphics.modules3d import ConvEncoder, SlotHead, SlotOutput
-from inverse_graphics.refine import RefineConfig, refine
+from inverse_graphics.tabletop import world3d
+from inverse_graphics.tabletop.appearance import AppearanceFit
+from inverse_graphics.tabletop.modules3d import ConvEncoder, SlotHead, SlotOutput
+from inverse_graphics.tabletop.refine import RefineConfig, refine
 from scenes.world import SceneTensors, World
 
 __all__ = [
@@ -124,7 +124,7 @@ def scene_inference(
     against images (B, 3, H, W) when positive: Levenberg-Marquardt on the hard render for `refine_gradient` "fd",
     Adam steps through the soft rasterizer for "soft" (RefineConfig; `method` "lm" or "adam" overrides it), in
     `world` (None: the primitives world) and, with `fit_appearance`, the per-image appearance fitted first
-    (inverse_graphics.appearance; extras["appearance"]), starting from `start_appearance` (e.g. the guide's):
+    (inverse_graphics.tabletop.appearance; extras["appearance"]), starting from `start_appearance` (e.g. the guide's):
     True fits the light too (RefineConfig.appearance_steps, PyTorch3D renders: seconds per image), None only the
     gain in closed form (one render) on the start's light; the unrefined scenes are kept in `extras`."""
     if refine_steps < 0:
@@ -209,7 +209,7 @@ class SupervisedRegressor(nn.Module):
 
         Args:
             images: FloatTensor (B, 3, H, W) in [0, 1].
-            refine: K iterations of render-and-compare refinement (inverse_graphics.refine: Levenberg-Marquardt,
+            refine: K iterations of render-and-compare refinement (tabletop.refine: Levenberg-Marquardt,
                 about 2-4 are used); None or 0: none (the baseline is reported raw unless refinement is asked for).
             threshold: presence probability above which a slot reports an object.
             refine_gradient: "fd" (Levenberg-Marquardt on finite differences of the black-box render) or "soft"
@@ -217,7 +217,7 @@ class SupervisedRegressor(nn.Module):
             resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError
                 naming both sizes.
             fit_appearance: with refinement, fit each image's exposure gain and light direction first
-                (inverse_graphics.appearance; seconds per image); None: the gain only (closed form) when the
+                (inverse_graphics.tabletop.appearance; seconds per image); None: the gain only (closed form) when the
                 model's world randomises its appearance, nothing otherwise; False: the nominal appearance.
         Raises:
             TypeError / ValueError naming the problem for a non-tensor, non-float, wrong shape, NaN or [0, 1].

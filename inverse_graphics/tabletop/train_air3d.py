@@ -1,5 +1,5 @@
-"""Training 3D AIR (inverse_graphics/air3d.py) without labels: the ELBO on tabletop renders ("wake"), optionally
-with the sleep phase on scenes drawn from the model's own prior (inverse_graphics/air3d_objective.py).
+"""Training 3D AIR (tabletop/air3d.py) without labels: the ELBO on tabletop renders ("wake"), optionally
+with the sleep phase on scenes drawn from the model's own prior (inverse_graphics/tabletop/air3d_objective.py).
 
 Recipes (`recipe`), to be recorded beside every number they produce:
 - "wake": the ELBO only (the paper's recipe).
@@ -32,15 +32,16 @@ from pathlib import Path
 
 import torch
 
-from inverse_graphics import distributed, world3d
-from inverse_graphics.air3d import AIR3D, GRADIENTS, MODEL_KIND, AIR3DConfig
-from inverse_graphics.air3d_objective import elbo_loss, sleep_loss
+from inverse_graphics import distributed
 from inverse_graphics.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_file, restore, save_atomic
-from inverse_graphics.data3d import LabelledRenders, run_held_out, training_renders
 from inverse_graphics.distributed import Dist
 from inverse_graphics.engine import Run, check_training_options, run_training
-from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.pretrained import load
+from inverse_graphics.tabletop import world3d
+from inverse_graphics.tabletop.air3d import AIR3D, GRADIENTS, MODEL_KIND, AIR3DConfig
+from inverse_graphics.tabletop.air3d_objective import elbo_loss, sleep_loss
+from inverse_graphics.tabletop.data3d import LabelledRenders, run_held_out, training_renders
+from inverse_graphics.tabletop.metrics3d import evaluate_method
 from inverse_graphics.train import batch_indices
 
 __all__ = [

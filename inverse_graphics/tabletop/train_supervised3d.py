@@ -1,4 +1,4 @@
-"""Training the supervised tabletop regressor (inverse_graphics/supervised3d.py) on labelled renders.
+"""Training the supervised tabletop regressor (inverse_graphics/tabletop/supervised3d.py) on labelled renders.
 
 The training set is rendered once, before the first step, and held in memory as uint8 (20,000 renders at 64 px
 are 250 MB; with OpenGL about 5 s to draw, with PyTorch3D's CPU rasterizer about 2 minutes). Batch order is a
@@ -17,13 +17,19 @@ from functools import cached_property
 
 import torch
 
-from inverse_graphics import world3d
-from inverse_graphics.data3d import LabelledRenders, run_held_out, training_renders
 from inverse_graphics.distributed import Dist
 from inverse_graphics.engine import Run, check_training_options, run_training
-from inverse_graphics.metrics3d import evaluate_method
 from inverse_graphics.pretrained import load
-from inverse_graphics.supervised3d import MODEL_KIND, LossWeights, SupervisedConfig, SupervisedRegressor, matched_loss
+from inverse_graphics.tabletop import world3d
+from inverse_graphics.tabletop.data3d import LabelledRenders, run_held_out, training_renders
+from inverse_graphics.tabletop.metrics3d import evaluate_method
+from inverse_graphics.tabletop.supervised3d import (
+    MODEL_KIND,
+    LossWeights,
+    SupervisedConfig,
+    SupervisedRegressor,
+    matched_loss,
+)
 from inverse_graphics.train import batch_indices
 from scenes.tabletop import SceneTensors
 

@@ -4,7 +4,7 @@ Starting from any method's predicted scenes, `refine` moves every object's (x, y
 difference between the render and the observed image. Shapes and counts stay fixed: refinement polishes poses, it
 does not add, remove or re-identify objects. Two methods (RefineConfig.method):
 
-- "lm" (the default): Levenberg-Marquardt on the image residual (inverse_graphics.levenberg_marquardt). Each
+- "lm" (the default): Levenberg-Marquardt on the image residual (inverse_graphics.tabletop.levenberg_marquardt). Each
   iteration differentiates the hard black-box render by forward differences of about one pixel (P + 1 renders
   for P free pose parameters, 3 per object, 2 for a yaw-invariant one), solves the damped Gauss-Newton system of
   each scene (P x P) and keeps the step only if the loss falls; every perturbed and trial pose of every scene of
@@ -38,10 +38,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from inverse_graphics import world3d
-from inverse_graphics.appearance import AppearanceFit, fit_appearance
-from inverse_graphics.levenberg_marquardt import LMSettings, levenberg_marquardt
-from inverse_graphics.metrics3d import as_scene
+from inverse_graphics.tabletop import world3d
+from inverse_graphics.tabletop.appearance import AppearanceFit, fit_appearance
+from inverse_graphics.tabletop.levenberg_marquardt import LMSettings, levenberg_marquardt
+from inverse_graphics.tabletop.metrics3d import as_scene
 from renderers.finite_difference import FiniteDifferenceRenderer
 from renderers.mesh import Appearance
 from scenes import tabletop
@@ -95,7 +95,7 @@ class RefineConfig:
     not a cost), 20 Adam steps (its former default).
     """
 
-    method: str | None = None  # "lm": Levenberg-Marquardt (inverse_graphics.levenberg_marquardt) on the image
+    method: str | None = None  # "lm": Levenberg-Marquardt (inverse_graphics.tabletop.levenberg_marquardt) on the image
     # residual; "adam": first-order Adam steps on the squared image error (the method before LM, kept for
     # comparison and for the soft gradient); None: "adam" for gradient="soft", else "lm"
     steps: int = DEFAULT_STEPS["lm"]  # K: LM iterations (each a finite-difference Jacobian) or Adam steps
@@ -114,7 +114,7 @@ class RefineConfig:
     lm: LMSettings = LMSettings()  # LM's damping schedule, retries, largest step and differences (`iterations`
     # there is ignored: `steps` is K)
 
-    # The per-image appearance (inverse_graphics.appearance): fit the exposure gain, light direction and ambient
+    # The per-image appearance (tabletop.appearance): fit the exposure gain, light direction and ambient
     # light to the image before the poses (and the gain again at every pose step), so that render-and-compare is
     # not pulled by a light that is not the nominal one. Needs PyTorch3D's renderer (its shading is differentiable
     # in the light). Off: the nominal appearance, as the models of the primitives world were refined.

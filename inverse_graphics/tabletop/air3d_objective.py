@@ -1,4 +1,4 @@
-"""Training objectives of 3D AIR (inverse_graphics/air3d.py): the ELBO ("wake") and the optional sleep phase.
+"""Training objectives of 3D AIR (inverse_graphics/tabletop/air3d.py): the ELBO ("wake") and the optional sleep phase.
 
 ELBO = log N(x; render(scene), sigma^2) - sum_t [KL(z_pres_t) + z_pres_t (KL(k_t) + KL(u_t) + KL(v_t))], steps
 after the first z_pres = 0 masked out of every term, exactly as `AIR.loss` in 2D.
@@ -27,16 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from inverse_graphics.air import bernoulli_kl, normal_kl, reverse_cumsum
-from inverse_graphics.air3d import (
+from inverse_graphics.estimators import gaussian_log_likelihood, score_function_surrogate
+from inverse_graphics.tabletop.air3d import (
     AIR3D,
     GRADIENTS,
     Guide3D,
     PriorStep3D,
     decode_yaw,
 )
-from inverse_graphics.estimators import gaussian_log_likelihood, score_function_surrogate
-from inverse_graphics.modules3d import ObjectDists
-from inverse_graphics.world3d import rows_of
+from inverse_graphics.tabletop.modules3d import ObjectDists
+from inverse_graphics.tabletop.world3d import rows_of
 
 __all__ = ["ElboTerms", "elbo_terms", "choice_log_q", "elbo_loss", "sleep_loss", "teacher_forced_log_q"]
 

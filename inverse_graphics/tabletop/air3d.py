@@ -45,11 +45,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from inverse_graphics import world3d
 from inverse_graphics.air import pres_probability
-from inverse_graphics.appearance import AppearanceFit, AppearanceLatent
 from inverse_graphics.modules import GatedRecurrence
-from inverse_graphics.modules3d import (
+from inverse_graphics.tabletop import world3d
+from inverse_graphics.tabletop.appearance import AppearanceFit, AppearanceLatent
+from inverse_graphics.tabletop.modules3d import (
     Baseline3D,
     ConvEncoder,
     GlimpseEncoder,
@@ -58,9 +58,9 @@ from inverse_graphics.modules3d import (
     WhereDists,
     WhereHead3D,
 )
-from inverse_graphics.refine import DEFAULT_STEPS
-from inverse_graphics.supervised3d import SceneInference, check_images, default_fit_appearance, scene_inference
-from inverse_graphics.world3d import LEGACY
+from inverse_graphics.tabletop.refine import DEFAULT_STEPS
+from inverse_graphics.tabletop.supervised3d import SceneInference, check_images, default_fit_appearance, scene_inference
+from inverse_graphics.tabletop.world3d import LEGACY
 from renderers.mesh import Appearance
 from renderers.opengl import world_to_clip
 from scenes.world import SceneTensors, World
@@ -97,7 +97,7 @@ class AIR3DConfig:
     z_pres_prior: float | None = None  # rho of a geometric count prior; None: per-step rho, count uniform on 0..T
     difference_input: bool = True  # DAIR: each step also sees x - render(scene so far)
     backend: str = "auto"  # hard renderer: "auto" (OpenGL if EGL works, else PyTorch3D), "opengl", "pytorch3d"
-    # infer's default refinement (inverse_graphics.refine): K = refine_steps iterations of refine_method, "lm"
+    # infer's default refinement (inverse_graphics.tabletop.refine): K = refine_steps iterations of refine_method, "lm"
     # (Levenberg-Marquardt: scenes stop after about 2-4; benchmarks/results/refine_speed.md) or
     # "adam". A config written before refine_method existed counted Adam steps here (20); from_dict reads it as the
     # LM default, since Adam's step count says nothing about LM's.
@@ -114,14 +114,14 @@ class AIR3DConfig:
     glimpse_size: int | None = None
     glimpse_stride: int | None = None
     # its side in normalised units of the image's shorter side (2 = that side; 0.75 = 24 pixels at 64); square in
-    # pixels. None: derived from the world (inverse_graphics.world3d.derived_scales; the legacy 0.75 without one)
+    # pixels. None: derived from the world (world3d.derived_scales; the legacy 0.75 without one)
     glimpse_window: float | None = None
     glimpse_channels: tuple[int, ...] = (32, 64, 64)  # the glimpse encoder's convolutions (first stride 1)
     glimpse_dim: int = 256  # glimpse features fed to the "what" head
     glimpse_height: float | None = None  # metres above the table of the glimpse's centre; None: derived (0.05)
     position_sd: float | tuple[float, float] | None = None  # metres, (x, y) = position_sd * u; None: derived (0.12)
     world: dict | None = None  # the World (World.to_dict(), plain JSON); None: the built-in primitives world
-    # the per-image appearance latent (inverse_graphics.appearance.AppearanceLatent: exposure gain, light direction);
+    # the per-image appearance latent (appearance.AppearanceLatent: exposure gain, light direction);
     # None: on when the world randomises exposure or light; never without a world
     appearance: bool | None = None
 
@@ -604,7 +604,7 @@ class AIR3D(nn.Module):
 
         Args:
             images: FloatTensor (B, 3, H, W) in [0, 1], (W, H) = the model's image size (its world's).
-            refine: K iterations of render-and-compare refinement (inverse_graphics.refine) of the poses; None:
+            refine: K iterations of render-and-compare refinement (inverse_graphics.tabletop.refine) of the poses; None:
                 the config's `refine_steps` of its `refine_method` (8 Levenberg-Marquardt iterations by default,
                 scenes stop after about 2-4: benchmarks/results/refine_speed.md); 0: none.
             refine_gradient: "fd" (finite differences of the black-box render: the config's method) or "soft"
@@ -612,7 +612,7 @@ class AIR3D(nn.Module):
             resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError
                 naming both sizes.
             fit_appearance: with refinement, fit each image's exposure gain and light direction first, from the
-                guide's estimate (inverse_graphics.appearance; PyTorch3D renders, seconds per image); None: when the
+                guide's estimate (tabletop.appearance; PyTorch3D renders, seconds per image); None: when the
                 world randomises them, the guide's light and the gain in closed form (one render); False: nominal.
                 extras["appearance"] holds the estimate when there is one.
         Returns:

@@ -71,7 +71,7 @@ def match_gate(world: World) -> float:
 
 
 def _world(world: World | None) -> World:
-    from inverse_graphics.world3d import primitives
+    from inverse_graphics.tabletop.world3d import primitives
 
     return world or primitives()
 
