@@ -103,6 +103,9 @@ class AIR3DConfig:
     # LM default, since Adam's step count says nothing about LM's.
     refine_steps: int = DEFAULT_STEPS["lm"]
     refine_method: str = "lm"
+    # and, after the poses, the structure search (tabletop.scene_search): objects added where the image is
+    # unexplained, removed where the image does not support them (LM only)
+    refine_search: bool = True
     # the image encoders (guide, residuals, baseline) average-pool their input by this factor; None: derived,
     # the largest that keeps the image's shorter side >= ENCODER_MIN_SIDE pixels (1 up to 95 px, 2 at 128 x 96).
     # The whole-image encoders need only a coarse position (the glimpse sees full resolution) and were most of
@@ -599,6 +602,7 @@ class AIR3D(nn.Module):
         refine_gradient: str = "fd",
         resize: bool = False,
         fit_appearance: bool | None = None,
+        search: bool | None = None,
     ) -> SceneInference:
         """Scenes from renders: the most probable count and shapes and the means of q(u), q(v).
 
@@ -615,6 +619,9 @@ class AIR3D(nn.Module):
                 guide's estimate (tabletop.appearance; PyTorch3D renders, seconds per image); None: when the
                 world randomises them, the guide's light and the gain in closed form (one render); False: nominal.
                 extras["appearance"] holds the estimate when there is one.
+            search: with LM refinement, then search the scenes' structure (tabletop.scene_search: objects added
+                where the image is unexplained, removed where it is against them); None: the config's
+                `refine_search` (on). Counts and shapes may then differ from the guide's (extras["unrefined"]).
         Returns:
             SceneInference: scenes (B JSON-format dicts in the world's object names, footprints clamped onto the
             table), counts LongTensor (B,), presence FloatTensor (B, T) = q(z_pres = 1) per step,
@@ -624,6 +631,7 @@ class AIR3D(nn.Module):
         """
         images = world3d.prepare_images(images, self.image_wh, resize).to(self.signal_mean)
         method = "adam" if refine_gradient == "soft" else self.config.refine_method
+        search = self.config.refine_search if search is None else search
         default = self.config.refine_steps if method == self.config.refine_method else DEFAULT_STEPS[method]
         steps = default if refine is None else int(refine)
         g = self.guide(images, sample=False)
@@ -634,7 +642,8 @@ class AIR3D(nn.Module):
         guess = None
         if self.appearance_latent is not None and g.appearance is not None:
             guess = self.appearance_latent.decode(g.appearance[0])
-        out = scene_inference(t, images, steps, g.pres_prob, refine_gradient, world, fit, guess, method)
+        search = search and method == "lm" and steps > 0
+        out = scene_inference(t, images, steps, g.pres_prob, refine_gradient, world, fit, guess, method, search)
         if guess is not None and "appearance" not in out.extras:
             out.extras["appearance"] = guess.to_dicts()
         return out

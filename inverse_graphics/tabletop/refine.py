@@ -42,6 +42,7 @@ from inverse_graphics.tabletop import world3d
 from inverse_graphics.tabletop.appearance import AppearanceFit, fit_appearance
 from inverse_graphics.tabletop.levenberg_marquardt import LMSettings, levenberg_marquardt
 from inverse_graphics.tabletop.metrics3d import as_scene
+from inverse_graphics.tabletop.scene_search import SearchConfig, search_scenes
 from renderers.finite_difference import FiniteDifferenceRenderer
 from renderers.mesh import Appearance
 from scenes import tabletop
@@ -120,6 +121,10 @@ class RefineConfig:
     # in the light). Off: the nominal appearance, as the models of the primitives world were refined.
     appearance: bool = False
     appearance_steps: int = 30  # Adam steps of the appearance fit
+    # After the poses: the structure search (inverse_graphics.tabletop.scene_search), which adds objects where the
+    # image is unexplained and removes those the image does not support, each move kept only when the image says
+    # so (needs method "lm"). None: off (counts and identities stay the start's).
+    search: SearchConfig | None = None
 
     def __post_init__(self) -> None:
         if self.method is None:
@@ -132,6 +137,8 @@ class RefineConfig:
             raise ValueError(f"gradient must be 'soft' or 'fd', got {self.gradient!r}")
         if self.smoothing not in (*SMOOTHING, "none"):
             raise ValueError(f"smoothing must be one of {(*SMOOTHING, 'none')}, got {self.smoothing!r}")
+        if self.search is not None and self.method != "lm":
+            raise ValueError("the structure search (search=...) refines its additions by LM: method must be 'lm'")
         if self.method == "lm" and self.gradient != "fd":
             raise ValueError("gradient='soft' is Adam's (method='adam'); LM differentiates the hard render")
 
@@ -327,7 +334,9 @@ def refine(
         raise ValueError(f"got {len(scenes)} scenes for {images.shape[0]} images")
     start = [as_scene(s).to_dict() if legacy else _plain(s) for s in scenes]
     t = world3d.scenes_to_tensors(w, start, images.device)
-    if cfg.steps == 0 or not ((t.shape_ids >= 0).any() or cfg.appearance):
+    searching = cfg.search is not None
+    objects = bool((t.shape_ids >= 0).any())
+    if not searching and (cfg.steps == 0 or not (objects or cfg.appearance)):
         return start
     size = (int(images.shape[3]), int(images.shape[2]))
     renderer = _renderer(w, size, cfg.gradient, legacy)
@@ -338,20 +347,70 @@ def refine(
     look = None
     if cfg.appearance:
         look = fit_appearance(w, t, images.detach(), colors, cfg.appearance_steps, start_appearance)
-    if not (t.shape_ids >= 0).any():  # only the table: the appearance is all there is to fit
+    if not objects and not searching:  # only the table: the appearance is all there is to fit
         assert look is not None
         return [{**s, "appearance": a} for s, a in zip(start, look.to_dicts())]
-    if cfg.method == "lm":
-        assert isinstance(renderer, FiniteDifferenceRenderer)  # gradient "fd": the hard render with its steps
-        positions, yaws = _levenberg_marquardt(renderer, w, t, images.detach(), colors, cfg, look)
-    else:
-        positions, yaws = _descend(renderer, w, t, images.detach(), colors, cfg, look)
-    yaws = torch.remainder(yaws + math.pi, 2 * math.pi) - math.pi  # back to [-pi, pi)
-    refined = world3d.tensors_to_scenes(w, SceneTensors(t.shape_ids, positions.detach(), yaws.detach()))
-    out = [s if _interpenetrates(w, r) and not _interpenetrates(w, s) else r for s, r in zip(start, refined)]
+    if objects and cfg.steps > 0:
+        if cfg.method == "lm":
+            assert isinstance(renderer, FiniteDifferenceRenderer)  # gradient "fd": the hard render with its steps
+            positions, yaws = _levenberg_marquardt(renderer, w, t, images.detach(), colors, cfg, look)
+        else:
+            positions, yaws = _descend(renderer, w, t, images.detach(), colors, cfg, look)
+        yaws = torch.remainder(yaws + math.pi, 2 * math.pi) - math.pi  # back to [-pi, pi)
+        t = SceneTensors(t.shape_ids, positions.detach(), yaws.detach())
+    if searching:
+        assert isinstance(renderer, FiniteDifferenceRenderer)
+        t = _search(renderer, w, t, images.detach(), cfg, look, legacy)
+        t = SceneTensors(t.shape_ids, t.positions, torch.remainder(t.yaws + math.pi, 2 * math.pi) - math.pi)
+    refined = world3d.tensors_to_scenes(w, t)
+    # an interpenetrating result falls back to its start, unless the search changed the scene (it refuses moves
+    # that interpenetrate; the start is then another scene)
+    out = [
+        s if _interpenetrates(w, r) and not _interpenetrates(w, s) and _same_objects(s, r) else r
+        for s, r in zip(start, refined)
+    ]
     if look is not None:
         out = [{**s, "appearance": a} for s, a in zip(out, look.to_dicts())]
     return out
+
+
+def _search(
+    fd: FiniteDifferenceRenderer,
+    world: World,
+    t: SceneTensors,
+    images: torch.Tensor,
+    cfg: RefineConfig,
+    look: AppearanceFit | None,
+    legacy: bool,
+) -> SceneTensors:
+    """The structure search (scene_search) after the poses, rendering and refining as `refine` does."""
+    assert cfg.search is not None
+
+    def colors_of(shape_ids: torch.Tensor) -> torch.Tensor | None:
+        if cfg.color_by_shape:
+            return tabletop.shape_colors(shape_ids)
+        return None if legacy else world3d.object_colors(world, shape_ids)
+
+    def render(s: SceneTensors, rows: torch.Tensor) -> torch.Tensor:
+        appearance = None if look is None else look.appearance().take(rows)
+        out = fd.renderer(s.shape_ids, s.positions, s.yaws, colors_of(s.shape_ids), appearance).images
+        if look is not None:
+            out = (out * look.solve_gain(out, images[rows])[:, None, None, None]).clamp(max=1.0)
+        return out
+
+    def fit(s: SceneTensors, rows: torch.Tensor) -> SceneTensors:
+        sub = None if look is None else world3d.rows_of(look, rows)
+        lm = replace(cfg, steps=cfg.search.lm_steps)  # type: ignore[union-attr]
+        positions, yaws = _levenberg_marquardt(fd, world, s, images[rows], colors_of(s.shape_ids), lm, sub)
+        return SceneTensors(s.shape_ids, positions.detach(), yaws.detach())
+
+    with torch.no_grad():
+        return search_scenes(world, t, images, render, fit, cfg.search)
+
+
+def _same_objects(a: dict, b: dict) -> bool:
+    """Whether two scenes hold the same objects in the same order (poses aside)."""
+    return [o["shape"] for o in a["objects"]] == [o["shape"] for o in b["objects"]]
 
 
 def _plain(scene) -> dict:

@@ -29,6 +29,7 @@ from inverse_graphics.tabletop import world3d
 from inverse_graphics.tabletop.appearance import AppearanceFit
 from inverse_graphics.tabletop.modules3d import ConvEncoder, SlotHead, SlotOutput
 from inverse_graphics.tabletop.refine import RefineConfig, refine
+from inverse_graphics.tabletop.scene_search import SearchConfig
 from scenes.world import SceneTensors, World
 
 __all__ = [
@@ -119,6 +120,7 @@ def scene_inference(
     fit_appearance: bool | None = False,
     start_appearance: AppearanceFit | None = None,
     method: str | None = None,
+    search: bool = False,
 ) -> SceneInference:
     """Decoded scene tensors -> SceneInference, after `refine_steps` iterations of render-and-compare refinement
     against images (B, 3, H, W) when positive: Levenberg-Marquardt on the hard render for `refine_gradient` "fd",
@@ -126,20 +128,23 @@ def scene_inference(
     `world` (None: the primitives world) and, with `fit_appearance`, the per-image appearance fitted first
     (inverse_graphics.tabletop.appearance; extras["appearance"]), starting from `start_appearance` (e.g. the guide's):
     True fits the light too (RefineConfig.appearance_steps, PyTorch3D renders: seconds per image), None only the
-    gain in closed form (one render) on the start's light; the unrefined scenes are kept in `extras`."""
+    gain in closed form (one render) on the start's light; with `search`, then the structure search
+    (tabletop.scene_search); the unrefined scenes are kept in `extras`."""
     if refine_steps < 0:
         raise ValueError(f"refine must be >= 0 steps (0: no refinement), got {refine_steps}")
     scenes = world3d.tensors_to_scenes(world or world3d.primitives(), t)
     extras: dict = {}
     if refine_steps > 0:
         extras["unrefined"] = scenes
-        cfg = RefineConfig(method, refine_steps, gradient=refine_gradient, appearance=fit_appearance is not False)
+        cfg = RefineConfig(method, refine_steps, gradient=refine_gradient, appearance=fit_appearance is not False,
+                           search=SearchConfig() if search else None)  # fmt: skip
         cfg = cfg if fit_appearance is not None else replace(cfg, appearance_steps=0)
         with torch.enable_grad():
             scenes = refine(scenes, images, cfg, world, start_appearance)
         if cfg.appearance:
             extras["appearance"] = [s.pop("appearance", None) for s in scenes]
-    return SceneInference(scenes, (t.shape_ids >= 0).sum(1), presence, extras)
+    counts = torch.tensor([len(s["objects"]) for s in scenes], dtype=torch.long, device=t.shape_ids.device)
+    return SceneInference(scenes, counts, presence, extras)
 
 
 def check_images(images, size: int | tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,301 @@
+"""Render-and-compare search over a scene's structure: objects added where the image is unexplained, removed where
+the render is not in the image.
+
+Refinement (`refine`) polishes poses and keeps counts and identities. A guide that missed an object, drew one
+twice or put one where there is only table leaves a residual that no pose change removes. This search asks the
+generative model instead, one move per scene per round, each kept only when the image says so:
+
+- remove: every object of the scene is taken out in turn (one render each); the object whose removal the image
+  supports most is removed.
+- add: at the peak of the smoothed residual (observed minus render, squared, summed over channels, averaged over
+  a window of about an object's size), every object of the world is tried at the table point under that pixel
+  (the ray through it met at half the object's height) at `yaws` turns across its symmetry period; the
+  `refine_candidates` best of them (by image loss) are refined with the scene's other objects by
+  Levenberg-Marquardt, and the best of those is the scene's proposal.
+
+The test, for a move between a scene without an object (render b) and with it (render a), observed image x:
+keep the object iff ||x - b||^2 - ||x - a||^2 >= margin ||a - b||^2, i.e. the image is closer to the render with
+the object than to the one without by at least `margin` times the object's own signal. margin 0 is the
+likelihood ratio test of the two scenes under Gaussian pixel noise with equal priors; a positive margin asks that
+an object explain more than (1 + margin) / 2 of its pixels' change (0.25: 62.5%), so that an object only half
+right, or one that only mends the edges of a misfit, is not added. Adding and removing apply the same test, so a
+scene cannot cycle. Moves that make footprints interpenetrate are refused, as the world's sampler refuses them.
+
+Scenes are searched independently (batched), for up to `rounds` rounds each, and a scene stops at the first round
+that moves nothing. The cost per scene and round is about n + S x yaws renders plus `refine_candidates` short LM
+fits (n objects in the scene, S in the world).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inverse_graphics.tabletop import world3d
+from scenes.tabletop_objects import footprints_overlap
+from scenes.world import SceneTensors, World
+
+__all__ = ["SearchConfig", "search_scenes", "table_points"]
+
+MIN_SIGNAL = 1.0  # an object whose render changes the image by less (squared, summed; ~4 pixels of an object
+# against the table) is not seen, so not added (e.g. a copy of an object already there)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How the structure search moves (module docstring)."""
+
+    rounds: int = 6  # moves per scene at most (each round: one removal or none, one addition or none)
+    margin: float = 0.25  # the share of its own signal an object must explain beyond half (module docstring)
+    yaws: int = 4  # trial turns of an added object across its symmetry period (1 for a yaw-invariant one)
+    heights: tuple[float, ...] = (0.5, 1.0)  # where along the residual's ray an added object is tried: the ray's
+    # points at these fractions of the object's height (its image's middle is its middle seen from the side, nearer
+    # its top seen from above)
+    refine_candidates: int = 2  # the best trial additions per scene refined by LM before the choice
+    lm_steps: int = 4  # LM iterations of each refined addition
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0 or self.yaws < 1 or self.refine_candidates < 1 or self.lm_steps < 0:
+            raise ValueError(f"need rounds, lm_steps >= 0 and yaws, refine_candidates >= 1, got {self}")
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+
+
+Renderer = Callable[[SceneTensors, torch.Tensor], torch.Tensor]  # (scenes, their rows of the batch) -> (M, 3, H, W)
+Fit = Callable[[SceneTensors, torch.Tensor], SceneTensors]  # LM refinement of scenes (with their rows)
+
+
+def table_points(world: World, pixels: torch.Tensor, height: float, size: tuple[int, int]) -> torch.Tensor:
+    """(M, 2) table positions (metres) whose point `height` above the table projects to `pixels` (M, 2): continuous
+    (u, v) from the image's top left, in an image of `size` (W, H) seen by the world's camera."""
+    from renderers.opengl import world_to_clip
+
+    m = np.linalg.inv(world_to_clip(world.camera.renderer_camera(size), size).astype(np.float64))
+    W, H = size
+    uv = pixels.detach().cpu().double().numpy()
+    ndc = np.stack([2 * uv[:, 0] / W - 1, 1 - 2 * uv[:, 1] / H], 1)
+    ends = []
+    for depth in (-1.0, 1.0):  # the ray's points on the near and the far plane
+        clip = np.concatenate([ndc, np.full((len(ndc), 1), depth), np.ones((len(ndc), 1))], 1)
+        p = clip @ m.T
+        ends.append(p[:, :3] / p[:, 3:])
+    near, far = ends
+    s = (height - near[:, 2]) / np.where(np.abs(far[:, 2] - near[:, 2]) > 1e-12, far[:, 2] - near[:, 2], 1e-12)
+    xy = near[:, :2] + s[:, None] * (far[:, :2] - near[:, :2])
+    return torch.as_tensor(xy, dtype=torch.float32, device=pixels.device)
+
+
+def _loss(rendered: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return ((rendered - images) ** 2).flatten(1).sum(1)
+
+
+def _explained(
+    with_: torch.Tensor, without: torch.Tensor, images: torch.Tensor, margin: float, adding: bool = False
+) -> torch.Tensor:
+    """(M,) how far the image favours `with_` over `without`, in units of the difference's own energy: >= 0 keeps
+    the object (module docstring's test). An object to be added must also show (MIN_SIGNAL); one already in the
+    scene, however hidden, stays unless the image is against it."""
+    signal = ((with_ - without) ** 2).flatten(1).sum(1)
+    score = (_loss(without, images) - _loss(with_, images) - margin * signal) / signal.clamp(min=1e-12)
+    if adding:
+        score = torch.where(signal > MIN_SIGNAL, score, torch.full_like(score, -1.0))
+    return score
+
+
+def _overlaps(world: World, t: SceneTensors, row: int, slot: int) -> bool:
+    """Whether object `slot` of scene `row` interpenetrates another object of that scene."""
+    ids, pos, yaw = t.shape_ids[row].tolist(), t.positions[row].tolist(), t.yaws[row].tolist()
+    polygon = world.objects[ids[slot]].footprint_at(tuple(pos[slot]), yaw[slot])
+    return any(
+        footprints_overlap(polygon, world.objects[ids[j]].footprint_at(tuple(pos[j]), yaw[j]))
+        for j in range(len(ids))
+        if j != slot and ids[j] >= 0
+    )
+
+
+def _with_slots(t: SceneTensors, n: int) -> SceneTensors:
+    """`t` with at least n slots (empty ones appended)."""
+    extra = n - t.shape_ids.shape[1]
+    if extra <= 0:
+        return t
+    B = t.shape_ids.shape[0]
+    return SceneTensors(
+        torch.cat([t.shape_ids, t.shape_ids.new_full((B, extra), -1)], 1),
+        torch.cat([t.positions, t.positions.new_zeros(B, extra, 2)], 1),
+        torch.cat([t.yaws, t.yaws.new_zeros(B, extra)], 1),
+    )
+
+
+def _take(t: SceneTensors, rows: torch.Tensor) -> SceneTensors:
+    return SceneTensors(t.shape_ids[rows], t.positions[rows], t.yaws[rows])
+
+
+def _put(t: SceneTensors, rows: torch.Tensor, new: SceneTensors) -> None:
+    t.shape_ids[rows], t.positions[rows], t.yaws[rows] = new.shape_ids, new.positions, new.yaws
+
+
+def search_scenes(
+    world: World,
+    t: SceneTensors,
+    images: torch.Tensor,
+    render: Renderer,
+    fit: Fit,
+    cfg: SearchConfig | None = None,
+) -> SceneTensors:
+    """The structure search of the module docstring from scenes `t` (B, N) against `images` (B, 3, H, W).
+
+    Args:
+        world: the scenes' World (objects, table, camera, count range).
+        t: the start (e.g. the guide's scenes after pose refinement).
+        images: the observed images.
+        render: renders scenes given as rows of the batch (so that per-image appearance can be applied),
+            returning images comparable with `images` (gain applied).
+        fit: refines the poses of scenes given as rows of the batch (LM), returning them.
+        cfg: the search's settings.
+    Returns:
+        SceneTensors (B, N') with N' >= N slots (as many as the world's largest count when objects were added).
+    """
+    cfg = cfg or SearchConfig()
+    B = images.shape[0]
+    most = world.objects_per_scene[1]
+    t = _with_slots(SceneTensors(t.shape_ids.clone(), t.positions.clone(), t.yaws.clone()), most)
+    N = t.shape_ids.shape[1]
+    size = (int(images.shape[3]), int(images.shape[2]))
+    window = _window(world, size)
+    tops = [float(o.mesh.bounds[1, 2]) for o in world.objects]  # metres
+    axis_angle, elongated = _long_axes(world)
+    active = torch.arange(B)
+    current = render(t, torch.arange(B))  # (B, 3, H, W)
+    for _ in range(cfg.rounds):
+        if len(active) == 0:
+            break
+        moved = torch.zeros(B, dtype=torch.bool)
+        # -- remove: each object of each active scene out in turn
+        rows, slots = (t.shape_ids[active] >= 0).nonzero(as_tuple=True)
+        if len(rows):
+            scene = active[rows]
+            trial = _take(t, scene)
+            trial.shape_ids[torch.arange(len(scene)), slots] = -1
+            without = render(trial, scene)
+            score = _explained(current[scene], without, images[scene], cfg.margin)  # < 0: remove
+            for b in scene.unique().tolist():
+                mine = (scene == b).nonzero(as_tuple=True)[0]
+                worst = mine[score[mine].argmin()]
+                if score[worst] < 0:
+                    t.shape_ids[b, slots[worst]] = -1
+                    current[b] = without[worst]
+                    moved[b] = True
+        # -- add: every object at the residual's peak, at `yaws` turns
+        room = active[(t.shape_ids[active] >= 0).sum(1) < most]
+        if len(room):
+            peak, axis = _residual_region(images[room], current[room], window)  # (R, 2) pixels, (R, 2) unit
+            cands = []  # (shape, height of the ray's point, yaw; None: along the region's axis, + this turn)
+            for s, obj in enumerate(world.objects):
+                turns = [] if obj.yaw_period == 0.0 else [k * obj.yaw_period / cfg.yaws for k in range(cfg.yaws)]
+                along = [] if obj.yaw_period == 0.0 or not elongated[s] else [(None, 0.0), (None, math.pi)]
+                for h in cfg.heights:
+                    cands += [(s, h * tops[s], (y, 0.0)) for y in turns or [0.0]]
+                    cands += [(s, h * tops[s], a) for a in along]
+            C = len(cands)
+            R = len(room)
+            shape = torch.tensor([c[0] for c in cands]).repeat(R)  # (R C,)
+            owner = room.repeat_interleave(C)  # (R C,) scene of each candidate
+            points = {}  # (R, 2) table points of the region's centre and a pixel along its axis, per height
+            for h in {c[1] for c in cands}:
+                points[h] = (table_points(world, peak, h, size), table_points(world, peak + axis, h, size))
+            xy = torch.stack([points[c[1]][0] for c in cands], 1).flatten(0, 1)  # (R C, 2)
+            yaw = torch.empty(R, C)
+            for j, (s_, h, (fixed, turn)) in enumerate(cands):
+                if fixed is not None:
+                    yaw[:, j] = fixed
+                else:  # the object's long axis (at yaw 0: axis_angle[s]) turned onto the region's, on the table
+                    d = points[h][1] - points[h][0]
+                    yaw[:, j] = torch.atan2(d[:, 1], d[:, 0]) - axis_angle[s_] + turn
+            yaw = yaw.flatten()
+            trial = _take(t, owner)
+            slot = (trial.shape_ids < 0).int().argmax(1)  # the first empty slot
+            ar = torch.arange(R * C)
+            trial.shape_ids[ar, slot] = shape
+            trial.positions[ar, slot] = xy
+            trial.yaws[ar, slot] = yaw
+            trial = SceneTensors(
+                trial.shape_ids, world3d.clamp_to_table(world, trial.shape_ids, trial.positions, trial.yaws), trial.yaws
+            )
+            loss = _loss(render(trial, owner), images[owner]).view(R, C)
+            best = loss.topk(min(cfg.refine_candidates, C), dim=1, largest=False).indices  # (R, K)
+            pick = (best + torch.arange(R)[:, None] * C).flatten()  # (R K,)
+            chosen = _take(trial, pick)
+            if cfg.lm_steps > 0:
+                chosen = fit(chosen, owner[pick])
+            with_ = render(chosen, owner[pick])
+            score = _explained(with_, current[owner[pick]], images[owner[pick]], cfg.margin, adding=True).view(R, -1)
+            order = score.argsort(dim=1, descending=True)
+            for i, b in enumerate(room.tolist()):
+                for j in order[i].tolist():
+                    if score[i, j] < 0:
+                        break
+                    k = i * best.shape[1] + j
+                    candidate = _take(chosen, torch.tensor([k]))
+                    added = int(slot[pick[k]])
+                    if _overlaps(world, candidate, 0, added):
+                        continue
+                    _put(t, torch.tensor([b]), candidate)
+                    current[b] = with_[k]
+                    moved[b] = True
+                    break
+        active = active[moved[active]]
+    assert t.shape_ids.shape[1] == N
+    return t
+
+
+def _window(world: World, size: tuple[int, int]) -> int:
+    """The residual's smoothing window, pixels: about the typical object's projected size (odd, >= 3)."""
+    pixels = world3d.derived_scales(world, size).glimpse_pixels / world3d.GLIMPSE_MARGIN
+    return max(3, int(round(pixels / 2)) | 1)
+
+
+def _long_axes(world: World) -> tuple[list[float], list[bool]]:
+    """Each object's long axis on the table at yaw 0 (radians from x, by the principal axis of its mesh's vertices
+    in x, y) and whether it is elongated (principal spreads differing by more than 1.5 x): an added elongated object
+    is also tried with that axis along the residual region's."""
+    angles, elongated = [], []
+    for o in world.objects:
+        xy = np.asarray(o.mesh.vertices, dtype=np.float64)[:, :2]
+        values, vectors = np.linalg.eigh(np.cov((xy - xy.mean(0)).T))  # ascending
+        angles.append(float(math.atan2(vectors[1, 1], vectors[0, 1])))
+        elongated.append(bool(values[1] > 1.5**2 * max(values[0], 1e-12)))
+    return angles, elongated
+
+
+def _residual_region(images: torch.Tensor, rendered: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, 2) continuous pixel (u, v) and (M, 2) unit principal axis (du, dv) of the connected region of large
+    residual (pixels over a quarter of the smoothed residual's peak) that holds the most residual: the
+    residual-weighted centroid and long axis of the largest patch of image that the render does not explain (a
+    missing object's silhouette)."""
+    from scipy import ndimage
+
+    r = ((images - rendered) ** 2).sum(1, keepdim=True)  # (M, 1, H, W)
+    smooth = F.avg_pool2d(r, window, stride=1, padding=window // 2, count_include_pad=False)[:, 0]
+    centres, axes = [], []
+    for s, raw in zip(smooth.cpu().numpy(), r[:, 0].cpu().numpy()):
+        # the pixels whose own residual is large, against the level of the smoothed peak (so that thin edges of
+        # a pose's misfit fall below it), in 8-connected regions (so that two objects apart stay apart)
+        labels, n = ndimage.label(raw > 0.25 * s.max(), structure=np.ones((3, 3)))
+        if n == 0:
+            centres.append((s.shape[1] / 2, s.shape[0] / 2))
+            axes.append((1.0, 0.0))
+            continue
+        mass = ndimage.sum_labels(raw, labels, index=np.arange(1, n + 1))
+        v, u = np.nonzero(labels == 1 + int(mass.argmax()))
+        weight = raw[v, u]
+        uv = np.stack([u, v], 1).astype(np.float64) + 0.5
+        centre = (uv * weight[:, None]).sum(0) / weight.sum()
+        cov = ((uv - centre) * weight[:, None]).T @ (uv - centre) / weight.sum()
+        centres.append(tuple(centre.tolist()))
+        axes.append(tuple(np.linalg.eigh(cov)[1][:, 1].tolist()))
+    return tuple(torch.tensor(a, dtype=torch.float32, device=images.device) for a in (centres, axes))  # type: ignore

@@ -1,0 +1,102 @@
+"""The structure search (inverse_graphics.tabletop.scene_search): the ray's table point against the projection,
+objects' long axes, and searches that add a missing object, remove a spurious one and leave a right scene alone."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from inverse_graphics.tabletop import world3d
+from inverse_graphics.tabletop.metrics3d import match_scene
+from inverse_graphics.tabletop.refine import RefineConfig, refine
+from inverse_graphics.tabletop.scene_search import SearchConfig, _long_axes, table_points
+from scenes.world import load_world
+
+
+@pytest.fixture(scope="module")
+def kitchen():
+    return load_world("kitchen")
+
+
+@pytest.mark.parametrize("name", ["primitives", "kitchen"])
+def test_table_points_invert_the_projection(name):
+    world = load_world(name)
+    g = np.random.default_rng(0)
+    for height in (0.0, 0.05):
+        xy = g.uniform(-0.2, 0.2, size=(20, 2))
+        points = np.concatenate([xy, np.full((20, 1), height)], 1)
+        pixels = world3d._project(world, points, world.image_size)
+        back = table_points(world, torch.tensor(pixels, dtype=torch.float32), height, world.image_size)
+        assert np.abs(back.numpy() - xy).max() < 1e-4
+
+
+def test_long_axes_follow_the_meshes(kitchen):
+    angles, elongated = _long_axes(kitchen)
+    named = dict(zip([o.name for o in kitchen.objects], zip(angles, elongated)))
+    assert named["spatula"][1] and named["cracker_box"][1]  # 25 x 6 cm, 16 x 6 cm
+    assert not named["bowl"][1] and not named["can"][1]
+    # both boxes lie along x at yaw 0 (their bounds are longest in x): the axis is 0 modulo pi
+    for name in ("spatula", "cracker_box"):
+        assert math.sin(named[name][0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def _scenes(world, n: int, seed: int, least: int = 2) -> list[dict]:
+    return [s for s in world.sample_scenes(8 * n, seed=seed) if len(s["objects"]) >= least][:n]
+
+
+def _same_objects(pred: dict, true: dict, world) -> bool:
+    m = match_scene(pred, true, world=world)
+    right = sum(p.true_shape == p.pred_shape for p in m.pairs)
+    return len(pred["objects"]) == len(true["objects"]) == right
+
+
+SEARCH = RefineConfig(search=SearchConfig())
+
+
+def test_the_search_adds_a_missing_object_and_removes_a_spurious_one(kitchen):
+    truth = _scenes(kitchen, 4, seed=11)
+    images = kitchen.render_scenes(truth)
+    missing, spurious = copy.deepcopy(truth), copy.deepcopy(truth)
+    for s in missing:
+        s["objects"].pop(0)
+    for s, x in zip(spurious, ([0.24, 0.19], [-0.24, 0.19], [0.24, -0.19], [-0.24, -0.19])):
+        s["objects"].append({"shape": "can", "position": x, "yaw": 0.0})  # a corner of the table: on it, alone
+    for start in (missing, spurious):
+        out = refine(start, images, SEARCH, world=kitchen)
+        assert sum(_same_objects(p, t, kitchen) for p, t in zip(out, truth)) >= 3
+
+
+def test_the_search_finds_objects_from_an_empty_start(kitchen):
+    truth = [{"objects": [{"shape": "spatula", "position": [0.1, -0.05], "yaw": 0.7}]},
+             {"objects": [{"shape": "mug", "position": [-0.1, 0.05], "yaw": -2.0},
+                          {"shape": "bowl", "position": [0.12, 0.08], "yaw": 0.0}]}]  # fmt: skip
+    images = kitchen.render_scenes(truth)
+    out = refine([{"objects": []}] * 2, images, SEARCH, world=kitchen)
+    for p, t in zip(out, truth):
+        assert _same_objects(p, t, kitchen)
+        assert all(pair.position_error_mm < 2.0 for pair in match_scene(p, t, world=kitchen).pairs)
+
+
+def test_a_right_scene_is_left_as_it_is():
+    world = load_world("primitives")
+    truth = _scenes(world, 6, seed=3, least=1)
+    images = world.render_scenes(truth)
+    plain = refine(truth, images, RefineConfig(), world=world)
+    searched = refine(truth, images, SEARCH, world=world)
+    assert [[o["shape"] for o in s["objects"]] for s in searched] == [[o["shape"] for o in s["objects"]] for s in truth]
+    for a, b in zip(plain, searched):
+        for oa, ob in zip(a["objects"], b["objects"]):
+            assert oa["position"] == pytest.approx(ob["position"], abs=1e-6)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="margin"):
+        SearchConfig(margin=1.0)
+    with pytest.raises(ValueError, match="yaws"):
+        SearchConfig(yaws=0)
+    with pytest.raises(ValueError, match="method must be 'lm'"):
+        RefineConfig(method="adam", search=SearchConfig())
