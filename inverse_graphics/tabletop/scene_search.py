@@ -58,6 +58,10 @@ class SearchConfig:
     # its top seen from above)
     refine_candidates: int = 2  # the best trial additions per scene refined by LM before the choice
     lm_steps: int = 4  # LM iterations of each refined addition
+    # swap: an object whose silhouette leaves more than `margin` of its own signal unexplained is tried as every
+    # other object of the world at its place (grid yaws and its own), the best refined by LM and kept by the same
+    # test (the image must favour the new object over the old by the margin)
+    swap: bool = True
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.yaws < 1 or self.refine_candidates < 1 or self.lm_steps < 0:
@@ -183,6 +187,10 @@ def search_scenes(
             trial.shape_ids[torch.arange(len(scene)), slots] = -1
             without = render(trial, scene)
             score = _explained(current[scene], without, images[scene], cfg.margin)  # < 0: remove
+            # the share of each object's own signal that its silhouette leaves unexplained (for the swap below)
+            change = ((current[scene] - without) ** 2).sum(1)  # (M, H, W)
+            residual = ((images[scene] - current[scene]) ** 2).sum(1)
+            unexplained = (residual * (change > 1e-6)).flatten(1).sum(1) / change.flatten(1).sum(1).clamp(min=1e-12)
             for b in scene.unique().tolist():
                 mine = (scene == b).nonzero(as_tuple=True)[0]
                 worst = mine[score[mine].argmin()]
@@ -190,14 +198,20 @@ def search_scenes(
                     t.shape_ids[b, slots[worst]] = -1
                     current[b] = without[worst]
                     moved[b] = True
+            if cfg.swap and len(world.objects) > 1:
+                doubtful = (unexplained > cfg.margin) & ~moved[scene]
+                _swap(world, t, images, current, moved, scene[doubtful], slots[doubtful], render, fit, cfg)
         # -- add: every object at the residual's peak, at `yaws` turns
         room = active[(t.shape_ids[active] >= 0).sum(1) < most]
         if len(room):
             peak, axis = _residual_region(images[room], current[room], window)  # (R, 2) pixels, (R, 2) unit
-            cands = []  # (shape, height of the ray's point, yaw; None: along the region's axis, + this turn)
+            cands: list[tuple[int, float, tuple[float | None, float]]] = []  # (shape, height of the ray's point,
+            # (yaw, 0) or (None, turn): along the region's axis, + turn)
             for s, obj in enumerate(world.objects):
                 turns = [] if obj.yaw_period == 0.0 else [k * obj.yaw_period / cfg.yaws for k in range(cfg.yaws)]
-                along = [] if obj.yaw_period == 0.0 or not elongated[s] else [(None, 0.0), (None, math.pi)]
+                along: list[tuple[float | None, float]] = []
+                if obj.yaw_period != 0.0 and elongated[s]:
+                    along = [(None, 0.0), (None, math.pi)]
                 for h in cfg.heights:
                     cands += [(s, h * tops[s], (y, 0.0)) for y in turns or [0.0]]
                     cands += [(s, h * tops[s], a) for a in along]
@@ -251,6 +265,70 @@ def search_scenes(
         active = active[moved[active]]
     assert t.shape_ids.shape[1] == N
     return t
+
+
+def _swap(
+    world: World,
+    t: SceneTensors,
+    images: torch.Tensor,
+    current: torch.Tensor,
+    moved: torch.Tensor,
+    scene: torch.Tensor,
+    slots: torch.Tensor,
+    render: Renderer,
+    fit: Fit,
+    cfg: SearchConfig,
+) -> None:
+    """The swap move on objects (scene[i], slots[i]), in place: at most one per scene, the best the image favours."""
+    if len(scene) == 0:
+        return
+    owner: list[int] = []
+    slot: list[int] = []
+    shape: list[int] = []
+    yaw: list[float] = []
+    for b, j in zip(scene.tolist(), slots.tolist()):
+        old = int(t.shape_ids[b, j])
+        for s, obj in enumerate(world.objects):
+            if s == old:
+                continue
+            turns = [] if obj.yaw_period == 0.0 else [k * obj.yaw_period / cfg.yaws for k in range(cfg.yaws)]
+            for y in [float(t.yaws[b, j]), *turns]:
+                owner.append(b)
+                slot.append(j)
+                shape.append(s)
+                yaw.append(y)
+    owner_t, slot_t = torch.tensor(owner), torch.tensor(slot)
+    trial = _take(t, owner_t)
+    ar = torch.arange(len(owner))
+    trial.shape_ids[ar, slot_t] = torch.tensor(shape)
+    trial.yaws[ar, slot_t] = torch.tensor(yaw, dtype=torch.float32)
+    trial = SceneTensors(
+        trial.shape_ids, world3d.clamp_to_table(world, trial.shape_ids, trial.positions, trial.yaws), trial.yaws
+    )
+    loss = _loss(render(trial, owner_t), images[owner_t])
+    # the best trial of each doubtful object (its run of candidates), refined
+    best: dict[tuple[int, int], int] = {}
+    for i, k in enumerate(zip(owner, slot)):
+        if k not in best or loss[i] < loss[best[k]]:
+            best[k] = i
+    pick = torch.tensor(list(best.values()))
+    chosen = _take(trial, pick)
+    if cfg.lm_steps > 0:
+        chosen = fit(chosen, owner_t[pick])
+    with_ = render(chosen, owner_t[pick])
+    score = _explained(with_, current[owner_t[pick]], images[owner_t[pick]], cfg.margin, adding=True)
+    for i in score.argsort(descending=True).tolist():
+        b, j = owner[int(pick[i])], slot[int(pick[i])]
+        if score[i] < 0:
+            break
+        if moved[b]:
+            continue
+        candidate = _take(chosen, torch.tensor([i]))
+        if _overlaps(world, candidate, 0, j):
+            continue
+        _put(t, torch.tensor([b]), candidate)
+        current[b] = with_[i]
+        moved[b] = True
 
 
 def _window(world: World, size: tuple[int, int]) -> int:
