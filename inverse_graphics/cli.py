@@ -318,7 +318,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/demo")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--tabletop-model", default="air-tabletop", help="shipped 3D model of the second part")
+    p.add_argument("--tabletop-model", default="air-kitchen", help="shipped 3D model of the second part")
     p.add_argument("--n-tabletop", type=int, default=4, help="tabletop scenes (0: the 2D part only)")
     p.set_defaults(func=_run_demo)
 

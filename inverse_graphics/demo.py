@@ -1,7 +1,8 @@
 """`inverse-graphics demo`: compose multi-MNIST scenes from the bundled digits, run the shipped AIR, show counts;
-then render a few scenes of a shipped 3D model's world (`--tabletop-model`: the primitives world's `air-tabletop`
-until a kitchen model ships), infer them with that 3D AIR (with its render-and-compare refinement) and show the
-inferred scenes re-rendered beside the inputs, with counts and poses against the truth.
+then render a few scenes of a shipped 3D model's world (`--tabletop-model`: the kitchen world's `air-kitchen`, or the
+primitives world's `air-tabletop`), infer them with that 3D AIR (with its render-and-compare refinement and
+structure search) and show the inferred scenes re-rendered beside the inputs, with counts and poses against the
+truth.
 
 Needs no data files and no network: the digits are the 500-digit MNIST test sample inside the package, the worlds'
 meshes ship with it, and its scenes are rendered on the spot.
@@ -31,7 +32,7 @@ class DemoConfig:
     out_dir: str = "out/demo"  # receives demo.png
     device: str = "cpu"
     model: str = "air-multi-mnist"  # shipped weights
-    tabletop_model: str | None = "air-tabletop"  # shipped 3D model of the second part (None: the 2D part only)
+    tabletop_model: str | None = "air-kitchen"  # shipped 3D model of the second part (None: the 2D part only)
     n_tabletop: int = 4  # scenes of its world, rendered under the world's randomised appearance
 
 

@@ -17,6 +17,7 @@ WEIGHTS = {
     "air-multi-mnist": ("air-multi-mnist.safetensors", ("air",)),
     "dair-multi-mnist": ("dair-multi-mnist.safetensors", ("dair",)),
     "air-tabletop": ("air-tabletop.safetensors", ("air-tabletop",)),
+    "air-kitchen": ("air-kitchen.safetensors", ("air-tabletop",)),
     "supervised-tabletop": ("supervised-tabletop.safetensors", ("supervised-tabletop",)),
 }
 KINDS_2D = ("air", "dair")
