@@ -253,6 +253,21 @@ def tables(world: World, rows: list[dict], timing: dict, verdicts: dict, args) -
         text += (f"\n\nSpeed ({args.threads} thread(s)): one image with {timing.get('refine_steps', '-')} refinement "
                  f"steps {fmt(timing.get('refined_ms'), '.0f')} ms (median of {args.speed_images}); unrefined "
                  f"{fmt(timing.get('unrefined_images_per_s'), '.0f')} images/s at batch 32.")  # fmt: skip
+    air = [r for r in rows if r["method"] == "3D AIR" and r["condition"] == "clean"]
+    if air:
+        r = max(air, key=lambda r: r["refine"])  # where the errors are, in what infer gives
+        shape_rows = [[name, b["true"], b["missed"], b["unmatched_predictions"], b["wrong_identity"],
+                       fmt(b["position_error_mm_median"], ".1f")] for name, b in r["by_shape"].items()]  # fmt: skip
+        text += (f"\n\nWhere 3D AIR's errors are (clean, K={r['refine']}, {r['n']} scenes; missed: no prediction "
+                 "within the gate; unmatched: a prediction of that shape matched to nothing):\n\n"
+                 + markdown_table(["object", "true", "missed", "unmatched predictions", "wrong identity",
+                                   "position mm"], shape_rows))  # fmt: skip
+        confusion = r["count_confusion"]
+        counts = sorted({int(k) for k in confusion} | {int(p) for row in confusion.values() for p in row})
+        crows = [[t, *[confusion.get(str(t), {}).get(str(p), 0) or "" for p in counts]] for t in counts]
+        text += "\n\nScenes by true count (rows) and predicted count (columns):\n\n" + markdown_table(
+            ["true \\ predicted", *map(str, counts)], crows
+        )
     vrows = [
         [k, fmt(v, ".3f") if isinstance(v, float) else v, "met" if ok else "missed"] for k, (v, ok) in verdicts.items()
     ]

@@ -89,6 +89,15 @@ def test_missing_and_extra_objects():
     assert summary["position_error_mm_median"] == pytest.approx(2.5)
     wide = match_scene(pred, TRUE, MatchSettings(gate=0.06))
     assert len(wide.pairs) == 3
+    # where the errors are: the box missed (and its prediction unmatched), the sphere spurious
+    by = summary["by_shape"]
+    assert by["box"] == {"true": 1, "missed": 1, "unmatched_predictions": 1, "wrong_identity": 0,
+                         "position_error_mm_median": None}  # fmt: skip
+    assert by["sphere"]["true"] == 0 and by["sphere"]["unmatched_predictions"] == 1
+    assert by["wedge"]["missed"] == 0 and by["wedge"]["position_error_mm_median"] == pytest.approx(5.0)
+    assert summary["count_confusion"] == {"3": {"4": 1}}
+    relabelled = match_scene({"objects": [{**pred["objects"][0], "shape": "box"}]}, TRUE)
+    assert summarize([relabelled])["by_shape"]["cube"]["wrong_identity"] == 1
 
 
 def test_empty_scenes():

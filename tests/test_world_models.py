@@ -20,7 +20,7 @@ from inverse_graphics.pretrained import load
 from inverse_graphics.tabletop import world3d
 from inverse_graphics.tabletop.air3d import AIR3D, AIR3DConfig
 from inverse_graphics.tabletop.air3d_objective import elbo_loss, sleep_loss
-from inverse_graphics.tabletop.appearance import fit_appearance
+from inverse_graphics.tabletop.appearance import AppearanceFit, fit_appearance
 from inverse_graphics.tabletop.data3d import make_labelled_renders
 from inverse_graphics.tabletop.metrics3d import match_scene, mssd, summarize
 from inverse_graphics.tabletop.refine import RefineConfig, refine
@@ -381,6 +381,19 @@ def test_with_the_poses_known_the_exposure_and_light_are_recovered(tiny, gain, a
     assert fit.gain.tolist() == pytest.approx([gain, gain], rel=0.005 if axis is None else 0.02)
     angle = torch.rad2deg(torch.acos((fit.light_direction @ light).clamp(-1, 1)))
     assert angle.max() < (0.5 if axis is None else 3.0), angle
+
+
+def test_a_wrong_start_of_the_appearance_fit_loses_to_the_nominal_appearance(tiny):
+    """Nominal images, the fit started 40 degrees off (the guide's guess can be), no steps: the nominal light wins
+    on every image, so a poor guess never makes render-and-compare worse than the world's own light."""
+    images = _render(tiny, SCENES)
+    t = world3d.scenes_to_tensors(tiny, SCENES)
+    wrong = _turned_light(tiny, (1, 0, 0), 40.0).expand(2, 3).clone()
+    start = AppearanceFit(torch.ones(2), wrong, torch.full((2,), float(tiny.light.ambient)))
+    fit = fit_appearance(tiny, t, images, world3d.object_colors(tiny, t.shape_ids), steps=0, start=start)
+    nominal = torch.nn.functional.normalize(torch.tensor(tiny.light.direction, dtype=torch.float32), dim=0)
+    assert_close(fit.light_direction, nominal.expand(2, 3), atol=1e-6)
+    assert fit.gain.tolist() == pytest.approx([1.0, 1.0], abs=1e-3)
 
 
 @pytest.mark.parametrize("gain, turn", [(1.2, 0.0), (0.8, 0.0), (1.2, 30.0)])

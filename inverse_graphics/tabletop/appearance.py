@@ -95,10 +95,11 @@ def fit_appearance(
         world: the scenes' World (renders at the images' size, PyTorch3D hard mode).
         t: the scenes' tensors (B, N); images: FloatTensor (B, 3, H, W) in [0, 1].
         colors: FloatTensor (B, N, 3) object albedos, or None for the stage's.
-        steps: Adam steps; start: the first iterate (default `nominal_appearance`).
+        steps: Adam steps; start: the first iterate (default `nominal_appearance`); a start other than the
+            nominal is kept only where it beats the nominal appearance (each with its gain solved).
         fit_ambient: also fit the ambient intensity (off by default: see the module docstring).
     Returns:
-        AppearanceFit, each image's best iterate by the squared image error (the start included).
+        AppearanceFit, each image's best iterate by the squared image error (the start and the nominal included).
     """
     from inverse_graphics.tabletop import world3d
 
@@ -113,6 +114,13 @@ def fit_appearance(
     opt = torch.optim.Adam(groups)
     best = torch.full((B,), float("inf"), device=images.device)
     best_fit = s
+    if start is not None:  # the nominal appearance competes too: a start (the guide's guess) may be worse
+        nominal = nominal_appearance(world, B, images.device)
+        look = Appearance(light_direction=nominal.light_direction, ambient=nominal.ambient)
+        rendered = renderer(t.shape_ids, t.positions, t.yaws, colors, look).images
+        gain = AppearanceFit.solve_gain(rendered, images)
+        best = (((gain[:, None, None, None] * rendered).clamp(max=1.0) - images) ** 2).flatten(1).sum(1)
+        best_fit = AppearanceFit(gain, nominal.light_direction, nominal.ambient)
     for step in range(steps + 1):
         look = Appearance(light_direction=F.normalize(direction, dim=1), ambient=ambient)
         rendered = renderer(t.shape_ids, t.positions, t.yaws, colors, look).images  # (B, 3, H, W)

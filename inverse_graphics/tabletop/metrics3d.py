@@ -37,6 +37,7 @@ from scenes.tabletop_objects import SHAPES
 from scenes.world import World
 
 __all__ = [
+    "breakdown",
     "mssd",
     "match_gate",
     "MatchSettings",
@@ -117,6 +118,8 @@ class SceneMatch:
     n_true: int
     n_pred: int
     pairs: tuple[MatchedPair, ...]
+    true_shapes: tuple[str, ...] = ()  # every true object's shape, in the true scene's order
+    pred_shapes: tuple[str, ...] = ()  # every predicted object's
 
 
 def as_scene(scene: Scene | dict, world: World | None = None) -> Scene:
@@ -165,8 +168,9 @@ def match_scene(
         gate = 0.04 if world is None else match_gate(world)
     w = _world(world)
     pred, true = as_scene(pred, world), as_scene(true, world)
+    shapes = tuple(o.shape for o in true.objects), tuple(o.shape for o in pred.objects)
     if not pred.objects or not true.objects:
-        return SceneMatch(len(true.objects), len(pred.objects), ())
+        return SceneMatch(len(true.objects), len(pred.objects), (), *shapes)
     t_xy = np.array([o.position for o in true.objects])  # (Nt, 2) metres
     p_xy = np.array([o.position for o in pred.objects])  # (Np, 2) metres
     distance = np.linalg.norm(t_xy[:, None] - p_xy[None], axis=-1)  # (Nt, Np)
@@ -177,7 +181,7 @@ def match_scene(
         for i, j in zip(rows, cols)
         if distance[i, j] <= gate
     )
-    return SceneMatch(len(true.objects), len(pred.objects), pairs)
+    return SceneMatch(len(true.objects), len(pred.objects), pairs, *shapes)
 
 
 def _stats(values: list[float], name: str) -> dict:
@@ -214,7 +218,40 @@ def summarize(matches: Sequence[SceneMatch], world: World | None = None) -> dict
         **_stats([e for _, e in yaw], "yaw_error_deg"),
         **_stats([p.mssd_mm for p in pairs if p.mssd_mm is not None], "mssd_mm"),
         "yaw_error_deg_median_by_shape": by_shape,
+        "by_shape": breakdown(matches, names),
+        "count_confusion": _confusion(matches),
     }
+
+
+def breakdown(matches: Sequence[SceneMatch], names: Sequence[str]) -> dict:
+    """Per true shape: {"true", "missed" (no prediction within the gate), "unmatched_predictions" (predictions of
+    that shape matched to nothing), "wrong_identity" (matched, another shape predicted), "position_error_mm_median"
+    (its matched objects')}: where a method's errors are."""
+    out = {}
+    found = {(i, p.true_index) for i, m in enumerate(matches) for p in m.pairs}
+    used = {(i, p.pred_index) for i, m in enumerate(matches) for p in m.pairs}
+    for name in names:
+        matched = [p for m in matches for p in m.pairs if p.true_shape == name]
+        true = [(i, j) for i, m in enumerate(matches) for j, s in enumerate(m.true_shapes) if s == name]
+        pred = [(i, j) for i, m in enumerate(matches) for j, s in enumerate(m.pred_shapes) if s == name]
+        errors = [p.position_error_mm for p in matched]
+        out[name] = {
+            "true": len(true),
+            "missed": sum(k not in found for k in true),
+            "unmatched_predictions": sum(k not in used for k in pred),
+            "wrong_identity": sum(p.pred_shape != name for p in matched),
+            "position_error_mm_median": float(np.median(errors)) if errors else None,
+        }
+    return out
+
+
+def _confusion(matches: Sequence[SceneMatch]) -> dict:
+    """{true count: {predicted count: scenes}} (JSON keys: strings)."""
+    out: dict = {}
+    for m in matches:
+        row = out.setdefault(str(m.n_true), {})
+        row[str(m.n_pred)] = row.get(str(m.n_pred), 0) + 1
+    return out
 
 
 def evaluate_method(
