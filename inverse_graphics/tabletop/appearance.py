@@ -105,7 +105,8 @@ def fit_appearance(
 
     B = images.shape[0]
     size = (int(images.shape[3]), int(images.shape[2]))
-    renderer = world3d.renderer(world, "hard", size, "pytorch3d")
+    # Adam needs PyTorch3D's shading gradient; without steps (the gain alone, on a given light) any hard render does
+    renderer = world3d.renderer(world, "hard", size, "pytorch3d" if steps > 0 else "auto")
     s = start or nominal_appearance(world, B, images.device)
     direction = s.light_direction.detach().clone().requires_grad_(True)
     ambient = s.ambient.detach().clone().requires_grad_(True)
