@@ -300,6 +300,13 @@ def _add_infer(sub) -> None:
         action="store_true",
         help="tabletop models: resize images of another size to the model's world (default: refuse them)",
     )
+    p.add_argument(
+        "--no-search",
+        dest="search",
+        action="store_false",
+        default=None,
+        help="tabletop models: refine poses only, without the structure search that adds and removes objects",
+    )
     p.set_defaults(func=_run_infer)
 
 
@@ -308,6 +315,7 @@ def _run_infer(args) -> int:
 
     paths = {"images": args.images, "model": args.model, "out_dir": args.out}
     options = {"refine": args.refine, "refine_gradient": args.refine_gradient, "resize": args.resize}
+    options["search"] = args.search
     main(InferConfig(**paths, device=args.device, **options))
     return 0
 

@@ -36,6 +36,7 @@ class InferConfig:
     refine: int | None = None  # tabletop models: refinement steps (None: the model's default; 0: none)
     refine_gradient: str = "fd"  # tabletop models: "fd" (black-box finite differences) or "soft" (soft rasterizer)
     resize: bool = False  # tabletop models: resize images of another size to the model's world (else an error)
+    search: bool | None = None  # tabletop models: the structure search after refinement (None: the model's default)
 
 
 PIL_BOMB = Image.DecompressionBombError  # an image of more pixels than Pillow's limit (about 179 million)
@@ -139,8 +140,8 @@ def main(cfg: InferConfig) -> dict:
     model = load_model(cfg.model, cfg.device)
     if not isinstance(model, AIR):
         return main_tabletop(cfg, model)
-    if cfg.refine is not None:
-        raise ValueError(f"--refine applies to the tabletop models, not to {cfg.model!r}")
+    if cfg.refine is not None or cfg.search is not None:
+        raise ValueError(f"--refine and --no-search apply to the tabletop models, not to {cfg.model!r}")
     size = model.config.canvas_size
     loaded = [read_image(p, size) for p in cfg.images]
     x = torch.from_numpy(np.stack([a for a, _ in loaded]))
@@ -254,7 +255,7 @@ def main_tabletop(cfg: InferConfig, model) -> dict:
     world, size = model.world, model.image_wh
     loaded = [read_rgb(p, size, cfg.resize) for p in cfg.images]
     x = torch.from_numpy(np.stack([a for a, _ in loaded]))
-    out = model.infer(x.to(cfg.device), refine=cfg.refine, refine_gradient=cfg.refine_gradient)
+    out = model.infer(x.to(cfg.device), refine=cfg.refine, refine_gradient=cfg.refine_gradient, search=cfg.search)
     renders = world3d.rerender(model, out.scenes)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

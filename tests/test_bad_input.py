@@ -99,7 +99,7 @@ def test_infer_tabletop_reports_invalid_inferred_scenes_and_writes_every_image(t
         config = type("C", (), {"image_size": 64, "backend": "auto"})()
         world, image_wh, legacy = load_world("primitives"), (64, 64), True
 
-        def infer(self, images, refine=None, refine_gradient="fd"):
+        def infer(self, images, refine=None, refine_gradient="fd", search=None):
             off = {"objects": [{"shape": "cube", "position": [0.295, 0.0], "yaw": 0.3}]}
             overlap = {
                 "objects": [
@@ -164,6 +164,13 @@ def test_every_float_option_of_every_command_is_checked():
     parser = build_parser()
     assert float_options(parser) == [] and _positive("0.5") == 0.5 and _finite("-2") == -2.0
     assert "scenes" in parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]  # nested: searched
+
+
+def test_tabletop_options_are_refused_for_a_2d_model():
+    from inverse_graphics.infer import InferConfig, main
+
+    with pytest.raises(ValueError, match="--refine and --no-search apply to the tabletop models"):
+        main(InferConfig(images=["x.png"], model="air-multi-mnist", search=False))
 
 
 @pytest.mark.parametrize("refine", ["-1", "-20"])

@@ -240,6 +240,8 @@ def test_infer_command_uses_the_models_world_and_refuses_other_sizes_unless_resi
     assert "is 96 x 64 pixels; the model's world renders 48 x 32 (W x H): pass --resize" in capsys.readouterr().err
     assert cli([*large, "--resize"]) == 0
     assert json.loads((out / "results.json").read_text())["images"][0]["size"] == [96, 64]
+    poses_only = ["infer", str(tmp_path / "right.png"), "--model", str(ckpt), "--refine", "1", "--no-search"]
+    assert cli([*poses_only, "--out", str(out)]) == 0 and json.loads((out / "results.json").read_text())["refined"]
 
 
 def test_eval_command_compares_tabletop_models_on_their_world_and_refuses_another(tiny, tmp_path, capsys):

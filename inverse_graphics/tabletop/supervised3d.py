@@ -209,6 +209,7 @@ class SupervisedRegressor(nn.Module):
         refine_gradient: str = "fd",
         resize: bool = False,
         fit_appearance: bool | None = None,
+        search: bool | None = None,
     ) -> SceneInference:
         """Scenes from renders (the same call as `AIR3D.infer`).
 
@@ -224,6 +225,8 @@ class SupervisedRegressor(nn.Module):
             fit_appearance: with refinement, fit each image's exposure gain and light direction first
                 (inverse_graphics.tabletop.appearance; seconds per image); None: the gain only (closed form) when the
                 model's world randomises its appearance, nothing otherwise; False: the nominal appearance.
+            search: with refinement, then the structure search (tabletop.scene_search); None: off for the baseline
+                (it is reported as regressed unless asked).
         Raises:
             TypeError / ValueError naming the problem for a non-tensor, non-float, wrong shape, NaN or [0, 1].
         """
@@ -233,7 +236,9 @@ class SupervisedRegressor(nn.Module):
         presence = torch.sigmoid(out.presence_logits)
         world = None if self.legacy else self.world
         fit = (None if default_fit_appearance(world) else False) if fit_appearance is None else fit_appearance
-        return scene_inference(t, images, int(refine or 0), presence, refine_gradient, world, fit)
+        steps = int(refine or 0)
+        search = bool(search) and steps > 0 and refine_gradient == "fd"
+        return scene_inference(t, images, steps, presence, refine_gradient, world, fit, None, None, search)
 
 
 def pair_costs(out: SlotOutput, labels: SceneTensors, yaw_order: torch.Tensor, w: LossWeights) -> torch.Tensor:
