@@ -135,10 +135,6 @@ def _with_slots(t: SceneTensors, n: int) -> SceneTensors:
     )
 
 
-def _take(t: SceneTensors, rows: torch.Tensor) -> SceneTensors:
-    return SceneTensors(t.shape_ids[rows], t.positions[rows], t.yaws[rows])
-
-
 def _put(t: SceneTensors, rows: torch.Tensor, new: SceneTensors) -> None:
     t.shape_ids[rows], t.positions[rows], t.yaws[rows] = new.shape_ids, new.positions, new.yaws
 
@@ -168,7 +164,6 @@ def search_scenes(
     B = images.shape[0]
     most = world.objects_per_scene[1]
     t = _with_slots(SceneTensors(t.shape_ids.clone(), t.positions.clone(), t.yaws.clone()), most)
-    N = t.shape_ids.shape[1]
     size = (int(images.shape[3]), int(images.shape[2]))
     window = _window(world, size)
     tops = [float(o.mesh.bounds[1, 2]) for o in world.objects]  # metres
@@ -183,7 +178,7 @@ def search_scenes(
         rows, slots = (t.shape_ids[active] >= 0).nonzero(as_tuple=True)
         if len(rows):
             scene = active[rows]
-            trial = _take(t, scene)
+            trial = world3d.rows_of(t, scene)
             trial.shape_ids[torch.arange(len(scene)), slots] = -1
             without = render(trial, scene)
             score = _explained(current[scene], without, images[scene], cfg.margin)  # < 0: remove
@@ -231,7 +226,7 @@ def search_scenes(
                     d = points[h][1] - points[h][0]
                     yaw[:, j] = torch.atan2(d[:, 1], d[:, 0]) - axis_angle[s_] + turn
             yaw = yaw.flatten()
-            trial = _take(t, owner)
+            trial = world3d.rows_of(t, owner)
             slot = (trial.shape_ids < 0).int().argmax(1)  # the first empty slot
             ar = torch.arange(R * C)
             trial.shape_ids[ar, slot] = shape
@@ -243,7 +238,7 @@ def search_scenes(
             loss = _loss(render(trial, owner), images[owner]).view(R, C)
             best = loss.topk(min(cfg.refine_candidates, C), dim=1, largest=False).indices  # (R, K)
             pick = (best + torch.arange(R)[:, None] * C).flatten()  # (R K,)
-            chosen = _take(trial, pick)
+            chosen = world3d.rows_of(trial, pick)
             if cfg.lm_steps > 0:
                 chosen = fit(chosen, owner[pick])
             with_ = render(chosen, owner[pick])
@@ -254,7 +249,7 @@ def search_scenes(
                     if score[i, j] < 0:
                         break
                     k = i * best.shape[1] + j
-                    candidate = _take(chosen, torch.tensor([k]))
+                    candidate = world3d.rows_of(chosen, torch.tensor([k]))
                     added = int(slot[pick[k]])
                     if _overlaps(world, candidate, 0, added):
                         continue
@@ -263,7 +258,6 @@ def search_scenes(
                     moved[b] = True
                     break
         active = active[moved[active]]
-    assert t.shape_ids.shape[1] == N
     return t
 
 
@@ -298,7 +292,7 @@ def _swap(
                 shape.append(s)
                 yaw.append(y)
     owner_t, slot_t = torch.tensor(owner), torch.tensor(slot)
-    trial = _take(t, owner_t)
+    trial = world3d.rows_of(t, owner_t)
     ar = torch.arange(len(owner))
     trial.shape_ids[ar, slot_t] = torch.tensor(shape)
     trial.yaws[ar, slot_t] = torch.tensor(yaw, dtype=torch.float32)
@@ -312,7 +306,7 @@ def _swap(
         if k not in best or loss[i] < loss[best[k]]:
             best[k] = i
     pick = torch.tensor(list(best.values()))
-    chosen = _take(trial, pick)
+    chosen = world3d.rows_of(trial, pick)
     if cfg.lm_steps > 0:
         chosen = fit(chosen, owner_t[pick])
     with_ = render(chosen, owner_t[pick])
@@ -323,7 +317,7 @@ def _swap(
             break
         if moved[b]:
             continue
-        candidate = _take(chosen, torch.tensor([i]))
+        candidate = world3d.rows_of(chosen, torch.tensor([i]))
         if _overlaps(world, candidate, 0, j):
             continue
         _put(t, torch.tensor([b]), candidate)
