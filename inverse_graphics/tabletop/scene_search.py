@@ -7,11 +7,16 @@ generative model instead, one move per scene per round, each kept only when the 
 
 - remove: every object of the scene is taken out in turn (one render each); the object whose removal the image
   supports most is removed.
-- add: at the peak of the smoothed residual (observed minus render, squared, summed over channels, averaged over
-  a window of about an object's size), every object of the world is tried at the table point under that pixel
-  (the ray through it met at half the object's height) at `yaws` turns across its symmetry period; the
-  `refine_candidates` best of them (by image loss) are refined with the scene's other objects by
-  Levenberg-Marquardt, and the best of those is the scene's proposal.
+- swap: an object whose silhouette leaves more than `margin` of its own signal unexplained is tried as every
+  other object of the world at its place (at `yaws` turns and at its own yaw); the best, refined by LM, must pass
+  the test below against the scene as it is.
+- add: in the connected region of large residual (observed minus render, squared, summed over channels; pixels
+  above a quarter of the peak of that residual averaged over a window of about an object's size) that holds the
+  most residual, every object of the world is tried on the ray through the region's residual-weighted centroid,
+  where it meets half and the full height of the object (the middle of an object's image is its middle seen from
+  the side, nearer its top seen from above), at `yaws` turns across its symmetry period and, for an elongated
+  object, with its long axis along the region's; the `refine_candidates` best of them (by image loss) are refined
+  with the scene's other objects by Levenberg-Marquardt, and the best of those is the scene's proposal.
 
 The test, for a move between a scene without an object (render b) and with it (render a), observed image x:
 keep the object iff ||x - b||^2 - ||x - a||^2 >= margin ||a - b||^2, i.e. the image is closer to the render with
@@ -22,8 +27,9 @@ right, or one that only mends the edges of a misfit, is not added. Adding and re
 scene cannot cycle. Moves that make footprints interpenetrate are refused, as the world's sampler refuses them.
 
 Scenes are searched independently (batched), for up to `rounds` rounds each, and a scene stops at the first round
-that moves nothing. The cost per scene and round is about n + S x yaws renders plus `refine_candidates` short LM
-fits (n objects in the scene, S in the world).
+that moves nothing. The cost per scene and round is about n + 2 S (yaws + 2) renders plus `refine_candidates`
+short LM fits, and for each doubtful object S x (yaws + 1) renders and one fit (n objects in the scene, S in the
+world): most of `infer`'s time on the kitchen (337 ms an image against 93 ms for LM alone, bench_world).
 """
 
 from __future__ import annotations
