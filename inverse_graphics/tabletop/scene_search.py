@@ -10,8 +10,9 @@ generative model instead, one move per scene per round, each kept only when the 
 - swap: an object whose silhouette leaves more than `margin` of its own signal unexplained is tried as every
   other object of the world at its place (at `yaws` turns and at its own yaw); the best, refined by LM, must pass
   the test below against the scene as it is.
-- add: in the connected region of large residual (observed minus render, squared, summed over channels; pixels
-  above a quarter of the peak of that residual averaged over a window of about an object's size) that holds the
+- add: in the connected region of large residual (observed minus render, box-averaged over a few pixels so that
+  pixel noise and compression blocks fall away, squared, summed over channels; pixels above a quarter of the
+  peak of that residual averaged over a window of about an object's size) that holds the
   most residual, every object of the world is tried on the ray through the region's residual-weighted centroid,
   where it meets half and the full height of the object (the middle of an object's image is its middle seen from
   the side, nearer its top seen from above), at `yaws` turns across its symmetry period and, for an elongated
@@ -63,7 +64,10 @@ class SearchConfig:
     heights: tuple[float, ...] = (0.5, 1.0)  # where along the residual's ray an added object is tried: the ray's
     # points at these fractions of the object's height (its image's middle is its middle seen from the side, nearer
     # its top seen from above)
-    refine_candidates: int = 2  # the best trial additions per scene refined by LM before the choice
+    regions: int = 3  # the add move's proposals: the connected regions of unexplained image holding the most
+    # residual, at most this many per scene (a missing object's need not be the largest: under a light or colours
+    # the render does not model, the residual on objects already there can outweigh it)
+    refine_candidates: int = 3  # the best trial additions per scene (over its regions) refined by LM before the choice
     lm_steps: int = 4  # LM iterations of each refined addition
     # swap: an object whose silhouette leaves more than `margin` of its own signal unexplained is tried as every
     # other object of the world at its place (grid yaws and its own), the best refined by LM and kept by the same
@@ -71,13 +75,16 @@ class SearchConfig:
     swap: bool = True
 
     def __post_init__(self) -> None:
-        if self.rounds < 0 or self.yaws < 1 or self.refine_candidates < 1 or self.lm_steps < 0:
-            raise ValueError(f"need rounds, lm_steps >= 0 and yaws, refine_candidates >= 1, got {self}")
+        if self.rounds < 0 or self.yaws < 1 or self.regions < 1 or self.refine_candidates < 1 or self.lm_steps < 0:
+            raise ValueError(f"need rounds, lm_steps >= 0 and yaws, regions, refine_candidates >= 1, got {self}")
         if not 0.0 <= self.margin < 1.0:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
 
 
-Renderer = Callable[[SceneTensors, torch.Tensor], torch.Tensor]  # (scenes, their rows of the batch) -> (M, 3, H, W)
+Renderer = Callable[[SceneTensors, torch.Tensor], torch.Tensor]  # (scenes, their rows of the batch) -> (M, 2, 3, H, W)
+# renders: [:, 0] as compared with the image (gain and any fitted albedo applied), [:, 1] with the objects' nominal
+# albedo (what an object's own signal, the test's yardstick, is measured by: a fitted albedo could make a misplaced
+# object match the table, and so look as if it changed nothing)
 Fit = Callable[[SceneTensors, torch.Tensor], SceneTensors]  # LM refinement of scenes (with their rows)
 
 
@@ -108,11 +115,12 @@ def _loss(rendered: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 def _explained(
     with_: torch.Tensor, without: torch.Tensor, images: torch.Tensor, margin: float, adding: bool = False
 ) -> torch.Tensor:
-    """(M,) how far the image favours `with_` over `without`, in units of the difference's own energy: >= 0 keeps
-    the object (module docstring's test). An object to be added must also show (MIN_SIGNAL); one already in the
-    scene, however hidden, stays unless the image is against it."""
-    signal = ((with_ - without) ** 2).flatten(1).sum(1)
-    score = (_loss(without, images) - _loss(with_, images) - margin * signal) / signal.clamp(min=1e-12)
+    """(M,) how far the image favours `with_` over `without` (renders (M, 2, 3, H, W) as `Renderer` returns them),
+    in units of the difference's own energy as the world draws it: >= 0 keeps the object (module docstring's
+    test). An object to be added must also show (MIN_SIGNAL); one already in the scene, however hidden, stays
+    unless the image is against it."""
+    signal = ((with_[:, 1] - without[:, 1]) ** 2).flatten(1).sum(1)
+    score = (_loss(without[:, 0], images) - _loss(with_[:, 0], images) - margin * signal) / signal.clamp(min=1e-12)
     if adding:
         score = torch.where(signal > MIN_SIGNAL, score, torch.full_like(score, -1.0))
     return score
@@ -160,8 +168,8 @@ def search_scenes(
         world: the scenes' World (objects, table, camera, count range).
         t: the start (e.g. the guide's scenes after pose refinement).
         images: the observed images.
-        render: renders scenes given as rows of the batch (so that per-image appearance can be applied),
-            returning images comparable with `images` (gain applied).
+        render: renders scenes given as rows of the batch (so that per-image appearance can be applied): the
+            `Renderer` pair, as compared with `images` and with nominal albedo.
         fit: refines the poses of scenes given as rows of the batch (LM), returning them.
         cfg: the search's settings.
     Returns:
@@ -176,7 +184,7 @@ def search_scenes(
     tops = [float(o.mesh.bounds[1, 2]) for o in world.objects]  # metres
     axis_angle, elongated = _long_axes(world)
     active = torch.arange(B)
-    current = render(t, torch.arange(B))  # (B, 3, H, W)
+    current = render(t, torch.arange(B))  # (B, 2, 3, H, W)
     for _ in range(cfg.rounds):
         if len(active) == 0:
             break
@@ -190,8 +198,8 @@ def search_scenes(
             without = render(trial, scene)
             score = _explained(current[scene], without, images[scene], cfg.margin)  # < 0: remove
             # the share of each object's own signal that its silhouette leaves unexplained (for the swap below)
-            change = ((current[scene] - without) ** 2).sum(1)  # (M, H, W)
-            residual = ((images[scene] - current[scene]) ** 2).sum(1)
+            change = ((current[scene, 1] - without[:, 1]) ** 2).sum(1)  # (M, H, W)
+            residual = ((images[scene] - current[scene, 0]) ** 2).sum(1)
             unexplained = (residual * (change > 1e-6)).flatten(1).sum(1) / change.flatten(1).sum(1).clamp(min=1e-12)
             for b in scene.unique().tolist():
                 mine = (scene == b).nonzero(as_tuple=True)[0]
@@ -206,7 +214,9 @@ def search_scenes(
         # -- add: every object at the residual's peak, at `yaws` turns
         room = active[(t.shape_ids[active] >= 0).sum(1) < most]
         if len(room):
-            peak, axis = _residual_region(images[room], current[room], window)  # (R, 2) pixels, (R, 2) unit
+            # (R, 2) pixels and (R, 2) unit axes of the regions, R >= len(room); region_scene (R,) their scenes
+            peak, axis, region_scene = _residual_regions(images[room], current[room, 0], window, cfg.regions)
+            region_scene = room[region_scene]
             cands: list[tuple[int, float, tuple[float | None, float]]] = []  # (shape, height of the ray's point,
             # (yaw, 0) or (None, turn): along the region's axis, + turn)
             for s, obj in enumerate(world.objects):
@@ -218,9 +228,9 @@ def search_scenes(
                     cands += [(s, h * tops[s], (y, 0.0)) for y in turns or [0.0]]
                     cands += [(s, h * tops[s], a) for a in along]
             C = len(cands)
-            R = len(room)
+            R = len(region_scene)
             shape = torch.tensor([c[0] for c in cands]).repeat(R)  # (R C,)
-            owner = room.repeat_interleave(C)  # (R C,) scene of each candidate
+            owner = region_scene.repeat_interleave(C)  # (R C,) scene of each candidate
             points = {}  # (R, 2) table points of the region's centre and a pixel along its axis, per height
             for h in {c[1] for c in cands}:
                 points[h] = (table_points(world, peak, h, size), table_points(world, peak + axis, h, size))
@@ -242,20 +252,24 @@ def search_scenes(
             trial = SceneTensors(
                 trial.shape_ids, world3d.clamp_to_table(world, trial.shape_ids, trial.positions, trial.yaws), trial.yaws
             )
-            loss = _loss(render(trial, owner), images[owner]).view(R, C)
-            best = loss.topk(min(cfg.refine_candidates, C), dim=1, largest=False).indices  # (R, K)
-            pick = (best + torch.arange(R)[:, None] * C).flatten()  # (R K,)
+            loss = _loss(render(trial, owner)[:, 0], images[owner])  # (R C,)
+            # the scene's `refine_candidates` best trials over all its regions (losses of one image compare)
+            pick = torch.cat(
+                [
+                    mine[loss[mine].topk(min(cfg.refine_candidates, len(mine)), largest=False).indices]
+                    for mine in ((owner == b).nonzero(as_tuple=True)[0] for b in room.tolist())
+                ]
+            )
             chosen = world3d.rows_of(trial, pick)
             if cfg.lm_steps > 0:
                 chosen = fit(chosen, owner[pick])
             with_ = render(chosen, owner[pick])
-            score = _explained(with_, current[owner[pick]], images[owner[pick]], cfg.margin, adding=True).view(R, -1)
-            order = score.argsort(dim=1, descending=True)
-            for i, b in enumerate(room.tolist()):
-                for j in order[i].tolist():
-                    if score[i, j] < 0:
+            score = _explained(with_, current[owner[pick]], images[owner[pick]], cfg.margin, adding=True)
+            for b in room.tolist():
+                mine = (owner[pick] == b).nonzero(as_tuple=True)[0]
+                for k in mine[score[mine].argsort(descending=True)].tolist():
+                    if score[k] < 0:
                         break
-                    k = i * best.shape[1] + j
                     candidate = world3d.rows_of(chosen, torch.tensor([k]))
                     added = int(slot[pick[k]])
                     if _overlaps(world, candidate, 0, added):
@@ -306,7 +320,7 @@ def _swap(
     trial = SceneTensors(
         trial.shape_ids, world3d.clamp_to_table(world, trial.shape_ids, trial.positions, trial.yaws), trial.yaws
     )
-    loss = _loss(render(trial, owner_t), images[owner_t])
+    loss = _loss(render(trial, owner_t)[:, 0], images[owner_t])
     # the best trial of each doubtful object (its run of candidates), refined
     best: dict[tuple[int, int], int] = {}
     for i, k in enumerate(zip(owner, slot)):
@@ -338,6 +352,14 @@ def _window(world: World, size: tuple[int, int]) -> int:
     return max(3, int(round(pixels / 2)) | 1)
 
 
+def _preblur(window: int) -> int:
+    """The box (odd, >= 3 pixels, a sixth of the smoothing window) that the signed residual is averaged over
+    before it is squared for the add move's regions: pixel noise and JPEG's blocks lose most of their energy (a
+    3 x 3 box keeps a ninth of white noise's), an object's solid patch keeps nearly all of its, and the two signed
+    sides of a pose's edge misfit partly cancel."""
+    return max(3, (window // 6) | 1)
+
+
 def _long_axes(world: World) -> tuple[list[float], list[bool]]:
     """Each object's long axis on the table at yaw 0 (radians from x, by the principal axis of its mesh's vertices
     in x, y) and whether it is elongated (principal spreads differing by more than 1.5 x): an added elongated object
@@ -351,30 +373,44 @@ def _long_axes(world: World) -> tuple[list[float], list[bool]]:
     return angles, elongated
 
 
-def _residual_region(images: torch.Tensor, rendered: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, 2) continuous pixel (u, v) and (M, 2) unit principal axis (du, dv) of the connected region of large
-    residual (pixels over a quarter of the smoothed residual's peak) that holds the most residual: the
-    residual-weighted centroid and long axis of the largest patch of image that the render does not explain (a
-    missing object's silhouette)."""
+def _residual_regions(
+    images: torch.Tensor, rendered: torch.Tensor, window: int, regions: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The connected regions of large residual (the signed residual box-averaged over `_preblur` pixels, then
+    squared and summed over channels; pixels over a quarter of its peak averaged over `window`) that hold the most
+    residual, up to `regions` per image, each by its residual-weighted centroid and long axis: the patches of image
+    that the render does not explain (a missing object's silhouette).
+
+    Returns:
+        (R, 2) continuous pixels (u, v), (R, 2) unit principal axes (du, dv) and LongTensor (R,) the image (row
+        of `images`) each region is in; every image has at least one (its centre when nothing is unexplained).
+    """
     from scipy import ndimage
 
-    r = ((images - rendered) ** 2).sum(1, keepdim=True)  # (M, 1, H, W)
+    k = _preblur(window)
+    difference = F.avg_pool2d(images - rendered, k, stride=1, padding=k // 2, count_include_pad=False)
+    r = (difference**2).sum(1, keepdim=True)  # (M, 1, H, W)
     smooth = F.avg_pool2d(r, window, stride=1, padding=window // 2, count_include_pad=False)[:, 0]
-    centres, axes = [], []
-    for s, raw in zip(smooth.cpu().numpy(), r[:, 0].cpu().numpy()):
+    centres, axes, owners = [], [], []
+    for m, (s, raw) in enumerate(zip(smooth.cpu().numpy(), r[:, 0].cpu().numpy())):
         # the pixels whose own residual is large, against the level of the smoothed peak (so that thin edges of
         # a pose's misfit fall below it), in 8-connected regions (so that two objects apart stay apart)
         labels, n = ndimage.label(raw > 0.25 * s.max(), structure=np.ones((3, 3)))
         if n == 0:
             centres.append((s.shape[1] / 2, s.shape[0] / 2))
             axes.append((1.0, 0.0))
+            owners.append(m)
             continue
         mass = ndimage.sum_labels(raw, labels, index=np.arange(1, n + 1))
-        v, u = np.nonzero(labels == 1 + int(mass.argmax()))
-        weight = raw[v, u]
-        uv = np.stack([u, v], 1).astype(np.float64) + 0.5
-        centre = (uv * weight[:, None]).sum(0) / weight.sum()
-        cov = ((uv - centre) * weight[:, None]).T @ (uv - centre) / weight.sum()
-        centres.append(tuple(centre.tolist()))
-        axes.append(tuple(np.linalg.eigh(cov)[1][:, 1].tolist()))
-    return tuple(torch.tensor(a, dtype=torch.float32, device=images.device) for a in (centres, axes))  # type: ignore
+        for label in 1 + np.argsort(-mass)[:regions]:
+            v, u = np.nonzero(labels == label)
+            weight = raw[v, u]
+            uv = np.stack([u, v], 1).astype(np.float64) + 0.5
+            centre = (uv * weight[:, None]).sum(0) / weight.sum()
+            cov = ((uv - centre) * weight[:, None]).T @ (uv - centre) / weight.sum()
+            centres.append(tuple(centre.tolist()))
+            axes.append(tuple(np.linalg.eigh(cov)[1][:, 1].tolist()))
+            owners.append(m)
+    device = images.device
+    as_float = [torch.tensor(a, dtype=torch.float32, device=device) for a in (centres, axes)]
+    return as_float[0], as_float[1], torch.tensor(owners, dtype=torch.long, device=device)
