@@ -178,3 +178,50 @@ def test_take_selects_rows_and_keeps_unset_fields_unset():
     picked = look.take(torch.tensor([2, 2, 0]))
     assert_close(picked.ambient, [0.3, 0.3, 0.1]) and picked.eye is None
     assert Appearance().is_nominal() and not look.is_nominal()
+
+
+# ---- per-object albedo (RefineConfig.albedo) ------------------------------------------------------------------
+def test_instance_ids_are_each_objects_pixels():
+    """Against a slow reference: the pixels where the scene's render changes when one object is taken out."""
+    from inverse_graphics.tabletop import world3d
+    from inverse_graphics.tabletop.appearance import instance_ids
+    from scenes.world import load_world
+
+    world = load_world("kitchen")
+    scenes = [s for s in world.sample_scenes(12, seed=4) if len(s["objects"]) >= 3][:3]
+    t = world3d.scenes_to_tensors(world, scenes)
+    renderer = world3d.renderer(world, "hard", world.image_size, "auto")
+    ids = instance_ids(renderer, t)
+    colors = world3d.object_colors(world, t.shape_ids)
+    full = renderer(t.shape_ids, t.positions, t.yaws, colors).images
+    for j in range(t.shape_ids.shape[1]):
+        if not (t.shape_ids[:, j] >= 0).any():
+            continue
+        out = t.shape_ids.clone()
+        out[:, j] = -1
+        without = renderer(out, t.positions, t.yaws, colors).images
+        changed = ((full - without).abs().sum(1) > 1e-5) & (t.shape_ids[:, j] >= 0)[:, None, None]
+        assert torch.equal(changed, ids == j), j
+
+
+def test_the_albedo_fit_recovers_jittered_colours_exactly_and_keeps_its_range():
+    from inverse_graphics.tabletop import world3d
+    from inverse_graphics.tabletop.appearance import ALBEDO_RANGE, fit_albedo, instance_ids
+    from scenes.world import load_world
+
+    world = load_world("kitchen")
+    t = world3d.scenes_to_tensors(world, world.sample_scenes(8, seed=5))
+    nominal = world3d.object_colors(world, t.shape_ids)
+    renderer = world3d.renderer(world, "hard", world.image_size, "auto")
+    jitter = (torch.rand(nominal.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.15
+    truth = (nominal + jitter).clamp(0, 1)
+    images = renderer(t.shape_ids, t.positions, t.yaws, truth).images
+    rendered = renderer(t.shape_ids, t.positions, t.yaws, nominal).images
+    ids = instance_ids(renderer, t)
+    fitted, redrawn = fit_albedo(rendered, ids, images, nominal, nominal)
+    seen = torch.stack([(ids == j).flatten(1).sum(1) > 20 for j in range(t.shape_ids.shape[1])], 1)  # (B, N)
+    assert (fitted - truth).abs()[seen].max() < 1e-3
+    assert ((redrawn - images) ** 2).sum() < 1e-4 * ((rendered - images) ** 2).sum()
+    # an image far off: the albedo stops at ALBEDO_RANGE from the nominal
+    far, _ = fit_albedo(rendered, ids, (images * 0.2), nominal, nominal)
+    assert ((far - nominal).abs() <= ALBEDO_RANGE + 1e-6).all()

@@ -615,9 +615,10 @@ class AIR3D(nn.Module):
                 (Adam through PyTorch3D's soft rasterizer, K Adam steps, 20 when refine is None; far slower).
             resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError
                 naming both sizes.
-            fit_appearance: with refinement, fit each image's exposure gain and light direction first, from the
-                guide's estimate (tabletop.appearance; PyTorch3D renders, seconds per image); None: when the
-                world randomises them, the guide's light and the gain in closed form (one render); False: nominal.
+            fit_appearance: with refinement, fit each image's exposure gain (closed form) and light direction
+                (Gauss-Newton on the hard render) first, from the guide's estimate or the nominal light, whichever
+                is closer (tabletop.appearance), and again on the refined poses before the search; None: when the
+                world randomises them; False: the nominal appearance.
                 extras["appearance"] holds the estimate when there is one.
             search: with LM refinement, then search the scenes' structure (tabletop.scene_search: objects added
                 where the image is unexplained, removed where it is against them); None: the config's

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from inverse_graphics.tabletop import world3d
-from inverse_graphics.tabletop.appearance import AppearanceFit, fit_appearance
+from inverse_graphics.tabletop.appearance import AppearanceFit, fit_albedo, fit_appearance, instance_ids
 from inverse_graphics.tabletop.levenberg_marquardt import LMSettings, levenberg_marquardt
 from inverse_graphics.tabletop.metrics3d import as_scene
 from inverse_graphics.tabletop.scene_search import SearchConfig, search_scenes
@@ -120,7 +120,15 @@ class RefineConfig:
     # not pulled by a light that is not the nominal one. Needs PyTorch3D's renderer (its shading is differentiable
     # in the light). Off: the nominal appearance, as the models of the primitives world were refined.
     appearance: bool = False
-    appearance_steps: int = 30  # Adam steps of the appearance fit
+    appearance_method: str = "gauss-newton"  # how the light is fitted (appearance.fit_appearance): "gauss-newton"
+    # (finite differences of the hard render, any backend: fast and exact on rendered images) or "adam" (PyTorch3D's
+    # shading gradient: seconds an image)
+    appearance_steps: int | None = None  # iterations of the light fit; None: 6 Gauss-Newton or 30 Adam steps; 0:
+    # the gain alone
+    albedo: bool = True  # with `appearance` (and LM): each object's albedo too, in closed form on its pixels
+    # (appearance.fit_albedo, within ALBEDO_RANGE of its nominal colour), before the poses are refined again and at
+    # every render of the structure search, so that an object of another colour than its nominal one still
+    # explains its pixels
     # After the poses: the structure search (inverse_graphics.tabletop.scene_search), which adds objects where the
     # image is unexplained and removes those the image does not support, each move kept only when the image says
     # so (needs method "lm"). None: off (counts and identities stay the start's).
@@ -137,6 +145,10 @@ class RefineConfig:
             raise ValueError(f"gradient must be 'soft' or 'fd', got {self.gradient!r}")
         if self.smoothing not in (*SMOOTHING, "none"):
             raise ValueError(f"smoothing must be one of {(*SMOOTHING, 'none')}, got {self.smoothing!r}")
+        if self.appearance_method not in ("gauss-newton", "adam"):
+            raise ValueError(f"appearance_method must be 'gauss-newton' or 'adam', got {self.appearance_method!r}")
+        if self.appearance_steps is None:
+            object.__setattr__(self, "appearance_steps", 6 if self.appearance_method == "gauss-newton" else 30)
         if self.search is not None and self.method != "lm":
             raise ValueError("the structure search (search=...) refines its additions by LM: method must be 'lm'")
         if self.method == "lm" and self.gradient != "fd":
@@ -345,8 +357,13 @@ def refine(
     else:
         colors = None if legacy else world3d.object_colors(w, t.shape_ids)
     look = None
+    # Gauss-Newton's light is fitted on the refined poses (on the start's, misplaced objects would pull it), then
+    # the poses refined again where it turned; before the poses, only the gain on the start's light or the nominal
+    staged = cfg.appearance_method == "gauss-newton" and objects and cfg.steps > 0 and cfg.method == "lm"
     if cfg.appearance:
-        look = fit_appearance(w, t, images.detach(), colors, cfg.appearance_steps, start_appearance)
+        steps = 0 if staged else _appearance_steps(cfg)
+        look = fit_appearance(w, t, images.detach(), colors, steps, start_appearance, method=cfg.appearance_method)
+    staged = staged and look is not None and _appearance_steps(cfg) > 0
     if not objects and not searching:  # only the table: the appearance is all there is to fit
         assert look is not None
         return [{**s, "appearance": a} for s, a in zip(start, look.to_dicts())]
@@ -358,9 +375,30 @@ def refine(
             positions, yaws = _descend(renderer, w, t, images.detach(), colors, cfg, look)
         yaws = torch.remainder(yaws + math.pi, 2 * math.pi) - math.pi  # back to [-pi, pi)
         t = SceneTensors(t.shape_ids, positions.detach(), yaws.detach())
+        if staged:
+            assert look is not None and isinstance(renderer, FiniteDifferenceRenderer)
+            fitted = fit_appearance(w, t, images.detach(), colors, _appearance_steps(cfg), look)
+            turned = (fitted.light_direction * look.light_direction).sum(1) < math.cos(math.radians(0.5))
+            look = fitted
+            if cfg.albedo and colors is not None:
+                albedo = _albedo(renderer, t, images.detach(), colors, colors, look)
+                turned |= ((albedo - colors).abs() > 0.01).flatten(1).any(1)
+                colors = albedo
+            rows = turned.nonzero(as_tuple=True)[0]
+            if len(rows):
+                sub = world3d.rows_of(t, rows)
+                c = None if colors is None else colors[rows]
+                p, y = _levenberg_marquardt(
+                    renderer, w, sub, images[rows].detach(), c, cfg, world3d.rows_of(look, rows)
+                )
+                t.positions[rows], t.yaws[rows] = (
+                    p.detach(),
+                    torch.remainder(y.detach() + math.pi, 2 * math.pi) - math.pi,
+                )
     if searching:
         assert isinstance(renderer, FiniteDifferenceRenderer)
-        t = _search(renderer, w, t, images.detach(), cfg, look, legacy)
+        searched = _search(renderer, w, t, images.detach(), cfg, look, legacy)
+        t = _polish(renderer, w, t, searched, images.detach(), cfg, look, legacy)
         t = SceneTensors(t.shape_ids, t.positions, torch.remainder(t.yaws + math.pi, 2 * math.pi) - math.pi)
     refined = world3d.tensors_to_scenes(w, t)
     # an interpenetrating result falls back to its start, unless the search changed the scene (it refuses moves
@@ -393,10 +431,14 @@ def _search(
 
     def render(s: SceneTensors, rows: torch.Tensor) -> torch.Tensor:
         appearance = None if look is None else look.appearance().take(rows)
-        out = fd.renderer(s.shape_ids, s.positions, s.yaws, colors_of(s.shape_ids), appearance).images
+        colors = colors_of(s.shape_ids)
+        out = fd.renderer(s.shape_ids, s.positions, s.yaws, colors, appearance).images
         if look is not None:
             out = (out * look.solve_gain(out, images[rows])[:, None, None, None]).clamp(max=1.0)
-        return out
+            if cfg.albedo and colors is not None:
+                fitted = fit_albedo(out, instance_ids(fd.renderer, s), images[rows], colors, colors)[1]
+                return torch.stack([fitted, out], 1)
+        return torch.stack([out, out], 1)
 
     def fit(s: SceneTensors, rows: torch.Tensor) -> SceneTensors:
         sub = None if look is None else world3d.rows_of(look, rows)
@@ -406,6 +448,55 @@ def _search(
 
     with torch.no_grad():
         return search_scenes(world, t, images, render, fit, cfg.search)
+
+
+def _albedo(
+    fd: FiniteDifferenceRenderer,
+    t: SceneTensors,
+    images: torch.Tensor,
+    colors: torch.Tensor,
+    nominal: torch.Tensor,
+    look: AppearanceFit,
+) -> torch.Tensor:
+    """(B, N, 3) each object's albedo fitted to `images` (appearance.fit_albedo) under `look`, from `colors`."""
+    rendered = fd.renderer(t.shape_ids, t.positions, t.yaws, colors, look.appearance()).images
+    rendered = (rendered * look.solve_gain(rendered, images)[:, None, None, None]).clamp(max=1.0)
+    return fit_albedo(rendered, instance_ids(fd.renderer, t), images, colors, nominal)[0]
+
+
+def _appearance_steps(cfg: RefineConfig) -> int:
+    assert cfg.appearance_steps is not None  # set by __post_init__
+    return cfg.appearance_steps
+
+
+def _polish(
+    fd: FiniteDifferenceRenderer,
+    world: World,
+    before: SceneTensors,
+    after: SceneTensors,
+    images: torch.Tensor,
+    cfg: RefineConfig,
+    look: AppearanceFit | None,
+    legacy: bool,
+) -> SceneTensors:
+    """`after` (the searched scenes) with the scenes whose objects the search changed refined again by LM, all
+    their objects together, for the config's K iterations: a move refines only its own object, by a few
+    iterations, with the others held where they were."""
+    n = before.shape_ids.shape[1]
+    same = (after.shape_ids[:, :n] == before.shape_ids).all(1) & (after.shape_ids[:, n:] < 0).all(1)
+    rows = (~same).nonzero(as_tuple=True)[0]
+    if len(rows) == 0 or cfg.steps == 0:
+        return after
+    colors = tabletop.shape_colors if cfg.color_by_shape else None
+    sub = world3d.rows_of(after, rows)
+    c = colors(sub.shape_ids) if colors else (None if legacy else world3d.object_colors(world, sub.shape_ids))
+    look_rows = None if look is None else world3d.rows_of(look, rows)
+    if cfg.albedo and look_rows is not None and c is not None:
+        c = _albedo(fd, sub, images[rows], c, c, look_rows)
+    positions, yaws = _levenberg_marquardt(fd, world, sub, images[rows], c, cfg, look_rows)
+    out = SceneTensors(after.shape_ids.clone(), after.positions.clone(), after.yaws.clone())
+    out.positions[rows], out.yaws[rows] = positions.detach(), yaws.detach()
+    return out
 
 
 def _same_objects(a: dict, b: dict) -> bool:

@@ -17,7 +17,7 @@ uses the true shape's; spheres and upright cylinders (any yaw) have no yaw loss 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -127,8 +127,8 @@ def scene_inference(
     Adam steps through the soft rasterizer for "soft" (RefineConfig; `method` "lm" or "adam" overrides it), in
     `world` (None: the primitives world) and, with `fit_appearance`, the per-image appearance fitted first
     (inverse_graphics.tabletop.appearance; extras["appearance"]), starting from `start_appearance` (e.g. the guide's):
-    True fits the light too (RefineConfig.appearance_steps, PyTorch3D renders: seconds per image), None only the
-    gain in closed form (one render) on the start's light; with `search`, then the structure search
+    True or None: the gain in closed form and the light direction by Gauss-Newton (appearance.fit_light, about 20
+    renders of each image), again on the refined poses before the search; with `search`, then the structure search
     (tabletop.scene_search); the unrefined scenes are kept in `extras`."""
     if refine_steps < 0:
         raise ValueError(f"refine must be >= 0 steps (0: no refinement), got {refine_steps}")
@@ -138,7 +138,6 @@ def scene_inference(
         extras["unrefined"] = scenes
         cfg = RefineConfig(method, refine_steps, gradient=refine_gradient, appearance=fit_appearance is not False,
                            search=SearchConfig() if search else None)  # fmt: skip
-        cfg = cfg if fit_appearance is not None else replace(cfg, appearance_steps=0)
         with torch.enable_grad():
             scenes = refine(scenes, images, cfg, world, start_appearance)
         if cfg.appearance:
@@ -222,9 +221,9 @@ class SupervisedRegressor(nn.Module):
                 (K Adam steps through the soft rasterizer).
             resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError
                 naming both sizes.
-            fit_appearance: with refinement, fit each image's exposure gain and light direction first
-                (inverse_graphics.tabletop.appearance; seconds per image); None: the gain only (closed form) when the
-                model's world randomises its appearance, nothing otherwise; False: the nominal appearance.
+            fit_appearance: with refinement, fit each image's exposure gain (closed form) and light direction
+                (Gauss-Newton, inverse_graphics.tabletop.appearance) first; None: when the model's world randomises
+                its appearance, nothing otherwise; False: the nominal appearance.
             search: with refinement, then the structure search (tabletop.scene_search); None: off for the baseline
                 (it is reported as regressed unless asked).
         Raises:
