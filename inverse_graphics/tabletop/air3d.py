@@ -615,10 +615,10 @@ class AIR3D(nn.Module):
                 (Adam through PyTorch3D's soft rasterizer, K Adam steps, 20 when refine is None; far slower).
             resize: resize images of another size to the model's (bilinear, antialiased); False: a ValueError
                 naming both sizes.
-            fit_appearance: with refinement, fit each image's exposure gain (closed form) and light direction
-                (Gauss-Newton on the hard render) first, from the guide's estimate or the nominal light, whichever
-                is closer (tabletop.appearance), and again on the refined poses before the search; None: when the
-                world randomises them; False: the nominal appearance.
+            fit_appearance: with refinement, fit each image's appearance (tabletop.appearance): the exposure gain
+                in closed form before the poses, on the guide's light or the nominal one, whichever is closer; the
+                light direction (Gauss-Newton on the hard render) and each object's albedo on the refined poses,
+                then the poses again; None: when the world randomises them; False: the nominal appearance.
                 extras["appearance"] holds the estimate when there is one.
             search: with LM refinement, then search the scenes' structure (tabletop.scene_search: objects added
                 where the image is unexplained, removed where it is against them); None: the config's

@@ -10,18 +10,21 @@ right pose. So the appearance is a latent of each image, inferred beside the pos
 - gain (exposure): solved in closed form for any render r, g* = <r, x> / <r, r> (least squares; the render is
   linear in the gain). Refinement re-solves it at every pose step; by the envelope theorem the poses' gradient at
   g* needs no term through g.
-- light direction (a unit 3-vector, towards the light): Adam through PyTorch3D's hard renderer, whose
-  Lambertian shading is differentiable in it (silhouettes do not move with the light, so the hard render's
-  gradient in it is exact; tests/test_appearance.py checks it against central differences).
+- light direction (a unit 3-vector, towards the light): damped Gauss-Newton on two forward differences of the
+  hard render (`fit_light`; any backend, OpenGL where EGL works: shading is smooth in the light), or Adam through
+  PyTorch3D's hard renderer, whose Lambertian shading is differentiable in it (silhouettes do not move with the
+  light, so the hard render's gradient in it is exact; tests/test_appearance.py checks it against central
+  differences).
 - ambient and diffuse intensities stay nominal by default (`fit_ambient` frees the ambient). Why: with a free
   gain the image of surfaces whose normals are vertical (table, tops) or horizontal (walls: boxes, cans, most
   household objects) gives g (a + d l_z) and g d l_xy only, so ambient a and the light's elevation l_z trade
   against each other; fitting both, a light turned 30 degrees came back 8-24 degrees off (48 x 32 images, three
   objects), fitting the direction alone within 1 degree (tests/test_world_models.py). A change of ambient light
   is then absorbed, approximately, by the gain and the direction.
-- not fitted: per-object albedo and table colour (colour jitter), pixel noise, the camera position. Albedo enters
-  the render linearly per object, so it could be solved in closed form given the poses like the gain; that is not
-  done here (docs/air3d.md).
+- per-object albedo (colour jitter): the render is linear in each object's albedo where the object is seen, so,
+  given the poses and each pixel's object (`instance_ids`, one coded render), it is solved in closed form like the
+  gain (`fit_albedo`), within ALBEDO_RANGE of the nominal colour.
+- not fitted: the table colour, pixel noise, the camera position.
 
 The fit starts from the nominal appearance (or a given estimate) and keeps each image's best iterate, so it never
 raises the image error it starts from.
@@ -44,6 +47,10 @@ __all__ = [
     "nominal_appearance",
     "fit_appearance",
     "fit_light",
+    "fit_albedo",
+    "instance_ids",
+    "ALBEDO_RANGE",
+    "LIGHT_STEP",
     "LR_LIGHT",
     "LR_AMBIENT",
 ]
@@ -101,7 +108,7 @@ def fit_appearance(
     """Fit each image's light direction (and, by Adam, ambient) and gain (closed form) with the poses `t` fixed.
 
     Args:
-        world: the scenes' World (renders at the images' size, PyTorch3D hard mode).
+        world: the scenes' World (renders at the images' size, hard mode; PyTorch3D for Adam's steps).
         t: the scenes' tensors (B, N); images: FloatTensor (B, 3, H, W) in [0, 1].
         colors: FloatTensor (B, N, 3) object albedos, or None for the stage's.
         steps: iterations of the light fit (0: the gain alone, on the start's light or the nominal one).
@@ -138,12 +145,7 @@ def fit_appearance(
     best = torch.full((B,), float("inf"), device=images.device)
     best_fit = s
     if start is not None:  # the nominal appearance competes too: a start (the guide's guess) may be worse
-        nominal = nominal_appearance(world, B, images.device)
-        look = Appearance(light_direction=nominal.light_direction, ambient=nominal.ambient)
-        rendered = renderer(t.shape_ids, t.positions, t.yaws, colors, look).images
-        gain = AppearanceFit.solve_gain(rendered, images)
-        best = (((gain[:, None, None, None] * rendered).clamp(max=1.0) - images) ** 2).flatten(1).sum(1)
-        best_fit = AppearanceFit(gain, nominal.light_direction, nominal.ambient)
+        best_fit, best = _with_gain(renderer, t, images, colors, nominal_appearance(world, B, images.device))
     for step in range(steps + 1):
         look = Appearance(light_direction=F.normalize(direction, dim=1), ambient=ambient)
         rendered = renderer(t.shape_ids, t.positions, t.yaws, colors, look).images  # (B, 3, H, W)
@@ -167,6 +169,25 @@ def fit_appearance(
     return AppearanceFit(*(v.detach() for v in (best_fit.gain, best_fit.light_direction, best_fit.ambient)))
 
 
+def _with_gain(
+    renderer: torch.nn.Module, t: SceneTensors, images: torch.Tensor, colors: torch.Tensor | None, look: AppearanceFit
+) -> tuple[AppearanceFit, torch.Tensor]:
+    """`look` with each image's gain solved on its render, and the squared image error (B,) it leaves."""
+    r = renderer(t.shape_ids, t.positions, t.yaws, colors, look.appearance()).images
+    gain = AppearanceFit.solve_gain(r, images)
+    loss = (((gain[:, None, None, None] * r).clamp(max=1.0) - images) ** 2).flatten(1).sum(1)
+    return AppearanceFit(gain, look.light_direction, look.ambient), loss
+
+
+def tangent_basis(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two unit vectors (B, 3) each, orthonormal to the unit directions d (B, 3) and to each other: the chart's axes
+    about a light direction."""
+    x, y = d.new_tensor([1.0, 0.0, 0.0]), d.new_tensor([0.0, 1.0, 0.0])
+    helper = torch.where(d[:, :1].abs() < 0.9, x, y)
+    e1 = F.normalize(torch.linalg.cross(d, helper), dim=1)
+    return e1, torch.linalg.cross(d, e1)
+
+
 def _better_start(
     world: World,
     t: SceneTensors,
@@ -176,17 +197,12 @@ def _better_start(
     renderer: torch.nn.Module,
 ) -> AppearanceFit:
     """Per image, the start's light or the nominal one, whichever renders closer to the image, each with its gain."""
-
-    def solved(look: AppearanceFit) -> tuple[AppearanceFit, torch.Tensor]:
-        r = renderer(t.shape_ids, t.positions, t.yaws, colors, look.appearance()).images
-        gain = AppearanceFit.solve_gain(r, images)
-        loss = (((gain[:, None, None, None] * r).clamp(max=1.0) - images) ** 2).flatten(1).sum(1)
-        return AppearanceFit(gain, look.light_direction, look.ambient), loss
-
-    nominal, nominal_loss = solved(nominal_appearance(world, images.shape[0], images.device))
+    nominal, nominal_loss = _with_gain(
+        renderer, t, images, colors, nominal_appearance(world, images.shape[0], images.device)
+    )
     if start is None:
         return nominal
-    guess, guess_loss = solved(start)
+    guess, guess_loss = _with_gain(renderer, t, images, colors, start)
     use = guess_loss < nominal_loss
     return AppearanceFit(
         torch.where(use, guess.gain, nominal.gain),
@@ -225,9 +241,7 @@ def fit_light(
     size = (int(images.shape[3]), int(images.shape[2]))
     renderer = renderer or world3d.renderer(world, "hard", size, "auto")
     d0 = F.normalize(start.light_direction, dim=1)  # (B, 3)
-    helper = torch.where((d0[:, :1].abs() < 0.9), d0.new_tensor([1.0, 0.0, 0.0]), d0.new_tensor([0.0, 1.0, 0.0]))
-    e1 = F.normalize(torch.linalg.cross(d0, helper), dim=1)
-    e2 = torch.linalg.cross(d0, e1)
+    e1, e2 = tangent_basis(d0)
     x = images.flatten(1)
 
     def direction(u: torch.Tensor) -> torch.Tensor:
@@ -323,9 +337,7 @@ class AppearanceLatent(torch.nn.Module):
     def __init__(self, world: World, embed_dim: int):
         super().__init__()
         l0 = F.normalize(torch.tensor(world.light.direction, dtype=torch.float32), dim=0)
-        helper = torch.tensor([1.0, 0.0, 0.0]) if abs(float(l0[0])) < 0.9 else torch.tensor([0.0, 1.0, 0.0])
-        e1 = F.normalize(torch.linalg.cross(l0, helper), dim=0)
-        e2 = torch.linalg.cross(l0, e1)
+        e1, e2 = (e[0] for e in tangent_basis(l0[None]))
         self.register_buffer("basis", torch.stack([l0, e1, e2]), persistent=False)
         r = world.randomize
         b = r.brightness if r is not None else 0.0

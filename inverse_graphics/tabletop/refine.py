@@ -115,10 +115,11 @@ class RefineConfig:
     lm: LMSettings = LMSettings()  # LM's damping schedule, retries, largest step and differences (`iterations`
     # there is ignored: `steps` is K)
 
-    # The per-image appearance (tabletop.appearance): fit the exposure gain, light direction and ambient
-    # light to the image before the poses (and the gain again at every pose step), so that render-and-compare is
-    # not pulled by a light that is not the nominal one. Needs PyTorch3D's renderer (its shading is differentiable
-    # in the light). Off: the nominal appearance, as the models of the primitives world were refined.
+    # The per-image appearance (tabletop.appearance): fit the exposure gain and light direction to the image (and
+    # the gain again at every pose step), so that render-and-compare is not pulled by a light that is not the
+    # nominal one. With Gauss-Newton and LM: the gain before the poses, the light on the refined poses, then the
+    # poses again where the light turned or an albedo changed; with Adam: all before the poses, on PyTorch3D's
+    # renders. Off: the nominal appearance, as the models of the primitives world were refined.
     appearance: bool = False
     appearance_method: str = "gauss-newton"  # how the light is fitted (appearance.fit_appearance): "gauss-newton"
     # (finite differences of the hard render, any backend: fast and exact on rendered images) or "adam" (PyTorch3D's
@@ -352,18 +353,15 @@ def refine(
         return start
     size = (int(images.shape[3]), int(images.shape[2]))
     renderer = _renderer(w, size, cfg.gradient, legacy)
-    if cfg.color_by_shape:
-        colors: torch.Tensor | None = tabletop.shape_colors(t.shape_ids)
-    else:
-        colors = None if legacy else world3d.object_colors(w, t.shape_ids)
+    colors = _colors_of(cfg, w, legacy, t.shape_ids)
     look = None
     # Gauss-Newton's light is fitted on the refined poses (on the start's, misplaced objects would pull it), then
     # the poses refined again where it turned; before the poses, only the gain on the start's light or the nominal
-    staged = cfg.appearance_method == "gauss-newton" and objects and cfg.steps > 0 and cfg.method == "lm"
+    staged = cfg.appearance and cfg.appearance_method == "gauss-newton" and _appearance_steps(cfg) > 0
+    staged = staged and objects and cfg.steps > 0 and cfg.method == "lm"
     if cfg.appearance:
         steps = 0 if staged else _appearance_steps(cfg)
         look = fit_appearance(w, t, images.detach(), colors, steps, start_appearance, method=cfg.appearance_method)
-    staged = staged and look is not None and _appearance_steps(cfg) > 0
     if not objects and not searching:  # only the table: the appearance is all there is to fit
         assert look is not None
         return [{**s, "appearance": a} for s, a in zip(start, look.to_dicts())]
@@ -384,17 +382,7 @@ def refine(
                 albedo = _albedo(renderer, t, images.detach(), colors, colors, look)
                 turned |= ((albedo - colors).abs() > 0.01).flatten(1).any(1)
                 colors = albedo
-            rows = turned.nonzero(as_tuple=True)[0]
-            if len(rows):
-                sub = world3d.rows_of(t, rows)
-                c = None if colors is None else colors[rows]
-                p, y = _levenberg_marquardt(
-                    renderer, w, sub, images[rows].detach(), c, cfg, world3d.rows_of(look, rows)
-                )
-                t.positions[rows], t.yaws[rows] = (
-                    p.detach(),
-                    torch.remainder(y.detach() + math.pi, 2 * math.pi) - math.pi,
-                )
+            t = _refine_rows(renderer, w, t, turned.nonzero(as_tuple=True)[0], images.detach(), colors, cfg, look)
     if searching:
         assert isinstance(renderer, FiniteDifferenceRenderer)
         searched = _search(renderer, w, t, images.detach(), cfg, look, legacy)
@@ -425,16 +413,14 @@ def _search(
     assert cfg.search is not None
 
     def colors_of(shape_ids: torch.Tensor) -> torch.Tensor | None:
-        if cfg.color_by_shape:
-            return tabletop.shape_colors(shape_ids)
-        return None if legacy else world3d.object_colors(world, shape_ids)
+        return _colors_of(cfg, world, legacy, shape_ids)
 
     def render(s: SceneTensors, rows: torch.Tensor) -> torch.Tensor:
-        appearance = None if look is None else look.appearance().take(rows)
         colors = colors_of(s.shape_ids)
-        out = fd.renderer(s.shape_ids, s.positions, s.yaws, colors, appearance).images
-        if look is not None:
-            out = (out * look.solve_gain(out, images[rows])[:, None, None, None]).clamp(max=1.0)
+        if look is None:
+            out = fd.renderer(s.shape_ids, s.positions, s.yaws, colors).images
+        else:
+            out = _lit(fd, s, colors, world3d.rows_of(look, rows), images[rows])
             if cfg.albedo and colors is not None:
                 fitted = fit_albedo(out, instance_ids(fd.renderer, s), images[rows], colors, colors)[1]
                 return torch.stack([fitted, out], 1)
@@ -459,9 +445,50 @@ def _albedo(
     look: AppearanceFit,
 ) -> torch.Tensor:
     """(B, N, 3) each object's albedo fitted to `images` (appearance.fit_albedo) under `look`, from `colors`."""
-    rendered = fd.renderer(t.shape_ids, t.positions, t.yaws, colors, look.appearance()).images
-    rendered = (rendered * look.solve_gain(rendered, images)[:, None, None, None]).clamp(max=1.0)
+    rendered = _lit(fd, t, colors, look, images)
     return fit_albedo(rendered, instance_ids(fd.renderer, t), images, colors, nominal)[0]
+
+
+def _lit(
+    fd: FiniteDifferenceRenderer,
+    t: SceneTensors,
+    colors: torch.Tensor | None,
+    look: AppearanceFit,
+    images: torch.Tensor,
+) -> torch.Tensor:
+    """(B, 3, H, W) hard renders of `t` under `look`'s light, each with its gain solved against `images`."""
+    rendered = fd.renderer(t.shape_ids, t.positions, t.yaws, colors, look.appearance()).images
+    return (rendered * look.solve_gain(rendered, images)[:, None, None, None]).clamp(max=1.0)
+
+
+def _colors_of(cfg: RefineConfig, world: World, legacy: bool, shape_ids: torch.Tensor) -> torch.Tensor | None:
+    """The nominal albedos (B, N, 3) refinement renders objects in (None: the renderer's own, pre-world models)."""
+    if cfg.color_by_shape:
+        return tabletop.shape_colors(shape_ids)
+    return None if legacy else world3d.object_colors(world, shape_ids)
+
+
+def _refine_rows(
+    fd: FiniteDifferenceRenderer,
+    world: World,
+    t: SceneTensors,
+    rows: torch.Tensor,
+    images: torch.Tensor,
+    colors: torch.Tensor | None,
+    cfg: RefineConfig,
+    look: AppearanceFit | None,
+) -> SceneTensors:
+    """`t` with scenes `rows` refined again by the config's K LM iterations, all their objects together, under
+    `colors` (B, N, 3) and `look` (both of the whole batch)."""
+    if len(rows) == 0:
+        return t
+    c = None if colors is None else colors[rows]
+    look_rows = None if look is None else world3d.rows_of(look, rows)
+    positions, yaws = _levenberg_marquardt(fd, world, world3d.rows_of(t, rows), images[rows], c, cfg, look_rows)
+    out = SceneTensors(t.shape_ids, t.positions.clone(), t.yaws.clone())
+    out.positions[rows] = positions.detach()
+    out.yaws[rows] = torch.remainder(yaws.detach() + math.pi, 2 * math.pi) - math.pi
+    return out
 
 
 def _appearance_steps(cfg: RefineConfig) -> int:
@@ -487,16 +514,13 @@ def _polish(
     rows = (~same).nonzero(as_tuple=True)[0]
     if len(rows) == 0 or cfg.steps == 0:
         return after
-    colors = tabletop.shape_colors if cfg.color_by_shape else None
-    sub = world3d.rows_of(after, rows)
-    c = colors(sub.shape_ids) if colors else (None if legacy else world3d.object_colors(world, sub.shape_ids))
-    look_rows = None if look is None else world3d.rows_of(look, rows)
-    if cfg.albedo and look_rows is not None and c is not None:
-        c = _albedo(fd, sub, images[rows], c, c, look_rows)
-    positions, yaws = _levenberg_marquardt(fd, world, sub, images[rows], c, cfg, look_rows)
-    out = SceneTensors(after.shape_ids.clone(), after.positions.clone(), after.yaws.clone())
-    out.positions[rows], out.yaws[rows] = positions.detach(), yaws.detach()
-    return out
+    colors = _colors_of(cfg, world, legacy, after.shape_ids)
+    if cfg.albedo and look is not None and colors is not None:
+        nominal = colors[rows]
+        sub, look_rows = world3d.rows_of(after, rows), world3d.rows_of(look, rows)
+        colors = colors.clone()
+        colors[rows] = _albedo(fd, sub, images[rows], nominal, nominal, look_rows)
+    return _refine_rows(fd, world, after, rows, images, colors, cfg, look)
 
 
 def _same_objects(a: dict, b: dict) -> bool:

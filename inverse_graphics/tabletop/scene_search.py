@@ -10,28 +10,31 @@ generative model instead, one move per scene per round, each kept only when the 
 - swap: an object whose silhouette leaves more than `margin` of its own signal unexplained is tried as every
   other object of the world at its place (at `yaws` turns and at its own yaw); the best, refined by LM, must pass
   the test below against the scene as it is.
-- add: in the connected region of large residual (observed minus render, box-averaged over a few pixels so that
-  pixel noise and compression blocks fall away, squared, summed over channels; pixels above a quarter of the
-  peak of that residual averaged over a window of about an object's size) that holds the
-  most residual, every object of the world is tried on the ray through the region's residual-weighted centroid,
+- add: in each of the `regions` connected regions of large residual (observed minus render, box-averaged over a
+  few pixels so that pixel noise and compression blocks fall away, squared, summed over channels; pixels above a
+  quarter of the peak of that residual averaged over a window of about an object's size) that hold the most
+  residual, every object of the world is tried on the ray through the region's residual-weighted centroid,
   where it meets half and the full height of the object (the middle of an object's image is its middle seen from
   the side, nearer its top seen from above), at `yaws` turns across its symmetry period and, for an elongated
-  object, with its long axis along the region's; the `refine_candidates` best of them (by image loss) are refined
-  with the scene's other objects by Levenberg-Marquardt, and the best of those is the scene's proposal.
+  object, with its long axis along the region's; the scene's `refine_candidates` best of them over all its regions
+  (by image loss) are refined with the scene's other objects by Levenberg-Marquardt, and the best of those that
+  passes the test is the scene's proposal.
 
 The test, for a move between a scene without an object (render b) and with it (render a), observed image x:
 keep the object iff ||x - b||^2 - ||x - a||^2 >= margin ||a - b||^2, i.e. the image is closer to the render with
-the object than to the one without by at least `margin` times the object's own signal. margin 0 is the
+the object than to the one without by at least `margin` times the object's own signal (the losses on renders
+as compared with the image, appearance fitted; the signal on renders with the objects' nominal albedo, so that
+an albedo fitted to the table cannot hide a misplaced object). margin 0 is the
 likelihood ratio test of the two scenes under Gaussian pixel noise with equal priors; a positive margin asks that
 an object explain more than (1 + margin) / 2 of its pixels' change (0.25: 62.5%), so that an object only half
 right, or one that only mends the edges of a misfit, is not added. Adding and removing apply the same test, so a
 scene cannot cycle. Moves that make footprints interpenetrate are refused, as the world's sampler refuses them.
 
 Scenes are searched independently (batched), for up to `rounds` rounds each, and a scene stops at the first round
-that moves nothing. The cost per scene and round is about n + 2 S (yaws + 2) renders plus `refine_candidates`
-short LM fits, and for each doubtful object S x (yaws + 1) renders and one fit (n objects in the scene, S in the
-world): most of `infer`'s time on the kitchen (238 ms an image against 44 ms for LM alone, 200 held-out scenes,
-batches, 2 threads).
+that moves nothing. The cost per scene and round is about n + 2 S (yaws + 2) `regions` renders (each two with a
+fitted albedo: the coded render of each pixel's object) plus `refine_candidates` short LM fits, and for each
+doubtful object S x (yaws + 1) renders and one fit (n objects in the scene, S in the world): most of `infer`'s
+time on a world of several objects.
 """
 
 from __future__ import annotations

@@ -127,8 +127,9 @@ def scene_inference(
     Adam steps through the soft rasterizer for "soft" (RefineConfig; `method` "lm" or "adam" overrides it), in
     `world` (None: the primitives world) and, with `fit_appearance`, the per-image appearance fitted first
     (inverse_graphics.tabletop.appearance; extras["appearance"]), starting from `start_appearance` (e.g. the guide's):
-    True or None: the gain in closed form and the light direction by Gauss-Newton (appearance.fit_light, about 20
-    renders of each image), again on the refined poses before the search; with `search`, then the structure search
+    True or None: the gain in closed form, then on the refined poses the light direction by Gauss-Newton
+    (appearance.fit_light, about 20 renders of each image) and each object's albedo, and the poses again; with
+    `search`, then the structure search
     (tabletop.scene_search); the unrefined scenes are kept in `extras`."""
     if refine_steps < 0:
         raise ValueError(f"refine must be >= 0 steps (0: no refinement), got {refine_steps}")
