@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.supervised:
         methods["supervised"] = load_model(args.supervised)
     for label, model in methods.items():
-        if model.world.to_dict() != world.to_dict():
+        if not model.world.same_scenes(world):
             raise SystemExit(f"{label} was trained for world {model.world.name!r}, not {world.name!r}")
     data = held_out_renders(args.n, world=world)
     clean = data.images.float() / 255.0

@@ -127,7 +127,8 @@ def comparison_table(rows: dict[str, dict]) -> str:
 def main_tabletop(cfg: EvalConfig, model) -> dict:
     """Every tabletop model of `cfg` (model, then compare) on the same held-out scenes of one World (data3d's
     held-out seed): the metrics of `metrics3d.evaluate_method` per model and their comparison table. A model of
-    another world than the scenes' is refused: its object names, camera and image size would not fit them."""
+    another world than the scenes' is refused: its object names, camera and image size would not fit them (a world
+    differing only in its training-only [randomize] ranges is the same world here: `World.same_scenes`)."""
     from inverse_graphics.tabletop.data3d import held_out_renders
     from scenes.world import load_world
 
@@ -136,7 +137,7 @@ def main_tabletop(cfg: EvalConfig, model) -> dict:
     for name, m in models.items():
         if isinstance(m, AIR):
             raise ValueError(f"{name!r} is a multi-MNIST model; --compare takes tabletop models")
-        if m.world.to_dict() != world.to_dict():
+        if not m.world.same_scenes(world):
             theirs = f"world {m.world.name!r}, not for the scenes' world {world.name!r}"
             raise ValueError(f"{name!r} was trained for {theirs} (same name, other contents if the names agree)")
     n = 1000 if cfg.n is None else cfg.n

@@ -370,6 +370,14 @@ class World:
             out["randomize"] = {f.name: getattr(self.randomize, f.name) for f in fields(Randomize)}
         return out
 
+    def same_scenes(self, other: World) -> bool:
+        """Whether `other` is this world but for its [randomize] ranges: the same name, objects, camera, light,
+        table, image size and counts, so the same nominal renders. The ranges only shape training images, so a
+        model trained under random appearances is scored on the scenes of the world without them."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        mine.pop("randomize", None), theirs.pop("randomize", None)
+        return mine == theirs
+
     @classmethod
     def from_dict(cls, data: dict, source: str = "world dict") -> World:
         """The world of a `to_dict` dict (e.g. from a checkpoint); WorldError naming the key if malformed."""

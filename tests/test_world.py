@@ -373,6 +373,17 @@ def test_to_dict_is_plain_json_and_round_trips_exactly(small):
     assert torch.equal(back.render_scenes(scenes, randomize=True, seed=1), small.render_scenes(scenes, True, 1))
 
 
+def test_same_scenes_ignores_only_the_randomisation_ranges(small):
+    """A model trained under random appearances is scored on its world without them; any other difference (here
+    the table's colour, the light) is another world."""
+    d = small.to_dict()
+    bare = World.from_dict({k: v for k, v in d.items() if k != "randomize"})
+    assert bare.randomize is None and small.same_scenes(bare) and bare.same_scenes(small)
+    assert not small.same_scenes(World.from_dict({**d, "table": {**d["table"], "color": [0.5, 0.5, 0.5]}}))
+    dimmer = {**d["light"], "ambient": d["light"]["ambient"] + 0.05}
+    assert not small.same_scenes(World.from_dict({**d, "light": dimmer}))
+
+
 def test_from_dict_validates(small):
     d = small.to_dict()
     with pytest.raises(WorldError, match="format"):
