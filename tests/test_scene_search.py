@@ -14,6 +14,7 @@ from inverse_graphics.tabletop import world3d
 from inverse_graphics.tabletop.metrics3d import match_scene
 from inverse_graphics.tabletop.refine import RefineConfig, refine
 from inverse_graphics.tabletop.scene_search import SearchConfig, _long_axes, _residual_regions, _window, table_points
+from scenes.tabletop_objects import footprints_overlap
 from scenes.world import load_world
 
 
@@ -135,3 +136,35 @@ def test_a_misplaced_object_fitted_to_the_table_colour_is_still_removed(kitchen)
     start[0]["objects"].append({"shape": "spatula", "position": [0.12, -0.08], "yaw": 0.3})
     out = refine(start, images, RefineConfig(search=SearchConfig(), appearance=True), world=kitchen)
     assert [o["shape"] for o in out[0]["objects"]] == ["bowl"]
+
+
+def _render(world, scene: dict) -> torch.Tensor:
+    """(1, 3, H, W) the hard render of one scene, overlaps allowed (validation off)."""
+    ids = torch.tensor([[world.shape_names.index(o["shape"]) for o in scene["objects"]]])
+    positions = torch.tensor([[o["position"] for o in scene["objects"]]], dtype=torch.float32)
+    yaws = torch.tensor([[o["yaw"] for o in scene["objects"]]], dtype=torch.float32)
+    return world.make_renderer("hard", "auto")(ids, positions, yaws, world.colors[ids]).images.clamp(0, 1)
+
+
+def test_an_object_the_image_cannot_see_is_removed(kitchen):
+    """A can wholly behind a cracker box changes no pixel: it could not be added, so it is not kept (an object
+    that only a prior could place is not evidence of one)."""
+    box = {"shape": "cracker_box", "position": [0.0, 0.1], "yaw": 0.0}
+    hidden = {"shape": "can", "position": [0.0, 0.19], "yaw": 0.0}
+    image = _render(kitchen, {"objects": [box]})
+    assert (_render(kitchen, {"objects": [box, hidden]}) - image).abs().max() < 1e-6  # the setting: unseen
+    out = refine([{"objects": [box, hidden]}], image, SEARCH, world=kitchen)
+    assert [o["shape"] for o in out[0]["objects"]] == ["cracker_box"]
+
+
+def test_one_of_two_interpenetrating_objects_is_removed_even_where_the_image_shows_both(kitchen):
+    """The world never draws interpenetrating footprints, so such a scene is not kept, however well it explains
+    the image (rendered here with the two boxes through each other): one of them goes, and whatever the search
+    then adds to explain the rest is placed clear of the other."""
+    pair = {"objects": [{"shape": "cracker_box", "position": [0.0, 0.0], "yaw": 0.0},
+                        {"shape": "cracker_box", "position": [0.03, 0.02], "yaw": 1.2}]}  # fmt: skip
+    image = _render(kitchen, pair)
+    objects = refine([pair], image, SEARCH, world=kitchen)[0]["objects"]
+    assert [o["shape"] for o in objects].count("cracker_box") == 1
+    prints = [kitchen.object_named(o["shape"]).footprint_at(tuple(o["position"]), o["yaw"]) for o in objects]
+    assert not any(footprints_overlap(a, b) for i, a in enumerate(prints) for b in prints[i + 1 :])

@@ -6,7 +6,9 @@ twice or put one where there is only table leaves a residual that no pose change
 generative model instead, one move per scene per round, each kept only when the image says so:
 
 - remove: every object of the scene is taken out in turn (one render each); the object whose removal the image
-  supports most is removed.
+  supports most is removed. An object the image cannot see (its own signal at most MIN_SIGNAL: it could not be
+  added either) is removed first, and in a scene whose footprints interpenetrate (which the world never draws) one
+  of the interpenetrating objects, the one the image supports least, is removed whatever the test says.
 - swap: an object whose silhouette leaves more than `margin` of its own signal unexplained is tried as every
   other object of the world at its place (at `yaws` turns and at its own yaw); the best, refined by LM, must pass
   the test below against the scene as it is.
@@ -204,10 +206,15 @@ def search_scenes(
             change = ((current[scene, 1] - without[:, 1]) ** 2).sum(1)  # (M, H, W)
             residual = ((images[scene] - current[scene, 0]) ** 2).sum(1)
             unexplained = (residual * (change > 1e-6)).flatten(1).sum(1) / change.flatten(1).sum(1).clamp(min=1e-12)
+            # an object the image cannot see (signal <= MIN_SIGNAL: it could not be added either) goes first
+            score = torch.where(change.flatten(1).sum(1) > MIN_SIGNAL, score, torch.full_like(score, -1.0))
             for b in scene.unique().tolist():
                 mine = (scene == b).nonzero(as_tuple=True)[0]
-                worst = mine[score[mine].argmin()]
-                if score[worst] < 0:
+                # objects that interpenetrate another: a scene the world never draws, so one of them goes
+                clash = torch.tensor([_overlaps(world, t, b, int(slots[i])) for i in mine.tolist()], dtype=torch.bool)
+                pool = mine[clash] if clash.any() else mine
+                worst = pool[score[pool].argmin()]
+                if score[worst] < 0 or clash.any():
                     t.shape_ids[b, slots[worst]] = -1
                     current[b] = without[worst]
                     moved[b] = True
