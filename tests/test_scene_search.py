@@ -168,3 +168,32 @@ def test_one_of_two_interpenetrating_objects_is_removed_even_where_the_image_sho
     assert [o["shape"] for o in objects].count("cracker_box") == 1
     prints = [kitchen.object_named(o["shape"]).footprint_at(tuple(o["position"]), o["yaw"]) for o in objects]
     assert not any(footprints_overlap(a, b) for i, a in enumerate(prints) for b in prints[i + 1 :])
+
+
+def test_one_object_drawn_between_two_of_its_kind_gives_way_to_both(kitchen):
+    """Two spatulas side by side and one spatula between them: an addition at either would interpenetrate the
+    middle one, so it is tried as a relocation (the middle one out), and the next round adds the other."""
+    others = [{"shape": "can", "position": [-0.132, 0.057], "yaw": 0.0},
+              {"shape": "bottle", "position": [0.04, 0.194], "yaw": 0.0}]  # fmt: skip
+    truth = {"objects": [{"shape": "spatula", "position": [0.172, -0.046], "yaw": -2.27},
+                         {"shape": "spatula", "position": [0.058, -0.036], "yaw": -2.44}, *others]}  # fmt: skip
+    image = _render(kitchen, truth)
+    start = {"objects": [{"shape": "spatula", "position": [0.101, -0.029], "yaw": -1.31}, *others]}
+    out = refine([start], image, RefineConfig(search=SearchConfig(), appearance=True), world=kitchen)[0]
+    assert _same_objects(out, truth, kitchen)
+    pairs = match_scene(out, truth, world=kitchen).pairs
+    assert all(p.position_error_mm < 2.0 for p in pairs if p.true_shape == "spatula")
+
+
+def test_an_object_of_another_colour_is_added_by_the_contrast_it_has(kitchen):
+    """A spatula whose colour is off its nominal one towards the table's (within the benchmark's jitter) has a
+    fifth of the nominal one's contrast with the table, so it could not explain a quarter of a nominal spatula's
+    signal: measured on renders with its albedo fitted, it is still found."""
+    spatula = {"shape": "spatula", "position": [0.05, -0.05], "yaw": 0.6}
+    ids = torch.tensor([[kitchen.shape_names.index("spatula")]])
+    dull = torch.tensor([[[0.45, 0.42, 0.32]]])
+    assert (dull - kitchen.colors[ids]).abs().max() <= 0.15  # the benchmark's colour jitter
+    image = kitchen.make_renderer("hard", "auto")(ids, torch.tensor([[[0.05, -0.05]]]), torch.tensor([[0.6]]), dull)
+    cfg = RefineConfig(search=SearchConfig(), appearance=True)
+    out = refine([{"objects": []}], image.images.clamp(0, 1), cfg, world=kitchen)[0]
+    assert _same_objects(out, {"objects": [spatula]}, kitchen)

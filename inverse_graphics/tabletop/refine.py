@@ -422,9 +422,8 @@ def _search(
         else:
             out = _lit(fd, s, colors, world3d.rows_of(look, rows), images[rows])
             if cfg.albedo and colors is not None:
-                fitted = fit_albedo(out, instance_ids(fd.renderer, s), images[rows], colors, colors)[1]
-                return torch.stack([fitted, out], 1)
-        return torch.stack([out, out], 1)
+                return fit_albedo(out, instance_ids(fd.renderer, s), images[rows], colors, colors)[1]
+        return out
 
     def fit(s: SceneTensors, rows: torch.Tensor) -> SceneTensors:
         sub = None if look is None else world3d.rows_of(look, rows)
