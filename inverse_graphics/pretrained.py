@@ -19,6 +19,7 @@ WEIGHTS = {
     "air-tabletop": ("air-tabletop.safetensors", ("air-tabletop",)),
     "air-kitchen": ("air-kitchen.safetensors", ("air-tabletop",)),
     "supervised-tabletop": ("supervised-tabletop.safetensors", ("supervised-tabletop",)),
+    "supervised-kitchen": ("supervised-kitchen.safetensors", ("supervised-tabletop",)),
 }
 KINDS_2D = ("air", "dair")
 KINDS_3D = ("air-tabletop", "supervised-tabletop")
@@ -67,7 +68,8 @@ def weights_path(name: str) -> Path:
 
 def load_pretrained(name: str, device: str = "cpu") -> Any:
     """The shipped weights `name`, in eval mode: "air-multi-mnist" and "dair-multi-mnist" (AIR models of
-    multi-MNIST), "air-tabletop" (3D AIR) and "supervised-tabletop" (the supervised baseline)."""
+    multi-MNIST), "air-tabletop" and "supervised-tabletop" (3D AIR and the supervised baseline on the built-in
+    `primitives` world), "air-kitchen" and "supervised-kitchen" (the same two on the `kitchen` world)."""
     path = weights_path(name)
     if not path.is_file():
         raise CheckpointError(f"pretrained weights {name!r} are not installed (expected {path})")
