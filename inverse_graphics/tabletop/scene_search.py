@@ -292,8 +292,7 @@ def search_scenes(
                     if _overlaps(world, candidate, 0, added):
                         # a relocation: the objects it interpenetrates go (one drawn between two objects of
                         # its kind, say), and the scene without them must pass the same test
-                        clash = _clashes(world, candidate, added)
-                        candidate.shape_ids[0, clash] = -1
+                        candidate.shape_ids[0, _clashes(world, candidate, added)] = -1
                         rendered = render(candidate, torch.tensor([b]))[0]
                         if _explained(rendered[None], current[b : b + 1], images[b : b + 1], cfg.margin, True) < 0:
                             continue
