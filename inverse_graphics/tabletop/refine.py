@@ -422,8 +422,9 @@ def _search(
         else:
             out = _lit(fd, s, colors, world3d.rows_of(look, rows), images[rows])
             if cfg.albedo and colors is not None:
-                return fit_albedo(out, instance_ids(fd.renderer, s), images[rows], colors, colors)[1]
-        return out
+                fitted = fit_albedo(out, instance_ids(fd.renderer, s), images[rows], colors, colors)[1]
+                return torch.stack([fitted, out], 1)
+        return torch.stack([out, out], 1)
 
     def fit(s: SceneTensors, rows: torch.Tensor) -> SceneTensors:
         sub = None if look is None else world3d.rows_of(look, rows)

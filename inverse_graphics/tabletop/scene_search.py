@@ -22,17 +22,19 @@ generative model instead, one move per scene per round, each kept only when the 
   (by image loss) are refined with the scene's other objects by Levenberg-Marquardt, and the best of those that
   passes the test is the scene's proposal.
 
-The test, for a move between a scene without an object (render b) and with it (render a), observed image x:
-keep the object iff ||x - b||^2 - ||x - a||^2 >= margin ||a - b||^2, i.e. the image is closer to the render with
-the object than to the one without by at least `margin` times the object's own signal (renders as compared with
-the image: gain, light and each object's albedo fitted, so that an object whose colour is off its nominal one is
-measured by the contrast it has; an albedo fitted to the table makes a misplaced object unseen, and so removed).
-margin 0 is the likelihood ratio test of the two scenes under Gaussian pixel noise with equal priors; a positive
-margin asks that an object explain more than (1 + margin) / 2 of its pixels' change (0.25: 62.5%), so that an
-object only half right, or one that only mends the edges of a misfit, is not added. Adding and removing apply the
-same test, so a scene cannot cycle. Footprints may not interpenetrate, as the world's sampler refuses them: an
-addition that would is tried as a relocation, the objects it meets removed and the same test applied to the
-result (one object drawn between two of its kind gives way to one of them; the next round adds the other).
+The test, for a move between a scene without an object (render b) and with it (render a), observed image x: keep the
+object iff ||x - b||^2 - ||x - a||^2 >= margin ||a - b||^2, i.e. the image is closer to the render with the object
+than to the one without by at least `margin` times the object's own signal (the losses on renders as compared with
+the image, appearance fitted; the signal on renders with the objects' nominal albedo: measured with the fitted
+albedo, an added object's signal shrinks with its contrast, so that it explains misfits of the table itself cheaply
+(on the demo's randomised scenes, whose table tint and camera jitter refinement does not model, that yardstick added
+spurious spatulas to 3 of 4). margin 0 is the likelihood ratio test of the two scenes under Gaussian pixel noise
+with equal priors; a positive margin asks that an object explain more than (1 + margin) / 2 of its pixels' change
+(0.25: 62.5%), so that an object only half right, or one that only mends the edges of a misfit, is not added. Adding
+and removing apply the same test, so a scene cannot cycle. Footprints may not interpenetrate, as the world's sampler
+refuses them: an addition that would is tried as a relocation, the objects it meets removed and the same test
+applied to the result (one object drawn between two of its kind gives way to one of them; the next round adds the
+other).
 
 Scenes are searched independently (batched), for up to `rounds` rounds each, and a scene stops at the first round
 that moves nothing. The cost per scene and round is about n + 2 S (yaws + 2) `regions` renders (each two with a
@@ -88,8 +90,9 @@ class SearchConfig:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
 
 
-Renderer = Callable[[SceneTensors, torch.Tensor], torch.Tensor]  # (scenes, their rows of the batch) -> (M, 3, H, W)
-# renders as compared with the image (gain, light and any fitted albedo applied)
+Renderer = Callable[[SceneTensors, torch.Tensor], torch.Tensor]  # (scenes, their rows of the batch) -> (M, 2, 3, H, W)
+# renders: [:, 0] as compared with the image (gain and any fitted albedo applied), [:, 1] with the objects' nominal
+# albedo (what an object's own signal, the test's yardstick, is measured by)
 Fit = Callable[[SceneTensors, torch.Tensor], SceneTensors]  # LM refinement of scenes (with their rows)
 
 
@@ -120,11 +123,11 @@ def _loss(rendered: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 def _explained(
     with_: torch.Tensor, without: torch.Tensor, images: torch.Tensor, margin: float, adding: bool = False
 ) -> torch.Tensor:
-    """(M,) how far the image favours `with_` over `without` (renders (M, 3, H, W) as `Renderer` returns them),
-    in units of the difference's own energy: >= 0 keeps the object (module docstring's test). An object to be
-    added must also show (MIN_SIGNAL; the removal move removes one that does not)."""
-    signal = ((with_ - without) ** 2).flatten(1).sum(1)
-    score = (_loss(without, images) - _loss(with_, images) - margin * signal) / signal.clamp(min=1e-12)
+    """(M,) how far the image favours `with_` over `without` (renders (M, 2, 3, H, W) as `Renderer` returns them),
+    in units of the difference's own energy as the world draws it: >= 0 keeps the object (module docstring's
+    test). An object to be added must also show (MIN_SIGNAL; the removal move removes one that does not)."""
+    signal = ((with_[:, 1] - without[:, 1]) ** 2).flatten(1).sum(1)
+    score = (_loss(without[:, 0], images) - _loss(with_[:, 0], images) - margin * signal) / signal.clamp(min=1e-12)
     if adding:
         score = torch.where(signal > MIN_SIGNAL, score, torch.full_like(score, -1.0))
     return score
@@ -179,8 +182,8 @@ def search_scenes(
         world: the scenes' World (objects, table, camera, count range).
         t: the start (e.g. the guide's scenes after pose refinement).
         images: the observed images.
-        render: renders scenes given as rows of the batch (so that per-image appearance can be applied), as
-            compared with `images`.
+        render: renders scenes given as rows of the batch (so that per-image appearance can be applied): the
+            `Renderer` pair, as compared with `images` and with nominal albedo.
         fit: refines the poses of scenes given as rows of the batch (LM), returning them.
         cfg: the search's settings.
     Returns:
@@ -209,8 +212,8 @@ def search_scenes(
             without = render(trial, scene)
             score = _explained(current[scene], without, images[scene], cfg.margin)  # < 0: remove
             # the share of each object's own signal that its silhouette leaves unexplained (for the swap below)
-            change = ((current[scene] - without) ** 2).sum(1)  # (M, H, W)
-            residual = ((images[scene] - current[scene]) ** 2).sum(1)
+            change = ((current[scene, 1] - without[:, 1]) ** 2).sum(1)  # (M, H, W)
+            residual = ((images[scene] - current[scene, 0]) ** 2).sum(1)
             unexplained = (residual * (change > 1e-6)).flatten(1).sum(1) / change.flatten(1).sum(1).clamp(min=1e-12)
             # an object the image cannot see (signal <= MIN_SIGNAL: it could not be added either) goes first
             score = torch.where(change.flatten(1).sum(1) > MIN_SIGNAL, score, torch.full_like(score, -1.0))
@@ -231,7 +234,7 @@ def search_scenes(
         room = active[(t.shape_ids[active] >= 0).sum(1) < most]
         if len(room):
             # (R, 2) pixels and (R, 2) unit axes of the regions, R >= len(room); region_scene (R,) their scenes
-            peak, axis, region_scene = _residual_regions(images[room], current[room], window, cfg.regions)
+            peak, axis, region_scene = _residual_regions(images[room], current[room, 0], window, cfg.regions)
             region_scene = room[region_scene]
             cands: list[tuple[int, float, tuple[float | None, float]]] = []  # (shape, height of the ray's point,
             # (yaw, 0) or (None, turn): along the region's axis, + turn)
@@ -268,7 +271,7 @@ def search_scenes(
             trial = SceneTensors(
                 trial.shape_ids, world3d.clamp_to_table(world, trial.shape_ids, trial.positions, trial.yaws), trial.yaws
             )
-            loss = _loss(render(trial, owner), images[owner])  # (R C,)
+            loss = _loss(render(trial, owner)[:, 0], images[owner])  # (R C,)
             # the scene's `refine_candidates` best trials over all its regions (losses of one image compare)
             pick = torch.cat(
                 [
@@ -342,7 +345,7 @@ def _swap(
     trial = SceneTensors(
         trial.shape_ids, world3d.clamp_to_table(world, trial.shape_ids, trial.positions, trial.yaws), trial.yaws
     )
-    loss = _loss(render(trial, owner_t), images[owner_t])
+    loss = _loss(render(trial, owner_t)[:, 0], images[owner_t])
     # the best trial of each doubtful object (its run of candidates), refined
     best: dict[tuple[int, int], int] = {}
     for i, k in enumerate(zip(owner, slot)):
