@@ -374,9 +374,11 @@ class World:
         """Whether `other` is this world but for its [randomize] ranges: the same name, objects, camera, light,
         table, image size and counts, so the same nominal renders. The ranges only shape training images, so a
         model trained under random appearances is scored on the scenes of the world without them."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        mine.pop("randomize", None), theirs.pop("randomize", None)
-        return mine == theirs
+
+        def scene_part(world: World) -> dict:
+            return {k: v for k, v in world.to_dict().items() if k != "randomize"}
+
+        return scene_part(self) == scene_part(other)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "world dict") -> World:

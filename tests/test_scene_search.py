@@ -138,21 +138,14 @@ def test_a_misplaced_object_fitted_to_the_table_colour_is_still_removed(kitchen)
     assert [o["shape"] for o in out[0]["objects"]] == ["bowl"]
 
 
-def _render(world, scene: dict) -> torch.Tensor:
-    """(1, 3, H, W) the hard render of one scene, overlaps allowed (validation off)."""
-    ids = torch.tensor([[world.shape_names.index(o["shape"]) for o in scene["objects"]]])
-    positions = torch.tensor([[o["position"] for o in scene["objects"]]], dtype=torch.float32)
-    yaws = torch.tensor([[o["yaw"] for o in scene["objects"]]], dtype=torch.float32)
-    return world.make_renderer("hard", "auto")(ids, positions, yaws, world.colors[ids]).images.clamp(0, 1)
-
-
 def test_an_object_the_image_cannot_see_is_removed(kitchen):
     """A can wholly behind a cracker box changes no pixel: it could not be added, so it is not kept (an object
     that only a prior could place is not evidence of one)."""
     box = {"shape": "cracker_box", "position": [0.0, 0.1], "yaw": 0.0}
     hidden = {"shape": "can", "position": [0.0, 0.19], "yaw": 0.0}
-    image = _render(kitchen, {"objects": [box]})
-    assert (_render(kitchen, {"objects": [box, hidden]}) - image).abs().max() < 1e-6  # the setting: unseen
+    image = kitchen.render_scenes([{"objects": [box]}], backend="auto")
+    both = kitchen.render_scenes([{"objects": [box, hidden]}], backend="auto")
+    assert (both - image).abs().max() < 1e-6  # the setting: unseen
     out = refine([{"objects": [box, hidden]}], image, SEARCH, world=kitchen)
     assert [o["shape"] for o in out[0]["objects"]] == ["cracker_box"]
 
@@ -163,7 +156,7 @@ def test_one_of_two_interpenetrating_objects_is_removed_even_where_the_image_sho
     then adds to explain the rest is placed clear of the other."""
     pair = {"objects": [{"shape": "cracker_box", "position": [0.0, 0.0], "yaw": 0.0},
                         {"shape": "cracker_box", "position": [0.03, 0.02], "yaw": 1.2}]}  # fmt: skip
-    image = _render(kitchen, pair)
+    image = kitchen.render_scenes([pair], backend="auto")
     objects = refine([pair], image, SEARCH, world=kitchen)[0]["objects"]
     assert [o["shape"] for o in objects].count("cracker_box") == 1
     prints = [kitchen.object_named(o["shape"]).footprint_at(tuple(o["position"]), o["yaw"]) for o in objects]
@@ -177,7 +170,7 @@ def test_one_object_drawn_between_two_of_its_kind_gives_way_to_both(kitchen):
               {"shape": "bottle", "position": [0.04, 0.194], "yaw": 0.0}]  # fmt: skip
     truth = {"objects": [{"shape": "spatula", "position": [0.172, -0.046], "yaw": -2.27},
                          {"shape": "spatula", "position": [0.058, -0.036], "yaw": -2.44}, *others]}  # fmt: skip
-    image = _render(kitchen, truth)
+    image = kitchen.render_scenes([truth], backend="auto")
     start = {"objects": [{"shape": "spatula", "position": [0.101, -0.029], "yaw": -1.31}, *others]}
     out = refine([start], image, RefineConfig(search=SearchConfig(), appearance=True), world=kitchen)[0]
     assert _same_objects(out, truth, kitchen)

@@ -26,9 +26,9 @@ The test, for a move between a scene without an object (render b) and with it (r
 object iff ||x - b||^2 - ||x - a||^2 >= margin ||a - b||^2, i.e. the image is closer to the render with the object
 than to the one without by at least `margin` times the object's own signal (the losses on renders as compared with
 the image, appearance fitted; the signal on renders with the objects' nominal albedo: measured with the fitted
-albedo, an added object's signal shrinks with its contrast, so that it explains misfits of the table itself cheaply
-(on the demo's randomised scenes, whose table tint and camera jitter refinement does not model, that yardstick added
-spurious spatulas to 3 of 4). margin 0 is the likelihood ratio test of the two scenes under Gaussian pixel noise
+albedo, an added object's signal would shrink with its contrast, and an object taking the table's colour would
+explain misfits of the table itself (a tint, a camera slightly off) at little cost: spurious objects on the
+demo's randomised scenes). margin 0 is the likelihood ratio test of the two scenes under Gaussian pixel noise
 with equal priors; a positive margin asks that an object explain more than (1 + margin) / 2 of its pixels' change
 (0.25: 62.5%), so that an object only half right, or one that only mends the edges of a misfit, is not added. Adding
 and removing apply the same test, so a scene cannot cycle. Footprints may not interpenetrate, as the world's sampler
@@ -213,10 +213,11 @@ def search_scenes(
             score = _explained(current[scene], without, images[scene], cfg.margin)  # < 0: remove
             # the share of each object's own signal that its silhouette leaves unexplained (for the swap below)
             change = ((current[scene, 1] - without[:, 1]) ** 2).sum(1)  # (M, H, W)
+            signal = change.flatten(1).sum(1)  # (M,) each object's own signal
             residual = ((images[scene] - current[scene, 0]) ** 2).sum(1)
-            unexplained = (residual * (change > 1e-6)).flatten(1).sum(1) / change.flatten(1).sum(1).clamp(min=1e-12)
+            unexplained = (residual * (change > 1e-6)).flatten(1).sum(1) / signal.clamp(min=1e-12)
             # an object the image cannot see (signal <= MIN_SIGNAL: it could not be added either) goes first
-            score = torch.where(change.flatten(1).sum(1) > MIN_SIGNAL, score, torch.full_like(score, -1.0))
+            score = torch.where(signal > MIN_SIGNAL, score, torch.full_like(score, -1.0))
             for b in scene.unique().tolist():
                 mine = (scene == b).nonzero(as_tuple=True)[0]
                 # objects that interpenetrate another: a scene the world never draws, so one of them goes
