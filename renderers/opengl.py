@@ -382,6 +382,37 @@ class OpenGLRenderer(torch.nn.Module):
             RenderOutput with images FloatTensor (B, 3, H, W) in [0, 1] and object_mask BoolTensor (B, H, W),
             on the device of `positions`.
         """
+        if windows is None or shape_ids.shape[0] == 0:
+            rgba, _ = self._rgba(shape_ids, positions, yaws, colors, appearance)
+            images, mask = rgba[:, :3].clamp(0.0, 1.0), rgba[:, 3] > 0.5
+        else:
+            tiles, corner = self.tiles(shape_ids, positions, yaws, colors, appearance, windows)
+            size = (self.settings.width, self.settings.height)
+            images, mask = self._paste(tiles.images, tiles.object_mask, corner, size, background)
+        return RenderOutput(images=images.to(positions.device), object_mask=mask.to(positions.device))
+
+    @torch.no_grad()
+    def tiles(
+        self,
+        shape_ids: torch.Tensor,
+        positions: torch.Tensor,
+        yaws: torch.Tensor,
+        colors: torch.Tensor | None,
+        appearance: Appearance | None,
+        windows: torch.Tensor,
+    ) -> tuple[RenderOutput, torch.Tensor]:
+        """The tiles `forward(..., windows=windows)` draws, without pasting them into whole images: RenderOutput
+        with images (B, 3, h, w) and object_mask (B, h, w), (w, h) the largest window's size, and LongTensor
+        (B, 2) the (u, v) of each tile's top left pixel in the image (CPU). Cheaper than `forward` when only the
+        windows' pixels are wanted (e.g. many trial placements of one object, compared there)."""
+        rgba, corner = self._rgba(shape_ids, positions, yaws, colors, appearance, windows)
+        device = positions.device
+        out = RenderOutput(images=rgba[:, :3].clamp(0.0, 1.0).to(device), object_mask=(rgba[:, 3] > 0.5).to(device))
+        return out, corner if corner is not None else torch.zeros(0, 2, dtype=torch.long)
+
+    def _rgba(self, shape_ids, positions, yaws, colors, appearance, windows=None):
+        """(float32 CPU tensor (B, 4, h, w) RGBA, None): the whole images; with `windows`, (the tiles, LongTensor
+        (B, 2) their top left pixels)."""
         B, W, H, tiles = shape_ids.shape[0], self.settings.width, self.settings.height, self.settings.max_tiles
         if appearance is not None:
             appearance.validate(B)
@@ -393,7 +424,7 @@ class OpenGLRenderer(torch.nn.Module):
         else:
             albedo = colors.detach().cpu().double().numpy()
         scene = self._scene_uniforms(B, appearance)
-        tile = (W, H)
+        tile, corner = (W, H), None
         if windows is not None and B > 0:
             _check_windows(windows, B, (W, H))
             w, h = (int(v) for v in (windows[:, 2:] - windows[:, :2]).amax(0).tolist())
@@ -410,11 +441,7 @@ class OpenGLRenderer(torch.nn.Module):
             part = slice(i, i + tiles)
             chunks.append(self._render_tiles(ids[part], pos[part], yaw[part], albedo[part],
                                              {k: v[part] for k, v in scene.items()}, tile))  # fmt: skip
-        rgba = torch.from_numpy(chunks[1] if len(chunks) == 2 else np.concatenate(chunks))  # (B, 4, h, w)
-        images, mask = rgba[:, :3].clamp(0.0, 1.0), rgba[:, 3] > 0.5
-        if windows is not None and B > 0:
-            images, mask = self._paste(images, mask, corner, (W, H), background)
-        return RenderOutput(images=images.to(positions.device), object_mask=mask.to(positions.device))
+        return torch.from_numpy(chunks[1] if len(chunks) == 2 else np.concatenate(chunks)), corner
 
     def _paste(self, images: torch.Tensor, mask: torch.Tensor, corner: torch.Tensor, size: tuple[int, int],
                background: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip

@@ -119,5 +119,11 @@ def test_object_boxes_hold_each_object_and_windows_draw_what_the_whole_image_dra
     inside &= (v >= windows[:, 1, None, None]) & (v < windows[:, 3, None, None])  # (B, 64, 64)
     assert (part.images - full.images).abs().amax(1)[inside].max() < 1e-4
     assert torch.equal(part.object_mask[inside], full.object_mask[inside])
+    tiles, corner = renderer.tiles(t.shape_ids, t.positions, t.yaws, None, None, windows)
+    h, w = tiles.images.shape[2:]
+    assert (w, h) == tuple((windows[:, 2:] - windows[:, :2]).amax(0).tolist())
+    for b, (u0, v0) in enumerate(corner.tolist()):  # the tiles, where `forward` pastes them
+        assert torch.equal(tiles.images[b], part.images[b, :, v0 : v0 + h, u0 : u0 + w])
+        assert torch.equal(tiles.object_mask[b], part.object_mask[b, v0 : v0 + h, u0 : u0 + w])
     with pytest.raises(ValueError, match="pixel boxes"):
         renderer(t.shape_ids, t.positions, t.yaws, windows=windows.flip(1))

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from inverse_graphics.tabletop import world3d
-from inverse_graphics.tabletop.appearance import AppearanceFit, fit_albedo, fit_appearance, instance_ids
+from inverse_graphics.tabletop.appearance import ALBEDO_RANGE, AppearanceFit, fit_albedo, fit_appearance, instance_ids
 from inverse_graphics.tabletop.levenberg_marquardt import LMSettings, levenberg_marquardt
 from inverse_graphics.tabletop.metrics3d import as_scene
 from inverse_graphics.tabletop.scene_search import SearchConfig, search_scenes
@@ -432,8 +432,93 @@ def _search(
         positions, yaws = _levenberg_marquardt(fd, world, s, images[rows], colors_of(s.shape_ids), lm, sub)
         return SceneTensors(s.shape_ids, positions.detach(), yaws.detach())
 
+    screen = None
+    if hasattr(fd.renderer, "object_boxes"):  # OpenGL: it draws pixel windows
+        screen = _windowed_screen(fd.renderer, world, images, cfg, look, legacy)
     with torch.no_grad():
-        return search_scenes(world, t, images, render, fit, cfg.search)
+        return search_scenes(world, t, images, render, fit, cfg.search, screen)
+
+
+def _windowed_screen(
+    renderer: torch.nn.Module,
+    world: World,
+    images: torch.Tensor,
+    cfg: RefineConfig,
+    look: AppearanceFit | None,
+    legacy: bool,
+):
+    """The add move's trial losses (scene_search.Screen) from renders drawn only in a window about each added
+    object: a trial is its scene (rendered whole once, as `_search`'s render does: gain solved, albedos fitted) with
+    one object more, so its loss differs only in the pixels the new object covers. There the trial's pixels are the
+    new object's render under the scene's gain, its albedo fitted in closed form on them (as `fit_albedo` would);
+    elsewhere the scene's. Not modelled: the gain re-solved and the other objects' albedos refitted with the new
+    object in the image (both move little for one object more; the few trials the search refines are rendered
+    whole)."""
+
+    def screen(trial: SceneTensors, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        M = len(rows)
+        ar = torch.arange(M)
+        scenes, first, inverse = _unique_rows(rows)
+        base = world3d.rows_of(trial, first)
+        base.shape_ids[torch.arange(len(first)), slot[first]] = -1  # the scenes without their trial object
+        x = images[scenes]
+        colors = _colors_of(cfg, world, legacy, base.shape_ids)
+        appearance = None if look is None else world3d.rows_of(look, scenes).appearance()
+        raw = renderer(base.shape_ids, base.positions, base.yaws, colors, appearance).images
+        gain = torch.ones(len(scenes)) if look is None else look.solve_gain(raw, x)
+        lit = (raw * gain[:, None, None, None]).clamp(max=1.0)
+        fitted = lit
+        if cfg.albedo and look is not None and colors is not None:
+            fitted = fit_albedo(lit, instance_ids(renderer, base), x, colors, colors)[1]
+        base_loss = image_loss(fitted, x)  # (S,)
+        # the trials, drawn in a tile about the added object (as the renderer places its tiles)
+        one = slot[:, None]
+        boxes = renderer.object_boxes(  # type: ignore[operator]
+            trial.shape_ids.gather(1, one),
+            trial.positions.gather(1, one[..., None].expand(M, 1, 2)),
+            trial.yaws.gather(1, one),
+        )[:, 0]
+        trial_colors = _colors_of(cfg, world, legacy, trial.shape_ids)
+        trial_look = None if look is None else world3d.rows_of(look, rows).appearance()
+        drawn, corner = renderer.tiles(  # type: ignore[operator]
+            trial.shape_ids, trial.positions, trial.yaws, trial_colors, trial_look, boxes
+        )
+        new = drawn.images  # (M, 3, h, w)
+        h, w = new.shape[2:]
+        u = corner[:, 0, None] + torch.arange(w)  # (M, w)
+        v = corner[:, 1, None] + torch.arange(h)  # (M, h)
+
+        def crop_of(per_scene: torch.Tensor) -> torch.Tensor:  # (S, 3, H, W), the trials' scenes
+            return per_scene[inverse[:, None, None], :, v[:, :, None], u[:, None, :]].permute(0, 3, 1, 2)
+
+        before, seen, target = crop_of(raw), crop_of(fitted), crop_of(x)
+        # the pixels the new object covers (a tile's other pixels match the whole render's to ~1e-5: its camera
+        # matrix frames the tile)
+        mine = ((new - before).abs() > 1e-3).any(1, keepdim=True)  # (M, 1, h, w)
+        r = (new * gain[inverse, None, None, None]).clamp(max=1.0)
+        if cfg.albedo and look is not None and trial_colors is not None:
+            ok = mine & (target < 1.0 - 1e-6) & (r < 1.0 - 1e-6)
+            scale = (r * target * ok).sum((2, 3)) / (r * r * ok).sum((2, 3)).clamp(min=1e-9)  # (M, 3)
+            scale = torch.where((r * r * ok).sum((2, 3)) > 1e-9, scale, torch.ones_like(scale))
+            nominal = trial_colors[ar, slot]  # (M, 3)
+            albedo = torch.minimum(torch.maximum(nominal * scale, nominal - ALBEDO_RANGE), nominal + ALBEDO_RANGE)
+            ratio = torch.where(nominal > 1e-6, albedo.clamp(0, 1) / nominal.clamp(min=1e-6), torch.ones_like(nominal))
+            r = (r * ratio[:, :, None, None]).clamp(max=1.0)
+        after = torch.where(mine, r, seen)
+        change = ((target - after) ** 2 - (target - seen) ** 2).flatten(1).sum(1)
+        return base_loss[inverse] + change
+
+    return screen
+
+
+def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct values of `rows` (S,), the index of each one's first occurrence (S,), and each entry's index
+    into the distinct values (M,)."""
+    scenes, inverse = torch.unique(rows, return_inverse=True)
+    first = torch.full((len(scenes),), len(rows), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(rows)), "amin"
+    )
+    return scenes, first, inverse
 
 
 def _albedo(
