@@ -13,7 +13,15 @@ import torch
 from inverse_graphics.tabletop import world3d
 from inverse_graphics.tabletop.appearance import fit_albedo, fit_appearance, instance_ids
 from inverse_graphics.tabletop.metrics3d import match_scene
-from inverse_graphics.tabletop.refine import RefineConfig, _lit, _windowed_screen, image_loss, refine
+from inverse_graphics.tabletop.refine import (
+    RefineConfig,
+    _levenberg_marquardt,
+    _lit,
+    _unseen_removed,
+    _windowed_screen,
+    image_loss,
+    refine,
+)
 from inverse_graphics.tabletop.scene_search import (
     SearchConfig,
     _long_axes,
@@ -198,6 +206,63 @@ def test_an_object_the_image_cannot_see_is_removed(kitchen):
     assert (both - image).abs().max() < 1e-6  # the setting: unseen
     out = refine([{"objects": [box, hidden]}], image, SEARCH, world=kitchen)
     assert [o["shape"] for o in out[0]["objects"]] == ["cracker_box"]
+
+
+def test_objects_that_polishing_hides_are_removed_from_the_searched_scenes_only(kitchen):
+    """After the search, the searched scenes' objects are refined together; one that ends wholly behind another
+    (no pixel of its own) is taken out, in the scenes the search changed only."""
+    box = {"shape": "cracker_box", "position": [0.0, 0.1], "yaw": 0.0}
+    hidden = {"shape": "can", "position": [0.0, 0.19], "yaw": 0.0}
+    seen = {"shape": "can", "position": [0.15, -0.1], "yaw": 0.0}
+    scenes = [{"objects": [box, hidden, seen]}, {"objects": [box, hidden]}]
+    images = kitchen.render_scenes(scenes, backend="auto")
+    t = world3d.scenes_to_tensors(kitchen, scenes)
+    fd = world3d.renderer(kitchen, "fd", kitchen.image_size, "auto", False)
+    out = _unseen_removed(fd, kitchen, t, torch.tensor([0]), images, RefineConfig(), None, False)
+    assert out.shape_ids[0].tolist() == [t.shape_ids[0, 0], -1, t.shape_ids[0, 2]]
+    assert torch.equal(out.shape_ids[1], t.shape_ids[1])  # not searched: left as it is
+
+
+def test_an_added_thin_object_is_fitted_alone_and_kept_under_jpeg(kitchen):
+    """Under JPEG (quality 75) a missing spatula (thin and flat: little signal) is added: its trial fitted alone
+    (the scene's other objects held; their JPEG-smeared edges can pull a joint fit off it) reaches its place from
+    5 cm along its length, and the search keeps it."""
+    truth = kitchen.sample_scenes(80, seed=77)[16]  # 6 objects, a spatula among them
+    j = [o["shape"] for o in truth["objects"]].index("spatula")
+    images = _jpeg(kitchen.render_scenes([truth], backend="auto"))
+    start = copy.deepcopy(truth)
+    o = start["objects"][j]
+    o["position"] = [o["position"][0] + 0.05 * math.cos(o["yaw"]), o["position"][1] + 0.05 * math.sin(o["yaw"])]
+    t = world3d.scenes_to_tensors(kitchen, [start])
+    fd = world3d.renderer(kitchen, "fd", kitchen.image_size, "auto", False)
+    colors = world3d.object_colors(kitchen, t.shape_ids)
+    look = fit_appearance(kitchen, t, images, colors, 0)
+    free = torch.zeros_like(t.shape_ids, dtype=torch.bool)
+    free[0, j] = True
+    cfg = RefineConfig(appearance=True, steps=SearchConfig().lm_steps)
+    positions, _ = _levenberg_marquardt(fd, kitchen, t, images, colors, cfg, look, free)
+    assert math.dist(positions[0, j].tolist(), truth["objects"][j]["position"]) < 0.01
+    assert torch.equal(positions[0, :j], t.positions[0, :j]) and torch.equal(
+        positions[0, j + 1 :], t.positions[0, j + 1 :]
+    )
+    missing = {"objects": [o for k, o in enumerate(start["objects"]) if k != j]}
+    out = refine([missing], images, RefineConfig(appearance=True, search=SearchConfig()), world=kitchen)
+    assert _same_objects(out[0], truth, kitchen)
+
+
+def _jpeg(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = []
+    for image in images:
+        buffer = BytesIO()
+        array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        decoded = np.asarray(Image.open(BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32) / 255
+        out.append(torch.from_numpy(decoded).permute(2, 0, 1))
+    return torch.stack(out)
 
 
 def test_one_of_two_interpenetrating_objects_is_removed_even_where_the_image_shows_both(kitchen):

@@ -42,7 +42,7 @@ from inverse_graphics.tabletop import world3d
 from inverse_graphics.tabletop.appearance import ALBEDO_RANGE, AppearanceFit, fit_albedo, fit_appearance, instance_ids
 from inverse_graphics.tabletop.levenberg_marquardt import LMSettings, levenberg_marquardt
 from inverse_graphics.tabletop.metrics3d import as_scene
-from inverse_graphics.tabletop.scene_search import SearchConfig, search_scenes
+from inverse_graphics.tabletop.scene_search import MIN_SIGNAL, SearchConfig, search_scenes
 from renderers.finite_difference import FiniteDifferenceRenderer
 from renderers.mesh import Appearance
 from scenes import tabletop
@@ -229,15 +229,19 @@ def _levenberg_marquardt(
     colors: torch.Tensor | None,
     cfg: RefineConfig,
     look: AppearanceFit | None = None,
+    free: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K Levenberg-Marquardt iterations from `t`'s poses on the image residual of the hard render, every perturbed
     and trial pose of every scene drawn in one renderer call; returns each scene's best positions (B, N, 2) and yaws
     (B, N). Parameters per scene as FiniteDifferenceRenderer lays them out, (x_1, y_1, ..., x_N, y_N, yaw_1, ...,
     yaw_N), each differenced by its one-pixel step; empty slots and yaw-invariant objects' yaws stay fixed. With
-    `look`, renders under its light and ambient, the gain solved in closed form at every evaluated pose."""
+    `look`, renders under its light and ambient, the gain solved in closed form at every evaluated pose. `free`:
+    BoolTensor (B, N), the objects whose poses move (None: all)."""
     B, N = t.shape_ids.shape
     hard, settings = fd.renderer, fd.settings
     present = t.shape_ids >= 0  # (B, N)
+    if free is not None:
+        present = present & free
     invariant = torch.tensor([o.yaw_period == 0.0 for o in world.objects], device=t.shape_ids.device)
     turns = present & ~invariant[t.shape_ids.clamp(min=0)]  # (B, N): yaws that refinement frees
     active = torch.cat([present.repeat_interleave(2, dim=1), turns], dim=1)  # (B, 3N)
@@ -386,7 +390,8 @@ def refine(
     if searching:
         assert isinstance(renderer, FiniteDifferenceRenderer)
         searched = _search(renderer, w, t, images.detach(), cfg, look, legacy)
-        t = _polish(renderer, w, t, searched, images.detach(), cfg, look, legacy)
+        polished = _polish(renderer, w, t, searched, images.detach(), cfg, look, legacy)
+        t = _unseen_removed(renderer, w, polished, _changed(t, searched), images.detach(), cfg, look, legacy)
         t = SceneTensors(t.shape_ids, t.positions, torch.remainder(t.yaws + math.pi, 2 * math.pi) - math.pi)
     refined = world3d.tensors_to_scenes(w, t)
     # an interpenetrating result falls back to its start, unless the search changed the scene (it refuses moves
@@ -426,10 +431,12 @@ def _search(
                 return torch.stack([fitted, out], 1)
         return torch.stack([out, out], 1)
 
-    def fit(s: SceneTensors, rows: torch.Tensor) -> SceneTensors:
+    def fit(s: SceneTensors, rows: torch.Tensor, slots: torch.Tensor) -> SceneTensors:
         sub = None if look is None else world3d.rows_of(look, rows)
         lm = replace(cfg, steps=cfg.search.lm_steps)  # type: ignore[union-attr]
-        positions, yaws = _levenberg_marquardt(fd, world, s, images[rows], colors_of(s.shape_ids), lm, sub)
+        free = torch.zeros_like(s.shape_ids, dtype=torch.bool)
+        free[torch.arange(len(slots)), slots] = True
+        positions, yaws = _levenberg_marquardt(fd, world, s, images[rows], colors_of(s.shape_ids), lm, sub, free)
         return SceneTensors(s.shape_ids, positions.detach(), yaws.detach())
 
     screen = None
@@ -594,9 +601,7 @@ def _polish(
     """`after` (the searched scenes) with the scenes whose objects the search changed refined again by LM, all
     their objects together, for the config's K iterations: a move refines only its own object, by a few
     iterations, with the others held where they were."""
-    n = before.shape_ids.shape[1]
-    same = (after.shape_ids[:, :n] == before.shape_ids).all(1) & (after.shape_ids[:, n:] < 0).all(1)
-    rows = (~same).nonzero(as_tuple=True)[0]
+    rows = _changed(before, after)
     if len(rows) == 0 or cfg.steps == 0:
         return after
     colors = _colors_of(cfg, world, legacy, after.shape_ids)
@@ -606,6 +611,50 @@ def _polish(
         colors = colors.clone()
         colors[rows] = _albedo(fd, sub, images[rows], nominal, nominal, look_rows)
     return _refine_rows(fd, world, after, rows, images, colors, cfg, look)
+
+
+def _changed(before: SceneTensors, after: SceneTensors) -> torch.Tensor:
+    """LongTensor: the scenes whose objects differ between `before` and `after` (which may have more slots)."""
+    n = before.shape_ids.shape[1]
+    same = (after.shape_ids[:, :n] == before.shape_ids).all(1) & (after.shape_ids[:, n:] < 0).all(1)
+    return (~same).nonzero(as_tuple=True)[0]
+
+
+def _unseen_removed(
+    fd: FiniteDifferenceRenderer,
+    world: World,
+    t: SceneTensors,
+    rows: torch.Tensor,
+    images: torch.Tensor,
+    cfg: RefineConfig,
+    look: AppearanceFit | None,
+    legacy: bool,
+) -> SceneTensors:
+    """`t` without the objects of scenes `rows` (ascending) that the image cannot see (their own signal, the
+    render's change without them, at most scene_search.MIN_SIGNAL): the search's remove move takes them out, but
+    polishing all of a searched scene's objects together can move one wholly behind another after the search."""
+    slots = (t.shape_ids[rows] >= 0).nonzero(as_tuple=True)
+    if len(rows) == 0 or len(slots[0]) == 0:
+        return t
+    scene, slot = rows[slots[0]], slots[1]
+
+    def nominal(s: SceneTensors, of: torch.Tensor) -> torch.Tensor:
+        colors = _colors_of(cfg, world, legacy, s.shape_ids)
+        if look is None:
+            return fd.renderer(s.shape_ids, s.positions, s.yaws, colors).images
+        return _lit(fd, s, colors, world3d.rows_of(look, of), images[of])
+
+    full = nominal(world3d.rows_of(t, rows), rows)
+    without = world3d.rows_of(t, scene)
+    without.shape_ids[torch.arange(len(scene)), slot] = -1
+    base = full[torch.searchsorted(rows, scene)]  # rows ascend (`_changed`)
+    signal = ((base - nominal(without, scene)) ** 2).flatten(1).sum(1)
+    unseen = signal <= MIN_SIGNAL
+    if not unseen.any():
+        return t
+    out = SceneTensors(t.shape_ids.clone(), t.positions, t.yaws)
+    out.shape_ids[scene[unseen], slot[unseen]] = -1
+    return out
 
 
 def _same_objects(a: dict, b: dict) -> bool:

@@ -19,8 +19,10 @@ generative model instead, one move per scene per round, each kept only when the 
   where it meets half and the full height of the object (the middle of an object's image is its middle seen from
   the side, nearer its top seen from above), at `yaws` turns across its symmetry period and, for an elongated
   object, with its long axis along the region's; the scene's `refine_candidates` best of them over all its regions
-  (by image loss) are refined with the scene's other objects by Levenberg-Marquardt, and the best of those that
-  passes the test is the scene's proposal.
+  (by image loss) are refined by Levenberg-Marquardt, each alone (the scene's other objects held: under JPEG or
+  noise their edges' misfits can pull a joint fit's steps off the new object, a thin one especially, and LM then
+  keeps the start; after the search, refinement polishes each changed scene's objects together), and the best of
+  those that passes the test is the scene's proposal. A swapped object is fitted alone likewise.
 
 The test, for a move between a scene without an object (render b) and with it (render a), observed image x: keep the
 object iff ||x - b||^2 - ||x - a||^2 >= margin ||a - b||^2, i.e. the image is closer to the render with the object
@@ -95,7 +97,8 @@ class SearchConfig:
 Renderer = Callable[[SceneTensors, torch.Tensor], torch.Tensor]  # (scenes, their rows of the batch) -> (M, 2, 3, H, W)
 # renders: [:, 0] as compared with the image (gain and any fitted albedo applied), [:, 1] with the objects' nominal
 # albedo (what an object's own signal, the test's yardstick, is measured by)
-Fit = Callable[[SceneTensors, torch.Tensor], SceneTensors]  # LM refinement of scenes (with their rows)
+Fit = Callable[[SceneTensors, torch.Tensor, torch.Tensor], SceneTensors]  # LM refinement of the pose of one object
+# (the slots given) in each of the scenes (with their rows), the others held
 Screen = Callable[[SceneTensors, torch.Tensor, torch.Tensor], torch.Tensor]  # (trial scenes, their rows, the slot
 # each trial added an object in) -> (M,) their image losses, as `Renderer`'s [:, 0] would give them or close: the
 # add move ranks its many trials by it, and only the few it refines are rendered whole
@@ -292,7 +295,7 @@ def search_scenes(
             )
             chosen = world3d.rows_of(trial, pick)
             if cfg.lm_steps > 0:
-                chosen = fit(chosen, owner[pick])
+                chosen = fit(chosen, owner[pick], slot[pick])
             with_ = render(chosen, owner[pick])
             score = _explained(with_, current[owner[pick]], images[owner[pick]], cfg.margin, adding=True)
             for b in room.tolist():
@@ -365,7 +368,7 @@ def _swap(
     pick = torch.tensor(list(best.values()))
     chosen = world3d.rows_of(trial, pick)
     if cfg.lm_steps > 0:
-        chosen = fit(chosen, owner_t[pick])
+        chosen = fit(chosen, owner_t[pick], slot_t[pick])
     with_ = render(chosen, owner_t[pick])
     score = _explained(with_, current[owner_t[pick]], images[owner_t[pick]], cfg.margin, adding=True)
     for i in score.argsort(descending=True).tolist():
