@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.bench_world import jpeg
 from inverse_graphics.tabletop import world3d
 from inverse_graphics.tabletop.appearance import fit_albedo, fit_appearance, instance_ids
 from inverse_graphics.tabletop.metrics3d import match_scene
@@ -229,7 +230,7 @@ def test_an_added_thin_object_is_fitted_alone_and_kept_under_jpeg(kitchen):
     5 cm along its length, and the search keeps it."""
     truth = kitchen.sample_scenes(80, seed=77)[16]  # 6 objects, a spatula among them
     j = [o["shape"] for o in truth["objects"]].index("spatula")
-    images = _jpeg(kitchen.render_scenes([truth], backend="auto"))
+    images = jpeg(kitchen.render_scenes([truth], backend="auto"))
     start = copy.deepcopy(truth)
     o = start["objects"][j]
     o["position"] = [o["position"][0] + 0.05 * math.cos(o["yaw"]), o["position"][1] + 0.05 * math.sin(o["yaw"])]
@@ -248,21 +249,6 @@ def test_an_added_thin_object_is_fitted_alone_and_kept_under_jpeg(kitchen):
     missing = {"objects": [o for k, o in enumerate(start["objects"]) if k != j]}
     out = refine([missing], images, RefineConfig(appearance=True, search=SearchConfig()), world=kitchen)
     assert _same_objects(out[0], truth, kitchen)
-
-
-def _jpeg(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
-    from io import BytesIO
-
-    from PIL import Image
-
-    out = []
-    for image in images:
-        buffer = BytesIO()
-        array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
-        decoded = np.asarray(Image.open(BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32) / 255
-        out.append(torch.from_numpy(decoded).permute(2, 0, 1))
-    return torch.stack(out)
 
 
 def test_one_of_two_interpenetrating_objects_is_removed_even_where_the_image_shows_both(kitchen):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from inverse_graphics.tabletop import world3d
-from inverse_graphics.tabletop.appearance import ALBEDO_RANGE, AppearanceFit, fit_albedo, fit_appearance, instance_ids
+from inverse_graphics.tabletop.appearance import AppearanceFit, fit_albedo, fit_appearance, instance_ids
 from inverse_graphics.tabletop.levenberg_marquardt import LMSettings, levenberg_marquardt
 from inverse_graphics.tabletop.metrics3d import as_scene
 from inverse_graphics.tabletop.scene_search import MIN_SIGNAL, SearchConfig, search_scenes
@@ -503,14 +503,9 @@ def _windowed_screen(
         # matrix frames the tile)
         mine = ((new - before).abs() > 1e-3).any(1, keepdim=True)  # (M, 1, h, w)
         r = (new * gain[inverse, None, None, None]).clamp(max=1.0)
-        if cfg.albedo and look is not None and trial_colors is not None:
-            ok = mine & (target < 1.0 - 1e-6) & (r < 1.0 - 1e-6)
-            scale = (r * target * ok).sum((2, 3)) / (r * r * ok).sum((2, 3)).clamp(min=1e-9)  # (M, 3)
-            scale = torch.where((r * r * ok).sum((2, 3)) > 1e-9, scale, torch.ones_like(scale))
-            nominal = trial_colors[ar, slot]  # (M, 3)
-            albedo = torch.minimum(torch.maximum(nominal * scale, nominal - ALBEDO_RANGE), nominal + ALBEDO_RANGE)
-            ratio = torch.where(nominal > 1e-6, albedo.clamp(0, 1) / nominal.clamp(min=1e-6), torch.ones_like(nominal))
-            r = (r * ratio[:, :, None, None]).clamp(max=1.0)
+        if cfg.albedo and look is not None and trial_colors is not None:  # the new object's albedo on its pixels
+            nominal = trial_colors[ar, slot][:, None]  # (M, 1, 3)
+            r = fit_albedo(r, torch.where(mine[:, 0], 0, -1), target, nominal, nominal)[1]
         after = torch.where(mine, r, seen)
         change = ((target - after) ** 2 - (target - seen) ** 2).flatten(1).sum(1)
         return base_loss[inverse] + change

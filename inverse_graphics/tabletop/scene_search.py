@@ -43,8 +43,8 @@ that moves nothing. The cost per scene and round is about n + 2 S (yaws + 2) `re
 fitted albedo: the coded render of each pixel's object) plus `refine_candidates` short LM fits, and for each
 doubtful object S x (yaws + 1) renders and one fit (n objects in the scene, S in the world): most of `infer`'s
 time on a world of several objects. The add move's trial placements, most of those renders, can be ranked by a
-`Screen` instead: refinement's draws each trial only in a window about the added object (OpenGL), 3-5x cheaper
-than whole renders on kitchen scenes.
+`Screen` instead: refinement's draws each trial only in a window about the added object (OpenGL): on kitchen
+scenes `infer` is then 1.6-2.2x faster an image (benchmarks/results/search_speed.md).
 """
 
 from __future__ import annotations
