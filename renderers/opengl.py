@@ -314,9 +314,8 @@ class OpenGLRenderer(torch.nn.Module):
         if ambient is not None:
             light[:, 3] = ambient
         clip = np.tile(self._nominal_clip, (B, 1))
-        if eye is not None and B > 0:  # the rare per-scene camera (randomised training renders): a matrix each
-            size = self.settings.image_size
-            clip = np.stack([world_to_clip(stage.camera, size, (e[0], e[1], e[2])).T.reshape(16) for e in eye])
+        if eye is not None and B > 0:  # a per-scene camera (randomised training renders, a fitted eye): a matrix each
+            clip = self._clips(eye)
         return {
             "light": light,
             "diffuse": np.full(B, stage.light.diffuse) if diffuse is None else diffuse,
@@ -325,9 +324,12 @@ class OpenGLRenderer(torch.nn.Module):
         }
 
     @torch.no_grad()
-    def object_boxes(self, shape_ids: torch.Tensor, positions: torch.Tensor, yaws: torch.Tensor) -> torch.Tensor:
-        """Pixel boxes that hold each object's image under the nominal camera: the projection of its posed
-        object-frame bounding box, widened to whole pixels plus one.
+    def object_boxes(
+        self, shape_ids: torch.Tensor, positions: torch.Tensor, yaws: torch.Tensor, eye: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pixel boxes that hold each object's image: the projection of its posed object-frame bounding box, widened
+        to whole pixels plus one, seen from the camera at `eye` (FloatTensor (B, 3), each scene's camera centre as
+        `Appearance.eye` gives it; None: the stage's camera).
 
         Args:
             shape_ids: LongTensor (B, N), -1 for empty slots; positions: FloatTensor (B, N, 2); yaws: (B, N).
@@ -337,11 +339,17 @@ class OpenGLRenderer(torch.nn.Module):
         """
         ids = shape_ids.cpu().numpy()
         xy, yaw = positions.detach().cpu().double().numpy(), yaws.detach().cpu().double().numpy()
-        return torch.from_numpy(self._boxes(ids, xy, yaw)).to(shape_ids.device)
+        clip = None if eye is None else self._clips(eye.detach().cpu().double().numpy())
+        return torch.from_numpy(self._boxes(ids, xy, yaw, clip)).to(shape_ids.device)
 
-    def _boxes(self, ids: np.ndarray, xy: np.ndarray, yaw: np.ndarray) -> np.ndarray:
-        """`object_boxes` on numpy arrays (B, N), (B, N, 2), (B, N) -> int64 (B, N, 4) (numpy: small arrays, many
-        calls)."""
+    def _clips(self, eye: np.ndarray) -> np.ndarray:
+        """(B, 16) column-major world-to-clip matrices of the stage's camera moved to each `eye` (B, 3)."""
+        size, camera = self.settings.image_size, self.stage.camera
+        return np.stack([world_to_clip(camera, size, (e[0], e[1], e[2])).T.reshape(16) for e in eye])
+
+    def _boxes(self, ids: np.ndarray, xy: np.ndarray, yaw: np.ndarray, clip: np.ndarray | None = None) -> np.ndarray:
+        """`object_boxes` on numpy arrays (B, N), (B, N, 2), (B, N) and each scene's world-to-clip matrix (B, 16)
+        (None: the nominal one) -> int64 (B, N, 4) (numpy: small arrays, many calls)."""
         W, H = self.settings.width, self.settings.height
         k = np.maximum(ids, 0)
         angle = np.where(self._invariant[k], 0.0, yaw)
@@ -349,8 +357,9 @@ class OpenGLRenderer(torch.nn.Module):
         local = self._corners[k]  # (B, N, 8, 3)
         x = c * local[..., 0] - s * local[..., 1] + xy[..., 0:1]
         y = s * local[..., 0] + c * local[..., 1] + xy[..., 1:2]
-        m = self._nominal_clip.reshape(4, 4)  # column-major: clip = [x, y, z, 1] @ m
-        cx, cy, cw = (x * m[0, i] + y * m[1, i] + local[..., 2] * m[2, i] + m[3, i] for i in (0, 1, 3))
+        m = (self._nominal_clip if clip is None else clip).reshape(-1, 1, 1, 4, 4)  # column-major: [x, y, z, 1] @ m
+        cx, cy, cw = (x * m[..., 0, i] + y * m[..., 1, i] + local[..., 2] * m[..., 2, i] + m[..., 3, i]
+                      for i in (0, 1, 3))  # fmt: skip
         u = (cx / cw + 1) * W / 2
         v = (1 - cy / cw) * H / 2
         box = np.stack([np.floor(u.min(-1)) - 1, np.floor(v.min(-1)) - 1, np.ceil(u.max(-1)) + 1,
@@ -430,8 +439,8 @@ class OpenGLRenderer(torch.nn.Module):
             w, h = (int(v) for v in (windows[:, 2:] - windows[:, :2]).amax(0).tolist())
             tile = (w, h)
             corner = torch.minimum(windows[:, :2].cpu(), torch.tensor([W - w, H - h]))  # (B, 2): tiles in the image
+            boxes = self._boxes(ids, pos, yaw, scene["clip"])  # (B, N, 4), under each scene's camera
             scene["clip"] = _framed(scene["clip"], corner.numpy(), tile, (W, H))
-            boxes = self._boxes(ids, pos, yaw)  # (B, N, 4)
             low = corner.numpy()[:, None]
             high = low + np.array([w, h])  # (B, 1, 2): the tiles' pixels
             outside = (boxes[..., 2:] <= low).any(-1) | (boxes[..., :2] >= high).any(-1)  # (B, N)

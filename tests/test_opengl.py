@@ -10,6 +10,7 @@ import torch
 
 from renderers import opengl
 from renderers.finite_difference import FiniteDifferenceRenderer
+from renderers.mesh import Appearance
 from scenes import tabletop
 from scenes.tabletop_objects import library
 
@@ -92,15 +93,24 @@ def test_repeated_calls_do_not_leak_memory():
 
 
 @requires_egl
-def test_object_boxes_hold_each_object_and_windows_draw_what_the_whole_image_draws_there():
+@pytest.mark.parametrize("moved", [False, True])
+def test_object_boxes_hold_each_object_and_windows_draw_what_the_whole_image_draws_there(moved):
     """Each object drawn alone lies inside its `object_boxes` box; a render through pixel windows (tiles of the
-    largest window's size, framed by the camera matrix) equals the whole render inside every window."""
+    largest window's size, framed by the camera matrix) equals the whole render inside every window. Also with each
+    scene's camera moved (`Appearance.eye`, boxes given the same eyes), where the nominal camera's boxes differ."""
     scenes = tabletop.sample_scenes(12, seed=2, min_objects=1, max_objects=3)
     t = tabletop.scenes_to_tensors(scenes)
     renderer = tabletop.make_renderer(64, backend="opengl")
-    full = renderer(t.shape_ids, t.positions, t.yaws)
-    boxes = renderer.object_boxes(t.shape_ids, t.positions, t.yaws)  # (B, N, 4)
     B, N = t.shape_ids.shape
+    eye = None
+    if moved:
+        g = torch.Generator().manual_seed(0)
+        eye = torch.tensor(renderer.stage.camera.eye) + 0.04 * torch.randn(B, 3, generator=g)
+    look = None if eye is None else Appearance(eye=eye)
+    full = renderer(t.shape_ids, t.positions, t.yaws, None, look)
+    boxes = renderer.object_boxes(t.shape_ids, t.positions, t.yaws, eye)  # (B, N, 4)
+    if moved:
+        assert not torch.equal(boxes, renderer.object_boxes(t.shape_ids, t.positions, t.yaws))
     for b in range(B):
         for n in range(N):
             if t.shape_ids[b, n] < 0:
@@ -108,18 +118,22 @@ def test_object_boxes_hold_each_object_and_windows_draw_what_the_whole_image_dra
                 continue
             alone = torch.full_like(t.shape_ids[b : b + 1], -1)
             alone[0, n] = t.shape_ids[b, n]
-            mask = renderer(alone, t.positions[b : b + 1], t.yaws[b : b + 1]).object_mask[0]
+            one = None if eye is None else Appearance(eye=eye[b : b + 1])
+            mask = renderer(alone, t.positions[b : b + 1], t.yaws[b : b + 1], None, one).object_mask[0]
             u0, v0, u1, v1 = boxes[b, n].tolist()
             assert mask.any() and not mask[:v0].any() and not mask[v1:].any(), (b, n)
             assert not mask[:, :u0].any() and not mask[:, u1:].any(), (b, n)
     windows = boxes[:, 0]
-    part = renderer(t.shape_ids, t.positions, t.yaws, windows=windows)
+    part = renderer(t.shape_ids, t.positions, t.yaws, None, look, windows=windows)
     v, u = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
     inside = (u >= windows[:, 0, None, None]) & (u < windows[:, 2, None, None])
     inside &= (v >= windows[:, 1, None, None]) & (v < windows[:, 3, None, None])  # (B, 64, 64)
-    assert (part.images - full.images).abs().amax(1)[inside].max() < 1e-4
-    assert torch.equal(part.object_mask[inside], full.object_mask[inside])
-    tiles, corner = renderer.tiles(t.shape_ids, t.positions, t.yaws, None, None, windows)
+    differ = (part.images - full.images).abs().amax(1)[inside] > 1e-4
+    # a pixel centre on an edge may fall either way under the framed matrix's rounding (one pixel of 4,500 seen
+    # with the cameras moved, at the table's outline): at most one in a thousand
+    assert differ.sum() <= (0 if eye is None else differ.numel() // 1000), differ.sum()
+    assert (part.object_mask[inside] != full.object_mask[inside]).sum() <= differ.sum()
+    tiles, corner = renderer.tiles(t.shape_ids, t.positions, t.yaws, None, look, windows)
     h, w = tiles.images.shape[2:]
     assert (w, h) == tuple((windows[:, 2:] - windows[:, :2]).amax(0).tolist())
     for b, (u0, v0) in enumerate(corner.tolist()):  # the tiles, where `forward` pastes them

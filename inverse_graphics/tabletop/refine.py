@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from inverse_graphics.tabletop import world3d
-from inverse_graphics.tabletop.appearance import AppearanceFit, fit_albedo, fit_appearance, instance_ids
+from inverse_graphics.tabletop.appearance import AppearanceFit, fit_albedo, fit_appearance, fit_eye, instance_ids
 from inverse_graphics.tabletop.levenberg_marquardt import LMSettings, levenberg_marquardt
 from inverse_graphics.tabletop.metrics3d import as_scene
 from inverse_graphics.tabletop.scene_search import MIN_SIGNAL, SearchConfig, search_scenes
@@ -130,6 +130,10 @@ class RefineConfig:
     # (appearance.fit_albedo, within ALBEDO_RANGE of its nominal colour), before the poses are refined again and at
     # every render of the structure search, so that an object of another colour than its nominal one still
     # explains its pixels
+    # With `appearance`: each image's camera centre too (appearance.fit_eye), first, on the start's poses; None:
+    # when the world randomises the camera's position (a model trained so expects it to move). The pose fit's
+    # windowed Jacobians and the search's windowed trials are then drawn under each image's fitted camera
+    camera: bool | None = None
     # After the poses: the structure search (inverse_graphics.tabletop.scene_search), which adds objects where the
     # image is unexplained and removes those the image does not support, each move kept only when the image says
     # so (needs method "lm"). None: off (counts and identities stay the start's).
@@ -274,7 +278,7 @@ def _levenberg_marquardt(
     H, W = images.shape[2:]
     blur = SMOOTHING.get(cfg.smoothing)
     smooth = None if blur is None else (lambda y: blur(y.view(-1, 3, H, W)).flatten(1))
-    windowed = hasattr(hard, "object_boxes") and (appearance is None or appearance.eye is None)
+    windowed = hasattr(hard, "object_boxes")
     x = images.flatten(1)
     result = levenberg_marquardt(render, start, x, steps, active, lm, project, look is not None, smooth,
                                  perturb if windowed else None)  # fmt: skip
@@ -309,7 +313,8 @@ def redraw_moved(
 
     xy = torch.cat([p.gather(1, one[..., None].expand(M, 1, 2)) for p in (pose[0], base_pose[0])])  # (2M, 1, 2)
     yaw = torch.cat([y.gather(1, one) for y in (pose[1], base_pose[1])])  # (2M, 1)
-    boxes = renderer.object_boxes(torch.cat([ids, ids]), xy, yaw)[:, 0]  # type: ignore[operator]  # (2M, 4)
+    eye = None if appearance is None or appearance.eye is None else torch.cat([appearance.eye, appearance.eye])
+    boxes = renderer.object_boxes(torch.cat([ids, ids]), xy, yaw, eye)[:, 0]  # type: ignore[operator]  # (2M, 4)
     now, before = boxes[:M], boxes[M:]
     windows = torch.cat([torch.minimum(now[:, :2], before[:, :2]), torch.maximum(now[:, 2:], before[:, 2:])], 1)
     return renderer(shape_ids, *pose, colors, appearance, windows=windows, background=base).images.flatten(1)
@@ -366,6 +371,9 @@ def refine(
     if cfg.appearance:
         steps = 0 if staged else _appearance_steps(cfg)
         look = fit_appearance(w, t, images.detach(), colors, steps, start_appearance, method=cfg.appearance_method)
+        moved = w.randomize is not None and w.randomize.camera_position > 0
+        if (cfg.camera if cfg.camera is not None else moved) and not legacy and objects:
+            look = fit_eye(w, t, images.detach(), colors, look)
     if not objects and not searching:  # only the table: the appearance is all there is to fit
         assert look is not None
         return [{**s, "appearance": a} for s, a in zip(start, look.to_dicts())]
@@ -420,6 +428,11 @@ def _search(
     def colors_of(shape_ids: torch.Tensor) -> torch.Tensor | None:
         return _colors_of(cfg, world, legacy, shape_ids)
 
+    table = None if legacy else torch.tensor(world.table.color, dtype=images.dtype)  # fitted with the albedos
+
+    def out_eye(rows: torch.Tensor) -> torch.Tensor | None:
+        return None if look is None or look.eye is None else look.eye[rows]
+
     def render(s: SceneTensors, rows: torch.Tensor) -> torch.Tensor:
         colors = colors_of(s.shape_ids)
         if look is None:
@@ -427,7 +440,8 @@ def _search(
         else:
             out = _lit(fd, s, colors, world3d.rows_of(look, rows), images[rows])
             if cfg.albedo and colors is not None:
-                fitted = fit_albedo(out, instance_ids(fd.renderer, s), images[rows], colors, colors)[1]
+                ids = instance_ids(fd.renderer, s, out_eye(rows))
+                fitted = fit_albedo(out, ids, images[rows], colors, colors, table)[1]
                 return torch.stack([fitted, out], 1)
         return torch.stack([out, out], 1)
 
@@ -462,6 +476,8 @@ def _windowed_screen(
     object in the image (both move little for one object more; the few trials the search refines are rendered
     whole)."""
 
+    table = None if legacy else torch.tensor(world.table.color, dtype=images.dtype)  # fitted with the albedos
+
     def screen(trial: SceneTensors, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         M = len(rows)
         ar = torch.arange(M)
@@ -476,7 +492,8 @@ def _windowed_screen(
         lit = (raw * gain[:, None, None, None]).clamp(max=1.0)
         fitted = lit
         if cfg.albedo and look is not None and colors is not None:
-            fitted = fit_albedo(lit, instance_ids(renderer, base), x, colors, colors)[1]
+            eye = None if look.eye is None else look.eye[scenes]
+            fitted = fit_albedo(lit, instance_ids(renderer, base, eye), x, colors, colors, table)[1]
         base_loss = image_loss(fitted, x)  # (S,)
         # the trials, drawn in a tile about the added object (as the renderer places its tiles)
         one = slot[:, None]
@@ -484,6 +501,7 @@ def _windowed_screen(
             trial.shape_ids.gather(1, one),
             trial.positions.gather(1, one[..., None].expand(M, 1, 2)),
             trial.yaws.gather(1, one),
+            None if look is None or look.eye is None else look.eye[rows],
         )[:, 0]
         trial_colors = _colors_of(cfg, world, legacy, trial.shape_ids)
         trial_look = None if look is None else world3d.rows_of(look, rows).appearance()
@@ -533,7 +551,7 @@ def _albedo(
 ) -> torch.Tensor:
     """(B, N, 3) each object's albedo fitted to `images` (appearance.fit_albedo) under `look`, from `colors`."""
     rendered = _lit(fd, t, colors, look, images)
-    return fit_albedo(rendered, instance_ids(fd.renderer, t), images, colors, nominal)[0]
+    return fit_albedo(rendered, instance_ids(fd.renderer, t, look.eye), images, colors, nominal)[0]
 
 
 def _lit(

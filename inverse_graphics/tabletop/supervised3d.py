@@ -154,9 +154,10 @@ def check_images(images, size: int | tuple[int, int]) -> torch.Tensor:
 
 
 def default_fit_appearance(world: World | None) -> bool:
-    """Whether `infer` fits the appearance by default: when the world randomises exposure, light or ambient."""
+    """Whether `infer` fits the appearance by default: when the world randomises exposure, light, ambient or the
+    camera's position."""
     r = None if world is None else world.randomize
-    return r is not None and max(r.brightness, r.light_direction_degrees, r.ambient) > 0
+    return r is not None and max(r.brightness, r.light_direction_degrees, r.ambient, r.camera_position) > 0
 
 
 class SupervisedRegressor(nn.Module):

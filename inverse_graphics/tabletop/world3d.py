@@ -200,8 +200,9 @@ def tensors_to_scenes(world: World, t: SceneTensors) -> list[dict]:
 
 def rows_of(x, keep: torch.Tensor):
     """A dataclass of per-scene tensors (first dimension B), e.g. SceneTensors or AppearanceFit, with only the scenes
-    `keep` (LongTensor)."""
-    return dataclasses.replace(x, **{f.name: getattr(x, f.name)[keep] for f in dataclasses.fields(x)})
+    `keep` (LongTensor); a field that is None stays None."""
+    values = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+    return dataclasses.replace(x, **{k: None if v is None else v[keep] for k, v in values.items()})
 
 
 def rerender(model, scenes: list[dict]) -> torch.Tensor:
