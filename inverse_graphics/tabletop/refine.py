@@ -453,11 +453,14 @@ def _search(
         positions, yaws = _levenberg_marquardt(fd, world, s, images[rows], colors_of(s.shape_ids), lm, sub, free)
         return SceneTensors(s.shape_ids, positions.detach(), yaws.detach())
 
+    def drawn(s: SceneTensors, rows: torch.Tensor) -> torch.Tensor:
+        return instance_ids(fd.renderer, s, out_eye(rows)) >= 0
+
     screen = None
     if hasattr(fd.renderer, "object_boxes"):  # OpenGL: it draws pixel windows
         screen = _windowed_screen(fd.renderer, world, images, cfg, look, legacy)
     with torch.no_grad():
-        return search_scenes(world, t, images, render, fit, cfg.search, screen)
+        return search_scenes(world, t, images, render, fit, cfg.search, screen, drawn)
 
 
 def _windowed_screen(

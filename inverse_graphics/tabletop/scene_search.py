@@ -13,9 +13,11 @@ generative model instead, one move per scene per round, each kept only when the 
   other object of the world at its place (at `yaws` turns and at its own yaw); the best, refined by LM, must pass
   the test below against the scene as it is.
 - add: in each of the `regions` connected regions of large residual (observed minus render, box-averaged over a
-  few pixels so that pixel noise and compression blocks fall away, squared, summed over channels; pixels above a
-  quarter of the peak of that residual averaged over a window of about an object's size) that hold the most
-  residual, every object of the world is tried on the ray through the region's residual-weighted centroid,
+  few pixels so that pixel noise and compression blocks fall away, squared, summed over channels, where the render
+  shows the table: a missing object's pixels are there, while a light or colour the render does not model leaves
+  its largest misfits on the objects already drawn, which can outweigh a thin or faint object's residual; pixels
+  above a quarter of the peak of that residual averaged over a window of about an object's size) that hold the
+  most residual, every object of the world is tried on the ray through the region's residual-weighted centroid,
   where it meets half and the full height of the object (the middle of an object's image is its middle seen from
   the side, nearer its top seen from above), at `yaws` turns across its symmetry period and, for an elongated
   object, with its long axis along the region's; the scene's `refine_candidates` best of them over all its regions
@@ -102,6 +104,8 @@ Fit = Callable[[SceneTensors, torch.Tensor, torch.Tensor], SceneTensors]  # LM r
 Screen = Callable[[SceneTensors, torch.Tensor, torch.Tensor], torch.Tensor]  # (trial scenes, their rows, the slot
 # each trial added an object in) -> (M,) their image losses, as `Renderer`'s [:, 0] would give them or close: the
 # add move ranks its many trials by it, and only the few it refines are rendered whole
+Drawn = Callable[[SceneTensors, torch.Tensor], torch.Tensor]  # (scenes, their rows) -> BoolTensor (M, H, W), the
+# pixels where an object is drawn (the rest shows the table)
 
 
 def table_points(world: World, pixels: torch.Tensor, height: float, size: tuple[int, int]) -> torch.Tensor:
@@ -184,6 +188,7 @@ def search_scenes(
     fit: Fit,
     cfg: SearchConfig | None = None,
     screen: Screen | None = None,
+    drawn: Drawn | None = None,
 ) -> SceneTensors:
     """The structure search of the module docstring from scenes `t` (B, N) against `images` (B, 3, H, W).
 
@@ -196,6 +201,8 @@ def search_scenes(
         fit: refines the poses of scenes given as rows of the batch (LM), returning them.
         cfg: the search's settings.
         screen: the add move's trial losses (e.g. drawn only about the added object); None: `render`'s.
+        drawn: the pixels the scenes' objects cover; the add move then looks for unexplained image only where the
+            render shows the table. None: everywhere.
     Returns:
         SceneTensors (B, N') with N' >= N slots (as many as the world's largest count when objects were added).
     """
@@ -245,7 +252,8 @@ def search_scenes(
         room = active[(t.shape_ids[active] >= 0).sum(1) < most]
         if len(room):
             # (R, 2) pixels and (R, 2) unit axes of the regions, R >= len(room); region_scene (R,) their scenes
-            peak, axis, region_scene = _residual_regions(images[room], current[room, 0], window, cfg.regions)
+            covered = None if drawn is None else drawn(world3d.rows_of(t, room), room)
+            peak, axis, region_scene = _residual_regions(images[room], current[room, 0], window, cfg.regions, covered)
             region_scene = room[region_scene]
             cands: list[tuple[int, float, tuple[float | None, float]]] = []  # (shape, height of the ray's point,
             # (yaw, 0) or (None, turn): along the region's axis, + turn)
@@ -413,10 +421,11 @@ def _long_axes(world: World) -> tuple[list[float], list[bool]]:
 
 
 def _residual_regions(
-    images: torch.Tensor, rendered: torch.Tensor, window: int, regions: int = 1
+    images: torch.Tensor, rendered: torch.Tensor, window: int, regions: int = 1, covered: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The connected regions of large residual (the signed residual box-averaged over `_preblur` pixels, then
-    squared and summed over channels; pixels over a quarter of its peak averaged over `window`) that hold the most
+    squared and summed over channels, outside `covered` (M, H, W) where given; pixels over a quarter of its peak
+    averaged over `window`) that hold the most
     residual, up to `regions` per image, each by its residual-weighted centroid and long axis: the patches of image
     that the render does not explain (a missing object's silhouette).
 
@@ -429,6 +438,8 @@ def _residual_regions(
     k = _preblur(window)
     difference = F.avg_pool2d(images - rendered, k, stride=1, padding=k // 2, count_include_pad=False)
     r = (difference**2).sum(1, keepdim=True)  # (M, 1, H, W)
+    if covered is not None:
+        r = r * ~covered[:, None]
     smooth = F.avg_pool2d(r, window, stride=1, padding=window // 2, count_include_pad=False)[:, 0]
     centres, axes, owners = [], [], []
     for m, (s, raw) in enumerate(zip(smooth.cpu().numpy(), r[:, 0].cpu().numpy())):
