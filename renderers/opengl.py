@@ -169,7 +169,33 @@ def world_to_clip(
     if image_size is None and camera.intrinsics is not None:
         raise ValueError("world_to_clip needs the image size (W, H) for a camera given by intrinsics")
     camera = camera if eye is None else replace(camera, eye=(float(eye[0]), float(eye[1]), float(eye[2])))
-    view = _look_at(camera)
+    return (_projection(camera, image_size) @ _look_at(camera)).astype(np.float32)
+
+
+def world_to_clips(camera: Camera, image_size: int | tuple[int, int] | None, eyes: np.ndarray) -> np.ndarray:
+    """(B, 4, 4) float32: `world_to_clip` of `camera` moved to each of `eyes` (B, 3), in one batch (a per-scene
+    camera is a matrix per scene and render: one at a time they cost most of a small OpenGL render)."""
+    eyes = np.asarray(eyes, dtype=np.float64).reshape(-1, 3)
+    at, up = (np.asarray(v, dtype=np.float64) for v in (camera.at, camera.up))
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-5)  # as `_look_at`
+
+    z = unit(at - eyes)
+    x = unit(np.cross(up, z))
+    y = unit(np.cross(z, x))
+    view = np.zeros((len(eyes), 4, 4))
+    view[:, :3, :3] = np.stack([x, y, z], 1)
+    view[:, :3, 3] = -np.einsum("bij,bj->bi", view[:, :3, :3], eyes)
+    view[:, 3, 3] = 1.0
+    degenerate = np.all(np.abs(x) <= 5e-3, axis=1)  # `_look_at`'s replacement axis, one at a time
+    for b in np.nonzero(degenerate)[0]:
+        view[b] = _look_at(replace(camera, eye=(float(eyes[b, 0]), float(eyes[b, 1]), float(eyes[b, 2]))))
+    return (_projection(camera, image_size) @ view).astype(np.float32)
+
+
+def _projection(camera: Camera, image_size: int | tuple[int, int] | None) -> np.ndarray:
+    """(4, 4) float64 view-to-clip matrix of `world_to_clip`."""
     if camera.intrinsics is None:
         width, height = (1, 1) if image_size is None else image_width_height(image_size)
         f = 1.0 / math.tan(math.radians(camera.fov_degrees) / 2)  # fy = H / (2 tan): 2 fy / H
@@ -180,7 +206,7 @@ def world_to_clip(
         fx, fy, cx, cy = camera.intrinsics
         scale_x, scale_y, shift_x, shift_y = 2 * fx / width, 2 * fy / height, 2 * cx / width - 1, 1 - 2 * cy / height
     n, far = camera.znear, camera.zfar
-    projection = np.array(
+    return np.array(
         [
             [-scale_x, 0, shift_x, 0],
             [0, scale_y, shift_y, 0],
@@ -188,7 +214,6 @@ def world_to_clip(
             [0, 0, 1, 0],  # w = view-frame depth
         ]
     )
-    return (projection @ view).astype(np.float32)
 
 
 def _look_at(camera: Camera) -> np.ndarray:
@@ -345,7 +370,7 @@ class OpenGLRenderer(torch.nn.Module):
     def _clips(self, eye: np.ndarray) -> np.ndarray:
         """(B, 16) column-major world-to-clip matrices of the stage's camera moved to each `eye` (B, 3)."""
         size, camera = self.settings.image_size, self.stage.camera
-        return np.stack([world_to_clip(camera, size, (e[0], e[1], e[2])).T.reshape(16) for e in eye])
+        return world_to_clips(camera, size, eye).transpose(0, 2, 1).reshape(-1, 16)
 
     def _boxes(self, ids: np.ndarray, xy: np.ndarray, yaw: np.ndarray, clip: np.ndarray | None = None) -> np.ndarray:
         """`object_boxes` on numpy arrays (B, N), (B, N, 2), (B, N) and each scene's world-to-clip matrix (B, 16)

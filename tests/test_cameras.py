@@ -142,6 +142,17 @@ def test_closed_form_look_at_is_pytorch3d_s():
         assert_close(opengl._look_at(camera), view.T.double().numpy(), atol=1e-6)
 
 
+def test_batched_world_to_clips_are_world_to_clip_one_at_a_time():
+    """The OpenGL renderer builds a per-scene camera's matrices in one batch (`world_to_clips`): the same as
+    `world_to_clip` for each eye, the degenerate one straight above `at` included, for fov and intrinsics."""
+    rng = np.random.default_rng(2)
+    eyes = np.concatenate([rng.uniform(-0.8, 0.8, (20, 3)) + (0, 0, 1.0), [[0.0, 0.0, 0.9]]])
+    for camera, size in ((CAMERA, SIZE), (Camera(eye=(0, -1, 1), at=(0, 0, 0), fov_degrees=50.0), (80, 48))):
+        batched = opengl.world_to_clips(camera, size, eyes)
+        for eye, clip in zip(eyes, batched):
+            assert_close(clip, opengl.world_to_clip(camera, size, tuple(eye)), atol=1e-6, rtol=1e-6)
+
+
 def test_pixel_intrinsics_of_a_fov_camera_and_validation():
     fov = Camera(eye=(0, -1, 1), at=(0, 0, 0), fov_degrees=60.0)
     f = 48 / (2 * math.tan(math.radians(30)))
