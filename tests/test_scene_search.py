@@ -200,10 +200,32 @@ def test_the_residual_regions_look_past_the_misfits_of_objects_already_drawn(kit
     spatula_pixels = ((images - drawn) ** 2).sum(1)[0] > 1e-6
     rendered = torch.where(covered[:, None], 0.3 * drawn, drawn)  # the bowl misfit
     window = _window(kitchen, kitchen.image_size)
-    ((u, v),), _, _ = _residual_regions(images, rendered, window, regions=1)
+    u, v = _residual_regions(images, rendered, window, regions=1)[0][0].tolist()  # the region's centroid
     assert covered[0, int(v), int(u)]
-    ((u, v),), _, _ = _residual_regions(images, rendered, window, regions=1, covered=covered)
+    u, v = _residual_regions(images, rendered, window, regions=1, covered=covered)[0][0].tolist()
     assert spatula_pixels[int(v), int(u)], (u, v)
+
+
+def test_a_bent_region_of_two_touching_spatulas_is_also_proposed_by_its_ends(kitchen):
+    """Two missing spatulas meeting at a right angle make one L-shaped region: its centroid lies on neither, but
+    the pieces about its two ends do, each with its axis along its own spatula."""
+    a = {"shape": "spatula", "position": [0.0, 0.0], "yaw": 0.0}
+    b = {"shape": "spatula", "position": [0.13, 0.11], "yaw": math.pi / 2}
+    images = kitchen.render_scenes([{"objects": [a, b]}])
+    table = kitchen.render_scenes([{"objects": []}])
+    window = _window(kitchen, kitchen.image_size)
+    masks = [((kitchen.render_scenes([{"objects": [o]}]) - table) ** 2).sum(1)[0] > 1e-6 for o in (a, b)]
+    centres, axes, owner = _residual_regions(images, table, window, regions=1)
+    assert len(centres) == 3 and owner.tolist() == [0, 0, 0]
+    on = [[bool(m[int(v), int(u)]) for m in masks] for u, v in centres.tolist()]
+    assert on[0] == [False, False], on  # the whole region's centroid: in the bend, on neither
+    assert on[1:] in ([[True, False], [False, True]], [[False, True], [True, False]]), on
+    for (u, v), axis in zip(centres[1:].tolist(), axes[1:]):
+        k = 0 if masks[0][int(v), int(u)] else 1
+        vs, us = np.nonzero(masks[k].numpy())  # the spatula's own silhouette axis, in pixels
+        uv = np.stack([us, vs], 1).astype(np.float64)
+        own = np.linalg.eigh(np.cov((uv - uv.mean(0)).T))[1][:, 1]
+        assert abs(float(np.dot(own, axis.numpy()))) > math.cos(math.radians(20))
 
 
 def test_a_misplaced_object_fitted_to_the_table_colour_is_still_removed(kitchen):

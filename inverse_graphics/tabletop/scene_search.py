@@ -17,7 +17,9 @@ generative model instead, one move per scene per round, each kept only when the 
   shows the table: a missing object's pixels are there, while a light or colour the render does not model leaves
   its largest misfits on the objects already drawn, which can outweigh a thin or faint object's residual; pixels
   above a quarter of the peak of that residual averaged over a window of about an object's size) that hold the
-  most residual, every object of the world is tried on the ray through the region's residual-weighted centroid,
+  most residual (and a long region's two ends, each the piece of it within that window: two thin objects
+  touching make one bent region whose centroid and axis fit neither), every object of the world is tried on the ray
+  through the region's residual-weighted centroid,
   where it meets half and the full height of the object (the middle of an object's image is its middle seen from
   the side, nearer its top seen from above), at `yaws` turns across its symmetry period and, for an elongated
   object, with its long axis along the region's; the scene's `refine_candidates` best of them over all its regions
@@ -426,8 +428,9 @@ def _residual_regions(
     """The connected regions of large residual (the signed residual box-averaged over `_preblur` pixels, then
     squared and summed over channels, outside `covered` (M, H, W) where given; pixels over a quarter of its peak
     averaged over `window`) that hold the most
-    residual, up to `regions` per image, each by its residual-weighted centroid and long axis: the patches of image
-    that the render does not explain (a missing object's silhouette).
+    residual, up to `regions` per image, each by its residual-weighted centroid and long axis, and a long region
+    (spread along its axis over half the window) also by the pieces of it within `window` of its two ends: the
+    patches of image that the render does not explain (a missing object's silhouette).
 
     Returns:
         (R, 2) continuous pixels (u, v), (R, 2) unit principal axes (du, dv) and LongTensor (R,) the image (row
@@ -458,9 +461,24 @@ def _residual_regions(
             uv = np.stack([u, v], 1).astype(np.float64) + 0.5
             centre = (uv * weight[:, None]).sum(0) / weight.sum()
             cov = ((uv - centre) * weight[:, None]).T @ (uv - centre) / weight.sum()
+            values, vectors = np.linalg.eigh(cov)
             centres.append(tuple(centre.tolist()))
-            axes.append(tuple(np.linalg.eigh(cov)[1][:, 1].tolist()))
+            axes.append(tuple(vectors[:, 1].tolist()))
             owners.append(m)
+            if math.sqrt(values[1]) > window / 2:
+                # a long region: also the pieces within a window of its two ends, each by its own centroid and axis
+                # (two thin objects touching make one bent region whose centroid and axis fit neither)
+                along = (uv - centre) @ vectors[:, 1]
+                for end in (uv[along.argmin()], uv[along.argmax()]):
+                    near = np.linalg.norm(uv - end, axis=1) <= window
+                    if near.sum() < 3:
+                        continue
+                    wn, un = weight[near], uv[near]
+                    c = (un * wn[:, None]).sum(0) / wn.sum()
+                    cv = ((un - c) * wn[:, None]).T @ (un - c) / wn.sum()
+                    centres.append(tuple(c.tolist()))
+                    axes.append(tuple(np.linalg.eigh(cv)[1][:, 1].tolist()))
+                    owners.append(m)
     device = images.device
     as_float = [torch.tensor(a, dtype=torch.float32, device=device) for a in (centres, axes)]
     return as_float[0], as_float[1], torch.tensor(owners, dtype=torch.long, device=device)
