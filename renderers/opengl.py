@@ -168,30 +168,13 @@ def world_to_clip(
     """
     if image_size is None and camera.intrinsics is not None:
         raise ValueError("world_to_clip needs the image size (W, H) for a camera given by intrinsics")
-    camera = camera if eye is None else replace(camera, eye=(float(eye[0]), float(eye[1]), float(eye[2])))
-    return (_projection(camera, image_size) @ _look_at(camera)).astype(np.float32)
+    return world_to_clips(camera, image_size, np.asarray([camera.eye if eye is None else eye]))[0]
 
 
 def world_to_clips(camera: Camera, image_size: int | tuple[int, int] | None, eyes: np.ndarray) -> np.ndarray:
     """(B, 4, 4) float32: `world_to_clip` of `camera` moved to each of `eyes` (B, 3), in one batch (a per-scene
     camera is a matrix per scene and render: one at a time they cost most of a small OpenGL render)."""
-    eyes = np.asarray(eyes, dtype=np.float64).reshape(-1, 3)
-    at, up = (np.asarray(v, dtype=np.float64) for v in (camera.at, camera.up))
-
-    def unit(v: np.ndarray) -> np.ndarray:
-        return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-5)  # as `_look_at`
-
-    z = unit(at - eyes)
-    x = unit(np.cross(up, z))
-    y = unit(np.cross(z, x))
-    view = np.zeros((len(eyes), 4, 4))
-    view[:, :3, :3] = np.stack([x, y, z], 1)
-    view[:, :3, 3] = -np.einsum("bij,bj->bi", view[:, :3, :3], eyes)
-    view[:, 3, 3] = 1.0
-    degenerate = np.all(np.abs(x) <= 5e-3, axis=1)  # `_look_at`'s replacement axis, one at a time
-    for b in np.nonzero(degenerate)[0]:
-        view[b] = _look_at(replace(camera, eye=(float(eyes[b, 0]), float(eyes[b, 1]), float(eyes[b, 2]))))
-    return (_projection(camera, image_size) @ view).astype(np.float32)
+    return (_projection(camera, image_size) @ _look_ats(camera, eyes)).astype(np.float32)
 
 
 def _projection(camera: Camera, image_size: int | tuple[int, int] | None) -> np.ndarray:
@@ -217,25 +200,34 @@ def _projection(camera: Camera, image_size: int | tuple[int, int] | None) -> np.
 
 
 def _look_at(camera: Camera) -> np.ndarray:
-    """(4, 4) float64 column-vector world-to-view matrix of PyTorch3D's `look_at_view_transform` for the camera,
-    in closed form: rows x, y, z of the view frame (z from the eye towards `at`, x = up x z, y = z x x) and the
-    translation -axis . eye. Why not PyTorch3D's own: its transform objects cost about 2 ms a call, and a batch of
-    scenes each with its own (randomised) eye made that the most of an OpenGL render. Where up is parallel to the
-    viewing direction PyTorch3D substitutes an axis: that rare case is left to it (tests compare the two)."""
-    eye, at, up = (np.asarray(v, dtype=np.float64) for v in (camera.eye, camera.at, camera.up))
+    """(4, 4) float64: `_look_ats` at the camera's own eye."""
+    return _look_ats(camera, np.asarray([camera.eye]))[0]
+
+
+def _look_ats(camera: Camera, eyes: np.ndarray) -> np.ndarray:
+    """(B, 4, 4) float64 column-vector world-to-view matrices of PyTorch3D's `look_at_view_transform` for the camera
+    moved to each of `eyes` (B, 3), in closed form: rows x, y, z of the view frame (z from the eye towards `at`,
+    x = up x z, y = z x x) and the translation -axis . eye. Why not PyTorch3D's own: its transform objects cost
+    about 2 ms a call, and a batch of scenes each with its own (randomised) eye made that the most of an OpenGL
+    render. Where up is parallel to the viewing direction PyTorch3D substitutes an axis: that rare case is left to
+    it (tests compare the two)."""
+    eyes = np.asarray(eyes, dtype=np.float64).reshape(-1, 3)
+    at, up = (np.asarray(v, dtype=np.float64) for v in (camera.at, camera.up))
 
     def unit(v: np.ndarray) -> np.ndarray:
-        return v / max(float(np.linalg.norm(v)), 1e-5)  # PyTorch3D's F.normalize(eps=1e-5)
+        return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-5)  # PyTorch3D's F.normalize(eps=1e-5)
 
-    z = unit(at - eye)
+    z = unit(at - eyes)
     x = unit(np.cross(up, z))
-    if np.all(np.abs(x) <= 5e-3):  # degenerate: PyTorch3D's replacement axis
-        view = pytorch3d_cameras(camera, 1, torch.device("cpu")).get_world_to_view_transform().get_matrix()[0]
-        return view.T.double().numpy()  # PyTorch3D multiplies row vectors; transpose for column vectors
     y = unit(np.cross(z, x))
-    rotation = np.stack([x, y, z])  # (3, 3): rows are the view axes in world coordinates
-    view = np.eye(4)
-    view[:3, :3], view[:3, 3] = rotation, -rotation @ eye
+    view = np.zeros((len(eyes), 4, 4))
+    view[:, :3, :3] = np.stack([x, y, z], 1)  # rows are the view axes in world coordinates
+    view[:, :3, 3] = -np.einsum("bij,bj->bi", view[:, :3, :3], eyes)
+    view[:, 3, 3] = 1.0
+    for b in np.nonzero(np.all(np.abs(x) <= 5e-3, axis=1))[0]:  # degenerate: PyTorch3D's replacement axis
+        moved = replace(camera, eye=(float(eyes[b, 0]), float(eyes[b, 1]), float(eyes[b, 2])))
+        matrix = pytorch3d_cameras(moved, 1, torch.device("cpu")).get_world_to_view_transform().get_matrix()[0]
+        view[b] = matrix.T.double().numpy()  # PyTorch3D multiplies row vectors; transpose for column vectors
     return view
 
 

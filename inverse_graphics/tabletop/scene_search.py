@@ -422,15 +422,23 @@ def _long_axes(world: World) -> tuple[list[float], list[bool]]:
     return angles, elongated
 
 
+def _centroid_axis(uv: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The weighted centroid (2,) of pixels `uv` (P, 2), their principal axis (2,) and the spread along it."""
+    centre = (uv * weight[:, None]).sum(0) / weight.sum()
+    cov = ((uv - centre) * weight[:, None]).T @ (uv - centre) / weight.sum()
+    values, vectors = np.linalg.eigh(cov)
+    return centre, vectors[:, 1], math.sqrt(max(float(values[1]), 0.0))
+
+
 def _residual_regions(
     images: torch.Tensor, rendered: torch.Tensor, window: int, regions: int = 1, covered: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The connected regions of large residual (the signed residual box-averaged over `_preblur` pixels, then
     squared and summed over channels, outside `covered` (M, H, W) where given; pixels over a quarter of its peak
-    averaged over `window`) that hold the most
-    residual, up to `regions` per image, each by its residual-weighted centroid and long axis, and a long region
-    (spread along its axis over half the window) also by the pieces of it within `window` of its two ends: the
-    patches of image that the render does not explain (a missing object's silhouette).
+    averaged over `window`) that hold the most residual, up to `regions` per image, each by its residual-weighted
+    centroid and long axis, and a long region (spread along its axis over half the window) also by the pieces of it
+    within `window` of its two ends: the patches of image that the render does not explain (a missing object's
+    silhouette).
 
     Returns:
         (R, 2) continuous pixels (u, v), (R, 2) unit principal axes (du, dv) and LongTensor (R,) the image (row
@@ -459,26 +467,20 @@ def _residual_regions(
             v, u = np.nonzero(labels == label)
             weight = raw[v, u]
             uv = np.stack([u, v], 1).astype(np.float64) + 0.5
-            centre = (uv * weight[:, None]).sum(0) / weight.sum()
-            cov = ((uv - centre) * weight[:, None]).T @ (uv - centre) / weight.sum()
-            values, vectors = np.linalg.eigh(cov)
-            centres.append(tuple(centre.tolist()))
-            axes.append(tuple(vectors[:, 1].tolist()))
-            owners.append(m)
-            if math.sqrt(values[1]) > window / 2:
+            centre, axis, spread = _centroid_axis(uv, weight)
+            pieces = [(centre, axis)]
+            if spread > window / 2:
                 # a long region: also the pieces within a window of its two ends, each by its own centroid and axis
                 # (two thin objects touching make one bent region whose centroid and axis fit neither)
-                along = (uv - centre) @ vectors[:, 1]
+                along = (uv - centre) @ axis
                 for end in (uv[along.argmin()], uv[along.argmax()]):
                     near = np.linalg.norm(uv - end, axis=1) <= window
-                    if near.sum() < 3:
-                        continue
-                    wn, un = weight[near], uv[near]
-                    c = (un * wn[:, None]).sum(0) / wn.sum()
-                    cv = ((un - c) * wn[:, None]).T @ (un - c) / wn.sum()
-                    centres.append(tuple(c.tolist()))
-                    axes.append(tuple(np.linalg.eigh(cv)[1][:, 1].tolist()))
-                    owners.append(m)
+                    if near.sum() >= 3:
+                        pieces.append(_centroid_axis(uv[near], weight[near])[:2])
+            for c, a in pieces:
+                centres.append(tuple(c.tolist()))
+                axes.append(tuple(a.tolist()))
+                owners.append(m)
     device = images.device
     as_float = [torch.tensor(a, dtype=torch.float32, device=device) for a in (centres, axes)]
     return as_float[0], as_float[1], torch.tensor(owners, dtype=torch.long, device=device)
