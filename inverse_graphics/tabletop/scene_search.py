@@ -25,11 +25,11 @@ generative model instead, one move per scene per round, each kept only when the 
   spatula's is 2 cm along its handle), at `yaws` turns across its symmetry period and, for an elongated object,
   with its long axis along the region's; `refine_candidates` of them (by image loss: the best of each region, then
   the best of each other object in a region, then any; a region's trials of one object differ little; on 48
-  kitchen scenes in five conditions 224 of 240 counts right, against 216 with the best three of all placed by
-  their origins: benchmarks/results/search_diverse.notes.md) are refined by Levenberg-Marquardt, each alone (the
-  scene's other objects held: under JPEG or noise their edges' misfits can pull a joint fit's steps off the new
-  object, a thin one especially, and LM then keeps the start; after the search, refinement polishes each changed
-  scene's objects together), and the best of
+  kitchen scenes in five conditions 224 of 240 counts right, against 217 with the best three of all placed by
+  their origins: benchmarks/results/search_probe_diverse.notes.md) are refined by Levenberg-Marquardt, each
+  alone (the scene's other objects held: under JPEG or noise their edges' misfits can pull a joint fit's steps
+  off the new object, a thin one especially, and LM then keeps the start; after the search, refinement polishes
+  each changed scene's objects together), and the best of
   those that passes the test is the scene's proposal. A swapped object is fitted alone likewise.
 
 The test, for a move between a scene without an object (render b) and with it (render a), observed image x: keep the
