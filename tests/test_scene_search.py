@@ -380,3 +380,18 @@ def test_an_added_object_is_placed_by_its_middle_not_its_frames_origin(kitchen):
         assert [o["shape"] for o in found] == ["spatula"]
         errors.append(math.dist(found[0]["position"], scene["objects"][0]["position"]))
     assert np.median(errors) < 0.01 and max(errors) < 0.03, errors
+
+
+def test_an_object_added_beside_a_mug_drawn_the_wrong_way_round_turns_the_mug(kitchen):
+    """A mug with its handle turned the wrong way reaches into a missing spatula's footprint: the spatula is not
+    refused, nor the mug removed for it; the mug is turned clear (of its 4 turns, the one the image favours) and
+    both are kept, the handle where the image has it."""
+    mug = {"shape": "mug", "position": [0.02, 0.0], "yaw": 0.0}  # handle towards +x, 7 cm from its middle
+    spatula = {"shape": "spatula", "position": [-0.06, 0.0], "yaw": math.pi / 2}  # 2 cm clear of the mug's body
+    truth = [{"objects": [mug, spatula]}]
+    images = kitchen.render_scenes(truth)
+    start = [{"objects": [{**mug, "yaw": math.pi}]}]  # the handle over the spatula
+    out = refine(start, images, SEARCH, world=kitchen)
+    assert _same_objects(out[0], truth[0], kitchen)
+    found = {o["shape"]: o for o in out[0]["objects"]}
+    assert abs(math.remainder(found["mug"]["yaw"], 2 * math.pi)) < math.radians(15)
