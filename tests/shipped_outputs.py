@@ -1,6 +1,7 @@
 """Fixed inputs for the shipped models and their outputs as plain JSON, so that a change of the weights' file
 format can be checked to leave every output unchanged (tests/golden/shipped_outputs.json was computed from the
-float16 pickle files that the safetensors files replaced)."""
+float16 pickle files that the safetensors files replaced; air-tabletop's entry from the safetensors file of the
+model retrained with appearance randomisation, when it replaced the first one on 2026-12-04)."""
 
 from __future__ import annotations
 

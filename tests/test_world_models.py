@@ -293,14 +293,21 @@ def test_train_with_a_world_file_trains_a_model_of_that_world_and_resume_refuses
     assert "another model than the one its checkpoint holds" in capsys.readouterr().err
 
 
-def test_shipped_models_are_the_primitives_world_with_their_scales():
-    for name in ("air-tabletop", "supervised-tabletop"):
-        model = ig.load_pretrained(name)
-        assert model.config.world is None and model.legacy and model.world.name == "primitives"
-        assert model.world.shape_names == ("cube", "sphere", "cylinder", "box", "wedge")
+def test_shipped_models_are_the_primitives_world():
+    """supervised-tabletop predates the World (a legacy config: the built-in primitives, its constants' scales);
+    air-tabletop was trained on the primitives world with a [randomize] section (its scenes are the built-in
+    world's: the same objects, table, camera and counts), so its world and scales are saved with it."""
+    sup = ig.load_pretrained("supervised-tabletop")
+    assert sup.config.world is None and sup.legacy and sup.world.name == "primitives"
     air = ig.load_pretrained("air-tabletop")
-    assert air.scales.position_sd == (0.12, 0.12) and air.scales.glimpse_height == 0.05
-    assert air.scales.glimpse_pixels == 24.0 and air.config.glimpse_window == 0.75
+    assert not air.legacy and air.config.world is not None and air.world.randomize is not None
+    assert air.world.same_scenes(load_world("primitives"))
+    for model in (sup, air):
+        assert model.world.shape_names == ("cube", "sphere", "cylinder", "box", "wedge")
+    assert air.scales == AIR3D(AIR3DConfig(world=air.world.to_dict())).scales  # derived from the world it saved
+    legacy = AIR3D(AIR3DConfig())  # a config without a world: the constants of the 64 px primitives models
+    assert legacy.scales.position_sd == (0.12, 0.12) and legacy.scales.glimpse_height == 0.05
+    assert legacy.scales.glimpse_pixels == 24.0
     assert AIR3DConfig().to_dict() == {**AIR3DConfig().to_dict(), "image_size": 64, "max_steps": 3, "world": None}
 
 
@@ -436,7 +443,8 @@ def test_pose_refinement_under_another_appearance_is_as_good_as_nominal_when_it_
 def test_the_guide_has_an_appearance_latent_for_a_randomised_world_and_not_for_the_primitives(tiny):
     model = _air(tiny)
     lat = model.appearance_latent
-    assert lat is not None and ig.load_pretrained("air-tabletop").appearance_latent is None
+    assert lat is not None and AIR3D(AIR3DConfig()).appearance_latent is None  # the built-in primitives: none
+    assert ig.load_pretrained("air-tabletop").appearance_latent is not None  # trained with [randomize]
     assert AIR3D(AIR3DConfig(world=tiny.to_dict(), appearance=False, **TINY_AIR)).appearance_latent is None  # type: ignore[arg-type]
     # prior matched to the ranges: brightness 0.2 -> sd 0.2 / sqrt 3 of log gain; 30 degrees -> tan 30 / 2
     assert lat.prior_sd.tolist() == pytest.approx([0.2 / math.sqrt(3), math.tan(math.radians(30)) / 2] + [
