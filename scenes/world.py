@@ -175,7 +175,8 @@ class World:
         return self._renderers[key]
 
     # ---- scenes ------------------------------------------------------------------------------------------
-    def _inside(self, polygon: np.ndarray, margin: float) -> bool:
+    def inside_table(self, polygon: np.ndarray, margin: float = 0.0) -> bool:
+        """Whether a footprint (P, 2), table frame, metres, lies on the table at least `margin` from its edge."""
         hx, hy = self.table.size[0] / 2 - margin, self.table.size[1] / 2 - margin
         return bool(np.abs(polygon[:, 0]).max() <= hx and np.abs(polygon[:, 1]).max() <= hy)
 
@@ -187,7 +188,7 @@ class World:
             x, y = rng.uniform((-hx, -hy), (hx, hy))
             yaw = float(rng.uniform(-math.pi, math.pi))
             polygon = obj.footprint_at((float(x), float(y)), yaw)
-            if self._inside(polygon, self.min_gap) and not any(
+            if self.inside_table(polygon, self.min_gap) and not any(
                 _footprints_overlap(polygon, other, self.min_gap) for other in placed
             ):
                 return {"shape": obj.name, "position": [float(x), float(y)], "yaw": yaw}, polygon
@@ -243,7 +244,7 @@ class World:
             if len(pose) != 3 or not all(isinstance(v, int | float) and math.isfinite(v) for v in pose):
                 raise ValueError(f"object {i} ({obj.name}): position must be [x, y] and yaw a number, finite")
             polygon = obj.footprint_at((pose[0], pose[1]), pose[2])
-            if not self._inside(polygon, -1e-9):
+            if not self.inside_table(polygon, -1e-9):
                 raise ValueError(f"object {i} ({obj.name}) at {o['position']} is (partly) off the "
                                  f"{self.table.size[0]:g} x {self.table.size[1]:g} m table")  # fmt: skip
             polygons.append(polygon)
@@ -444,7 +445,7 @@ def _check_fit(world: World, source: str) -> None:
     placed by the sampler (so that `sample_scenes` never loops for long)."""
     for i, obj in enumerate(world.objects):
         span = obj.footprint.max(0) - obj.footprint.min(0)
-        fits = any(world._inside(obj.footprint_at((0.0, 0.0), math.radians(a)), world.min_gap) for a in range(180))
+        fits = any(world.inside_table(obj.footprint_at((0.0, 0.0), math.radians(a)), world.min_gap) for a in range(180))
         if not fits:
             raise WorldError(
                 f"{source}: objects[{i}] ({obj.name}): its footprint ({span[0]:.3g} x {span[1]:.3g} m about its "
