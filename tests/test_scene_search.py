@@ -422,3 +422,21 @@ def test_nothing_is_added_at_the_tables_very_edge_where_the_world_never_draws_an
         out = search_scenes(kitchen, empty, images, render, lambda s, rows, slots: s, cfg)
         found.append(int((out.shape_ids >= 0).sum()))
     assert found == [0, 1]
+
+
+def test_a_mug_drawn_with_its_handle_on_the_wrong_side_is_turned(kitchen):
+    """The pose fit does not cross a mug's body to move its handle: started with the handle half a turn off, the
+    search's turn move tries the mug at its other turns about its place and keeps the one the image shows."""
+    truth = [{"objects": [{"shape": "mug", "position": [0.03, -0.02], "yaw": 0.4},
+                          {"shape": "can", "position": [-0.15, 0.08], "yaw": 0.0}]}]  # fmt: skip
+    images = kitchen.render_scenes(truth)
+    start = copy.deepcopy(truth)
+    start[0]["objects"][0]["yaw"] = 0.4 + math.pi
+    plain = refine(start, images, RefineConfig(), world=kitchen)
+    searched = refine(start, images, SEARCH, world=kitchen)
+    for out, turned in ((plain, False), (searched, True)):
+        mug = next(o for o in out[0]["objects"] if o["shape"] == "mug")
+        assert (abs(math.remainder(mug["yaw"] - 0.4, 2 * math.pi)) < math.radians(10)) == turned
+    no_turn = refine(start, images, RefineConfig(search=SearchConfig(turn=False)), world=kitchen)
+    mug = next(o for o in no_turn[0]["objects"] if o["shape"] == "mug")
+    assert abs(math.remainder(mug["yaw"] - 0.4, 2 * math.pi)) > math.radians(90)

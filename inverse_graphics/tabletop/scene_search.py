@@ -12,6 +12,9 @@ generative model instead, one move per scene per round, each kept only when the 
 - swap: an object whose silhouette leaves more than `margin` of its own signal unexplained is tried as every
   other object of the world at its place (at `yaws` turns and at its own yaw); the best, refined by LM, must pass
   the test below against the scene as it is.
+- turn: in a scene the round has not moved, each object with a symmetry period is tried at its other `yaws` turns
+  of it about its place, unfitted (a mug whose handle the guide drew on the wrong side: the pose fit does not
+  cross the body; the demo's second kitchen scene had one 179 degrees off); the best that passes the test is kept.
 - add: in each of the `regions` connected regions of large residual (observed minus render, box-averaged over a
   few pixels so that pixel noise and compression blocks fall away, squared, summed over channels, where the render
   shows the table: a missing object's pixels are there, while a light or colour the render does not model leaves
@@ -99,6 +102,10 @@ class SearchConfig:
     # other object of the world at its place (grid yaws and its own), the best refined by LM and kept by the same
     # test (the image must favour the new object over the old by the margin)
     swap: bool = True
+    # turn: in a round that has moved nothing else in the scene, each object that has a symmetry period is tried at
+    # its other `yaws` turns of it about its place (a mug whose handle the guide drew on the wrong side: the pose
+    # fit does not cross the body), the best kept by the same test
+    turn: bool = True
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.yaws < 1 or self.regions < 1 or self.refine_candidates < 1 or self.lm_steps < 0:
@@ -267,6 +274,8 @@ def search_scenes(
             if cfg.swap and len(world.objects) > 1:
                 doubtful = (unexplained > cfg.margin) & ~moved[scene]
                 _swap(world, t, images, current, moved, scene[doubtful], slots[doubtful], render, fit, cfg)
+            if cfg.turn:
+                _turn(world, t, images, current, moved, scene, slots, render, cfg)
         # -- add: every object at the residual's peak, at `yaws` turns
         room = active[(t.shape_ids[active] >= 0).sum(1) < most]
         if len(room):
@@ -465,6 +474,50 @@ def _swap(
             continue
         candidate = world3d.rows_of(chosen, torch.tensor([i]))
         if _overlaps(world, candidate, 0, j):
+            continue
+        _put(t, torch.tensor([b]), candidate)
+        current[b] = with_[i]
+        moved[b] = True
+
+
+def _turn(
+    world: World,
+    t: SceneTensors,
+    images: torch.Tensor,
+    current: torch.Tensor,
+    moved: torch.Tensor,
+    scene: torch.Tensor,
+    slots: torch.Tensor,
+    render: Renderer,
+    cfg: SearchConfig,
+) -> None:
+    """The turn move on objects (scene[i], slots[i]) of scenes not moved yet, in place: each object with a
+    symmetry period at its other `yaws` turns of it about its place, unfitted (only the object's own asymmetric
+    parts change); at most one per scene, the best the image favours."""
+    owner: list[int] = []
+    slot: list[int] = []
+    yaw: list[float] = []
+    for b, j in zip(scene.tolist(), slots.tolist()):
+        period = world.objects[int(t.shape_ids[b, j])].yaw_period
+        if moved[b] or period == 0.0:
+            continue
+        for k in range(1, cfg.yaws):
+            owner.append(b)
+            slot.append(j)
+            yaw.append(float(t.yaws[b, j]) + k * period / cfg.yaws)
+    if not owner:
+        return
+    owner_t, slot_t = torch.tensor(owner), torch.tensor(slot)
+    trial = world3d.rows_of(t, owner_t)
+    trial.yaws[torch.arange(len(owner)), slot_t] = torch.tensor(yaw, dtype=torch.float32)
+    with_ = render(trial, owner_t)
+    score = _explained(with_, current[owner_t], images[owner_t], cfg.margin, adding=True)
+    for i in score.argsort(descending=True).tolist():
+        b, j = owner[i], slot[i]
+        if score[i] < 0:
+            break
+        candidate = world3d.rows_of(trial, torch.tensor([i]))
+        if moved[b] or _overlaps(world, candidate, 0, j) or _at_edge(world, candidate, 0, j):
             continue
         _put(t, torch.tensor([b]), candidate)
         current[b] = with_[i]
