@@ -385,11 +385,10 @@ def _turned_clear(
         period = world.objects[int(out.shape_ids[0, j])].yaw_period
         if period == 0.0:
             return None
-        start = float(out.yaws[0, j])
         trials = []
-        for k in range(1, yaws):
+        for turned in _other_turns(float(out.yaws[0, j]), period, yaws):
             trial = world3d.rows_of(out, torch.tensor([0]))
-            trial.yaws[0, j] = start + k * period / yaws
+            trial.yaws[0, j] = turned
             if not _overlaps(world, trial, 0, j):
                 trials.append(trial)
         if not trials:
@@ -397,6 +396,11 @@ def _turned_clear(
         losses = [float(_loss(render(x, row)[:, 0], image[None])) for x in trials]
         out = trials[int(np.argmin(losses))]
     return out
+
+
+def _other_turns(yaw: float, period: float, yaws: int) -> list[float]:
+    """The yaws `yaw` + k period / yaws, k = 1 .. yaws - 1: an object's other turns across its symmetry period."""
+    return [yaw + k * period / yaws for k in range(1, yaws)]
 
 
 def _diverse(
@@ -466,18 +470,8 @@ def _swap(
         chosen = fit(chosen, owner_t[pick], slot_t[pick])
     with_ = render(chosen, owner_t[pick])
     score = _explained(with_, current[owner_t[pick]], images[owner_t[pick]], cfg.margin, adding=True)
-    for i in score.argsort(descending=True).tolist():
-        b, j = owner[int(pick[i])], slot[int(pick[i])]
-        if score[i] < 0:
-            break
-        if moved[b]:
-            continue
-        candidate = world3d.rows_of(chosen, torch.tensor([i]))
-        if _overlaps(world, candidate, 0, j):
-            continue
-        _put(t, torch.tensor([b]), candidate)
-        current[b] = with_[i]
-        moved[b] = True
+    rows = pick.tolist()
+    _keep_best(world, t, current, moved, chosen, [owner[i] for i in rows], [slot[i] for i in rows], with_, score)
 
 
 def _turn(
@@ -501,10 +495,10 @@ def _turn(
         period = world.objects[int(t.shape_ids[b, j])].yaw_period
         if moved[b] or period == 0.0:
             continue
-        for k in range(1, cfg.yaws):
+        for turned in _other_turns(float(t.yaws[b, j]), period, cfg.yaws):
             owner.append(b)
             slot.append(j)
-            yaw.append(float(t.yaws[b, j]) + k * period / cfg.yaws)
+            yaw.append(turned)
     if not owner:
         return
     owner_t, slot_t = torch.tensor(owner), torch.tensor(slot)
@@ -512,15 +506,35 @@ def _turn(
     trial.yaws[torch.arange(len(owner)), slot_t] = torch.tensor(yaw, dtype=torch.float32)
     with_ = render(trial, owner_t)
     score = _explained(with_, current[owner_t], images[owner_t], cfg.margin, adding=True)
+    _keep_best(world, t, current, moved, trial, owner, slot, with_, score, edge=True)
+
+
+def _keep_best(
+    world: World,
+    t: SceneTensors,
+    current: torch.Tensor,
+    moved: torch.Tensor,
+    trials: SceneTensors,
+    owner: list[int],
+    slot: list[int],
+    rendered: torch.Tensor,
+    score: torch.Tensor,
+    edge: bool = False,
+) -> None:
+    """In place: into each scene not moved yet, the trial (a row of `trials`, changing object slot[i] of scene
+    owner[i], rendered[i] its `Renderer` pair) with the best score that passes the test (>= 0) and interpenetrates
+    nothing (nor, with `edge`, comes near the table's edge); at most one per scene."""
     for i in score.argsort(descending=True).tolist():
         b, j = owner[i], slot[i]
         if score[i] < 0:
             break
-        candidate = world3d.rows_of(trial, torch.tensor([i]))
-        if moved[b] or _overlaps(world, candidate, 0, j) or _at_edge(world, candidate, 0, j):
+        if moved[b]:
+            continue
+        candidate = world3d.rows_of(trials, torch.tensor([i]))
+        if _overlaps(world, candidate, 0, j) or (edge and _at_edge(world, candidate, 0, j)):
             continue
         _put(t, torch.tensor([b]), candidate)
-        current[b] = with_[i]
+        current[b] = rendered[i]
         moved[b] = True
 
 
