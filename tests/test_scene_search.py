@@ -327,8 +327,8 @@ def test_one_object_drawn_between_two_of_its_kind_gives_way_to_both(kitchen):
 
 def test_under_a_moved_camera_the_search_keeps_the_true_scenes_only_when_the_camera_is_fitted(kitchen):
     """Images seen from eyes moved 2 cm (the kitchen randomises its camera so): started from the true scenes, the
-    search with the nominal camera moves the objects to explain the moved table (median error 5.8 mm here; before
-    additions at the table's edge were refused, it also added objects that are not there); with each image's eye
+    search with the nominal camera moves the objects to explain the moved table (median error 5.8 mm here; without
+    the rule against additions at the table's edge it also adds objects that are not there); with each image's eye
     fitted first (RefineConfig.camera, the default for a world that randomises its camera) every scene stays right
     and its objects' positions within a few millimetres (0.1 mm median here)."""
     truths = [kitchen.sample_scenes(16, seed=5)[i] for i in (0, 1, 3, 4)]
