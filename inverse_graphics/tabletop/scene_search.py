@@ -20,25 +20,26 @@ generative model instead, one move per scene per round, each kept only when the 
 - turn: in a scene the round has not moved, each object with a symmetry period is tried at its other `yaws` turns
   of it about its place, unfitted (a mug whose handle the guide drew on the wrong side: the pose fit does not
   cross the body; the demo's second kitchen scene had one 179 degrees off); the best that passes the test is kept.
-- add: in each of the `regions` connected regions of large residual (observed minus render, box-averaged over a
-  few pixels so that pixel noise and compression blocks fall away, squared, summed over channels, where the render
-  shows the table: a missing object's pixels are there, while a light or colour the render does not model leaves
-  its largest misfits on the objects already drawn, which can outweigh a thin or faint object's residual; pixels
-  above a quarter of the peak of that residual averaged over a window of about an object's size) that hold the
-  most residual (and a long region's two ends, each the piece of it within that window: two thin objects
-  touching make one bent region whose centroid and axis fit neither), every object of the world is tried on the ray
-  through the region's residual-weighted centroid,
-  where it meets half and the full height of the object (the middle of an object's image is its middle seen from
-  the side, nearer its top seen from above), with the middle of its surface there (not its frame's origin: a
-  spatula's is 2 cm along its handle), at `yaws` turns across its symmetry period and, for an elongated object,
-  with its long axis along the region's; `refine_candidates` of them (by image loss: the best of each region, then
-  the best of each other object in a region, then any; a region's trials of one object differ little; on 48
-  kitchen scenes in five conditions 224 of 240 counts right, against 217 with the best three of all placed by
-  their origins: benchmarks/results/search_probe_diverse.notes.md) are refined by Levenberg-Marquardt, each
-  alone (the scene's other objects held: under JPEG or noise their edges' misfits can pull a joint fit's steps
-  off the new object, a thin one especially, and LM then keeps the start; after the search, refinement polishes
-  each changed scene's objects together), and the best of
-  those that passes the test is the scene's proposal. A swapped object is fitted alone likewise.
+- add: in each of the `regions` connected regions of large residual (observed minus render, box-averaged over a few
+  pixels so that pixel noise and compression blocks fall away, squared, summed over channels, where the render shows
+  the table: a missing object's pixels are there, while a light or colour the render does not model leaves its largest
+  misfits on the objects already drawn, which can outweigh a thin or faint object's residual; pixels above a quarter
+  of the peak of that residual averaged over a window of about an object's size) that hold the most residual (and a
+  long region's two ends, each the piece of it within that window: two thin objects touching make one bent region
+  whose centroid and axis fit neither), every object of the world is tried on the ray through the region's
+  residual-weighted centroid, where it meets half and the full height of the object (the middle of an object's image
+  is its middle seen from the side, nearer its top seen from above), with the middle of its surface there (not its
+  frame's origin: a spatula's is 2 cm along its handle), at `yaws` turns across its symmetry period and, for an
+  elongated object, with its long axis along the region's, centred on it and shifted a third of its length either way
+  (an object mostly hidden behind another shows only one end: a spatula's handle beside a box; 227 of the probe's 240
+  kitchen counts, from 226: benchmarks/results/search_probe_shifted_ends.notes.md); `refine_candidates` of them (by
+  image loss: the best of each region, then the best of each other object in a region, then any; a region's trials of
+  one object differ little; on 48 kitchen scenes in five conditions 224 of 240 counts right, against 217 with the best
+  three of all placed by their origins: benchmarks/results/search_probe_diverse.notes.md) are refined by
+  Levenberg-Marquardt, each alone (the scene's other objects held: under JPEG or noise their edges' misfits can pull a
+  joint fit's steps off the new object, a thin one especially, and LM then keeps the start; after the search,
+  refinement polishes each changed scene's objects together), and the best of those that passes the test is the
+  scene's proposal. A swapped object is fitted alone likewise.
 
 The test, for a move between a scene without an object (render b) and with it (render a), observed image x: keep the
 object iff ||x - b||^2 - ||x - a||^2 >= margin ||a - b||^2, i.e. the image is closer to the render with the object
@@ -246,6 +247,7 @@ def search_scenes(
     tops = [float(o.mesh.bounds[1, 2]) for o in world.objects]  # metres
     middles = torch.tensor(np.array([o.mesh.centroid[:2] for o in world.objects]), dtype=torch.float32)
     axis_angle, elongated = _long_axes(world)
+    lengths = [_length_along(o, a) for o, a in zip(world.objects, axis_angle)]
     active = torch.arange(B)
     current = render(t, torch.arange(B))  # (B, 2, 3, H, W)
     for _ in range(cfg.rounds):
@@ -289,16 +291,19 @@ def search_scenes(
             covered = None if drawn is None else drawn(world3d.rows_of(t, room), room)
             peak, axis, region_scene = _residual_regions(images[room], current[room, 0], window, cfg.regions, covered)
             region_scene = room[region_scene]
-            cands: list[tuple[int, float, tuple[float | None, float]]] = []  # (shape, height of the ray's point,
-            # (yaw, 0) or (None, turn): along the region's axis, + turn)
+            cands: list[tuple[int, float, tuple[float | None, float], float]] = []  # (shape, height of the ray's
+            # point, (yaw, 0) or (None, turn): along the region's axis, + turn, and a shift along that axis, metres)
             for s, obj in enumerate(world.objects):
                 turns = [] if obj.yaw_period == 0.0 else [k * obj.yaw_period / cfg.yaws for k in range(cfg.yaws)]
                 along: list[tuple[float | None, float]] = []
                 if obj.yaw_period != 0.0 and elongated[s]:
                     along = [(None, 0.0), (None, math.pi)]
                 for h in cfg.heights:
-                    cands += [(s, h * tops[s], (y, 0.0)) for y in turns or [0.0]]
-                    cands += [(s, h * tops[s], a) for a in along]
+                    cands += [(s, h * tops[s], (y, 0.0), 0.0) for y in turns or [0.0]]
+                    # along the region's axis: centred on it, and with the region as either end of the object (one
+                    # partly hidden behind another shows only an end: a spatula's handle beside a box)
+                    cands += [(s, h * tops[s], a, shift) for a in along
+                              for shift in (0.0, lengths[s] / 3, -lengths[s] / 3)]  # fmt: skip
             C = len(cands)
             R = len(region_scene)
             shape = torch.tensor([c[0] for c in cands]).repeat(R)  # (R C,)
@@ -306,15 +311,16 @@ def search_scenes(
             points = {}  # (R, 2) table points of the region's centre and a pixel along its axis, per height
             for h in {c[1] for c in cands}:
                 points[h] = (table_points(world, peak, h, size), table_points(world, peak + axis, h, size))
-            xy = torch.stack([points[c[1]][0] for c in cands], 1).flatten(0, 1)  # (R C, 2)
+            xy = torch.stack([points[c[1]][0] for c in cands], 1)  # (R, C, 2)
             yaw = torch.empty(R, C)
-            for j, (s_, h, (fixed, turn)) in enumerate(cands):
+            for j, (s_, h, (fixed, turn), shift) in enumerate(cands):
                 if fixed is not None:
                     yaw[:, j] = fixed
                 else:  # the object's long axis (at yaw 0: axis_angle[s]) turned onto the region's, on the table
                     d = points[h][1] - points[h][0]
                     yaw[:, j] = torch.atan2(d[:, 1], d[:, 0]) - axis_angle[s_] + turn
-            yaw = yaw.flatten()
+                    xy[:, j] = xy[:, j] + shift * F.normalize(d, dim=1)
+            xy, yaw = xy.flatten(0, 1), yaw.flatten()
             # the object's own middle (its surface's centroid on the table plane), not its frame's origin, on the
             # region's: a spatula's blade puts it 2 cm along the handle, a miss for a thin object
             mid = middles[shape]  # (R C, 2) in the object's frame
@@ -569,6 +575,13 @@ def _long_axes(world: World) -> tuple[list[float], list[bool]]:
         angles.append(float(math.atan2(vectors[1, 1], vectors[0, 1])))
         elongated.append(bool(values[1] > 1.5**2 * max(values[0], 1e-12)))
     return angles, elongated
+
+
+def _length_along(obj, angle: float) -> float:
+    """The extent (metres) of an object's mesh along the table direction `angle` (radians from x, at yaw 0)."""
+    xy = np.asarray(obj.mesh.vertices, dtype=np.float64)[:, :2]
+    along = xy @ np.array([math.cos(angle), math.sin(angle)])
+    return float(along.max() - along.min())
 
 
 def _centroid_axis(uv: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
