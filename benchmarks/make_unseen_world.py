@@ -1,9 +1,16 @@
 """Write a world that nothing in the package was tuned on, as a user would: the generality check of the worlds issue.
 
-`python -m benchmarks.make_unseen_world DIR` writes DIR/workshop.toml and its meshes (made here with trimesh, never
-shipped): five objects in four file formats and three units, a non-square 112 x 80 camera given by intrinsics with
-its principal point off centre, a low light from another side, a smaller table of another colour, 1-4 objects a
-scene, randomisation on. Then train and score it with the defaults:
+`python -m benchmarks.make_unseen_world DIR` writes two worlds and their meshes (made here with trimesh, never
+shipped):
+
+- DIR/workshop.toml: five objects in four file formats and three units, a non-square 112 x 80 camera given by
+  intrinsics with its principal point off centre, a low light from another side, a smaller table of another colour,
+  1-4 objects a scene, randomisation on;
+- DIR/desk.toml: a portrait 96 x 128 camera (taller than wide) looking steeply down, given by intrinsics with
+  fx != fy, a light table, six objects in five formats and four units (a ring with a hole, a pen lying on its side,
+  an L-shaped bracket, a die, a triangular prism, an eraser primitive), 0-5 objects a scene, randomisation on.
+
+Then train and score each with the defaults:
 
     inverse-graphics train air-tabletop --world DIR/workshop.toml --minutes 60 --out runs/workshop
     python -m benchmarks.bench_world --world DIR/workshop.toml --air runs/workshop/checkpoint.safetensors \
@@ -89,6 +96,106 @@ yaw_symmetry = "auto"
 """
 
 
+DESK = """\
+# A second world for the generality check (benchmarks/make_unseen_world.py); no default was tuned on it.
+name = "desk"
+image_size = [96, 128]
+objects_per_scene = [0, 5]
+
+[camera]
+eye = [-0.03, -0.14, 0.55]
+at = [0.0, 0.01, 0.0]
+fx = 150.0
+fy = 146.0
+cx = 47.0
+cy = 65.0
+znear = 0.2
+zfar = 1.4
+
+[light]
+direction = [0.3, -0.6, 0.75]
+ambient = 0.45
+diffuse = 0.55
+
+[table]
+size = [0.30, 0.42]
+color = [0.78, 0.76, 0.70]
+
+[randomize]
+brightness = 0.2
+light_direction_degrees = 30
+ambient = 0.12
+object_color = 0.12
+table_color = 0.08
+camera_position = 0.02
+pixel_noise = 0.02
+
+[[objects]]
+name = "ring"
+mesh = "meshes/ring.obj"
+scale = 0.001
+color = [0.85, 0.65, 0.15]
+yaw_symmetry = "auto"
+
+[[objects]]
+name = "pen"
+mesh = "meshes/pen.stl"
+scale = 0.01
+color = [0.15, 0.25, 0.75]
+yaw_symmetry = "auto"
+
+[[objects]]
+name = "l_bracket"
+mesh = "meshes/l_bracket.ply"
+color = [0.55, 0.55, 0.60]
+yaw_symmetry = "auto"
+
+[[objects]]
+name = "die"
+mesh = "meshes/die.glb"
+up_axis = "y"
+color = [0.80, 0.15, 0.20]
+yaw_symmetry = "auto"
+
+[[objects]]
+name = "prism"
+mesh = "meshes/prism.off"
+scale = 0.0254
+color = [0.20, 0.60, 0.30]
+yaw_symmetry = "auto"
+
+[[objects]]
+name = "eraser"
+primitive = "box"
+extents = [0.05, 0.022, 0.012]
+color = [0.90, 0.45, 0.55]
+yaw_symmetry = "auto"
+"""
+
+
+def desk_meshes() -> dict[str, trimesh.Trimesh]:
+    """The desk's objects in their files' units and axes (OBJ mm, STL cm, PLY m, GLB m with +y up, OFF inches)."""
+    ring = trimesh.creation.torus(major_radius=22.0, minor_radius=6.0, major_sections=48, minor_sections=16)  # mm
+    ring.apply_translation([0, 0, 6.0])
+    pen = trimesh.creation.cylinder(radius=0.5, height=14.0, sections=12)  # cm, lying along x
+    pen.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, [0, 1, 0]))
+    pen.apply_translation([0.0, 0.0, 0.5])
+    arm = trimesh.creation.box(extents=[0.06, 0.015, 0.02])  # metres: an L of two arms, 6 x 4.5 cm
+    arm.apply_translation([0.03, 0.0075, 0.01])
+    leg = trimesh.creation.box(extents=[0.015, 0.045, 0.02])
+    leg.apply_translation([0.0075, 0.0225, 0.01])
+    bracket = trimesh.boolean.union([arm, leg]) if trimesh.boolean.engines_available else None
+    bracket = bracket if bracket is not None else trimesh.util.concatenate([arm, leg])
+    die = trimesh.creation.box(extents=[0.024, 0.024, 0.024])  # metres
+    die.apply_translation([0, 0, 0.012])
+    die.apply_transform(trimesh.transformations.rotation_matrix(-np.pi / 2, [1, 0, 0]))  # z up -> y up (glTF)
+    side = 1.6  # inches: an equilateral triangular prism, 0.7 in high
+    corners = [[side / np.sqrt(3) * np.cos(a), side / np.sqrt(3) * np.sin(a), z]
+               for a in np.radians([90, 210, 330]) for z in (0.0, 0.7)]  # fmt: skip
+    prism = trimesh.Trimesh(vertices=np.array(corners)).convex_hull
+    return {"ring.obj": ring, "pen.stl": pen, "l_bracket.ply": bracket, "die.glb": die, "prism.off": prism}
+
+
 def meshes() -> dict[str, trimesh.Trimesh]:
     """The objects in their files' units and axes (STL mm, PLY cm, OBJ inches, GLB metres with +y up)."""
     nut = trimesh.creation.cylinder(radius=22.0, height=14.0, sections=6)  # a hexagonal nut, mm
@@ -113,6 +220,9 @@ def write(directory: Path) -> Path:
     (directory / "meshes").mkdir(parents=True, exist_ok=True)
     for name, mesh in meshes().items():
         mesh.export(directory / "meshes" / name)
+    for name, mesh in desk_meshes().items():
+        mesh.export(directory / "meshes" / name)
+    (directory / "desk.toml").write_text(DESK)
     path = directory / "workshop.toml"
     path.write_text(WORLD)
     return path
@@ -121,7 +231,8 @@ def write(directory: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("directory")
-    print(f"wrote {write(Path(p.parse_args(argv).directory))}")
+    path = write(Path(p.parse_args(argv).directory))
+    print(f"wrote {path} and {path.parent / 'desk.toml'}")
 
 
 if __name__ == "__main__":
