@@ -266,12 +266,17 @@ def tables(world: World, rows: list[dict], timing: dict, verdicts: dict, args) -
     air = [r for r in rows if r["method"] == "3D AIR" and r["condition"] == "clean"]
     if air:
         r = max(air, key=lambda r: r["refine"])  # where the errors are, in what infer gives
+        yaws = r["yaw_error_deg_median_by_shape"]  # the overall median can hide one asymmetric object's
+        any_yaw = {o.name: o.yaw_period == 0.0 for o in world.objects}
         shape_rows = [[name, b["true"], b["missed"], b["unmatched_predictions"], b["wrong_identity"],
-                       fmt(b["position_error_mm_median"], ".1f")] for name, b in r["by_shape"].items()]  # fmt: skip
+                       fmt(b["position_error_mm_median"], ".1f"),
+                       "any" if any_yaw[name] else fmt(yaws.get(name), ".1f")]
+                      for name, b in r["by_shape"].items()]  # fmt: skip
         text += (f"\n\nWhere 3D AIR's errors are (clean, K={r['refine']}, {r['n']} scenes; missed: no prediction "
-                 "within the gate; unmatched: a prediction of that shape matched to nothing):\n\n"
+                 "within the gate; unmatched: a prediction of that shape matched to nothing; yaw: median "
+                 "symmetry-reduced error, any: every yaw looks the same):\n\n"
                  + markdown_table(["object", "true", "missed", "unmatched predictions", "wrong identity",
-                                   "position mm"], shape_rows))  # fmt: skip
+                                   "position mm", "yaw deg"], shape_rows))  # fmt: skip
         confusion = r["count_confusion"]
         counts = sorted({int(k) for k in confusion} | {int(p) for row in confusion.values() for p in row})
         crows = [[t, *[confusion.get(str(t), {}).get(str(p), 0) or "" for p in counts]] for t in counts]
