@@ -278,7 +278,7 @@ class OpenGLRenderer(torch.nn.Module):
         self._meshes = [self._mesh_buffers(v, f) for v, f in zip(library.verts, library.faces, strict=True)]
         self._meshes.append(self._mesh_buffers(stage.table_verts, stage.table_faces))
         self._instanced: list[tuple[Any, Any, int] | None] = [None] * len(self._meshes)  # (vao, buffer, rows)
-        self._framebuffers: dict[tuple[int, int], Any] = {}  # one per tile layout, reused (see `_framebuffer`)
+        self._framebuffer_parts: tuple[Any, Any, Any] | None = None  # (framebuffer, colour, depth), see `_framebuffer`
         direction = np.asarray(stage.light.direction, dtype=np.float64)
         self._nominal_light = np.r_[direction / np.linalg.norm(direction), stage.light.ambient]  # (4,)
         self._nominal_clip = world_to_clip(stage.camera, self.settings.image_size).T.reshape(16)  # column-major
@@ -289,12 +289,25 @@ class OpenGLRenderer(torch.nn.Module):
         self._invariant = np.array([*self.yaw_invariant, *[False] * (len(corners) + 1)])  # (> K,) drawn at yaw 0
 
     def _framebuffer(self, width: int, height: int):
-        """The float framebuffer of this size, made once. Why reused: `Framebuffer.release()` does not release the
-        colour and depth renderbuffers that `simple_framebuffer` attaches, so one new framebuffer per call leaked
-        about 3 MB per call of 32 scenes at 64 px (measured: 660 MB -> 2.6 GB in 600 calls)."""
-        if (width, height) not in self._framebuffers:
-            self._framebuffers[width, height] = self.ctx.simple_framebuffer((width, height), components=4, dtype="f4")
-        return self._framebuffers[width, height]
+        """One float framebuffer of at least this size, drawn into and read from its bottom-left (0, 0, width,
+        height): grown when a call needs more, its colour and depth renderbuffers released with it.
+
+        One, not one per size: a tile layout's size follows the batch and, for windowed renders, each call's largest
+        window, so a framebuffer per size grew without bound (on a 96 x 128 world, ~0.85 GB and ~90 sizes more per
+        `infer` of 32 images with the structure search). Made from explicit renderbuffers because
+        `Framebuffer.release()` does not release the ones `simple_framebuffer` attaches (3 MB a call at 64 px).
+        A viewport at the origin of a larger framebuffer maps NDC to the same window coordinates as a framebuffer of
+        the viewport's size, so the pixels are the same."""
+        old = self._framebuffer_parts
+        if old is None or old[0].width < width or old[0].height < height:
+            if old is not None:
+                width, height = max(width, old[0].width), max(height, old[0].height)
+            color = self.ctx.renderbuffer((width, height), components=4, dtype="f4")
+            depth = self.ctx.depth_renderbuffer((width, height))
+            self._framebuffer_parts = (self.ctx.framebuffer([color], depth), color, depth)
+            for part in old or ():  # after the new one is made: making it rebinds the bound framebuffer, and a
+                part.release()  # released one there leaves GL_INVALID_OPERATION for the next GL user to find
+        return self._framebuffer_parts[0]
 
     def _mesh_buffers(self, verts: torch.Tensor, faces: torch.Tensor) -> tuple[Any, Any]:
         """Interleaved (position, normal) float32 vertices and uint32 triangle indices, as GL buffers."""
@@ -501,7 +514,7 @@ class OpenGLRenderer(torch.nn.Module):
         self.ctx.enable(self.ctx.DEPTH_TEST)
         for plane in range(4):
             self.ctx.enable_direct(_GL_CLIP_DISTANCE0 + plane)
-        fbo.clear(*self.stage.background_color, 0.0, depth=1.0)
+        fbo.clear(*self.stage.background_color, 0.0, depth=1.0, viewport=(0, 0, cols * W, rows * H))
         self.program["tile_scale"].value = (1.0 / cols, 1.0 / rows)
         index = np.arange(b)
         offset = np.stack([(2 * (index % cols) + 1) / cols - 1, (2 * (index // cols) + 1) / rows - 1], 1)  # (b, 2)
@@ -515,7 +528,7 @@ class OpenGLRenderer(torch.nn.Module):
         objects = np.concatenate([pose, albedo[s, n], np.ones((len(s), 1)), per_scene[s]], 1)  # (M, 31)
         for shape in np.unique(k):
             self._draw(int(shape), objects[k == shape])
-        data = np.frombuffer(fbo.read(components=4, dtype="f4"), dtype=np.float32)
+        data = np.frombuffer(fbo.read((0, 0, cols * W, rows * H), components=4, dtype="f4"), dtype=np.float32)
         grid = data.reshape(rows, H, cols, W, 4)[:, ::-1]  # OpenGL's row 0 is the bottom; flip to top-first
         tiles = grid.transpose(0, 2, 4, 1, 3).reshape(rows * cols, 4, H, W)[:b]  # (b, 4, H, W)
         return np.ascontiguousarray(tiles)
