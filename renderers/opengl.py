@@ -299,15 +299,17 @@ class OpenGLRenderer(torch.nn.Module):
         A viewport at the origin of a larger framebuffer maps NDC to the same window coordinates as a framebuffer of
         the viewport's size, so the pixels are the same."""
         old = self._framebuffer_parts
-        if old is None or old[0].width < width or old[0].height < height:
-            if old is not None:
-                width, height = max(width, old[0].width), max(height, old[0].height)
-            color = self.ctx.renderbuffer((width, height), components=4, dtype="f4")
-            depth = self.ctx.depth_renderbuffer((width, height))
-            self._framebuffer_parts = (self.ctx.framebuffer([color], depth), color, depth)
-            for part in old or ():  # after the new one is made: making it rebinds the bound framebuffer, and a
-                part.release()  # released one there leaves GL_INVALID_OPERATION for the next GL user to find
-        return self._framebuffer_parts[0]
+        if old is not None and old[0].width >= width and old[0].height >= height:
+            return old[0]
+        if old is not None:
+            width, height = max(width, old[0].width), max(height, old[0].height)
+        color = self.ctx.renderbuffer((width, height), components=4, dtype="f4")
+        depth = self.ctx.depth_renderbuffer((width, height))
+        fbo = self.ctx.framebuffer([color], depth)
+        self._framebuffer_parts = (fbo, color, depth)
+        for part in old or ():  # after the new one is made: making it rebinds the bound framebuffer, and a
+            part.release()  # released one there leaves GL_INVALID_OPERATION for the next GL user to find
+        return fbo
 
     def _mesh_buffers(self, verts: torch.Tensor, faces: torch.Tensor) -> tuple[Any, Any]:
         """Interleaved (position, normal) float32 vertices and uint32 triangle indices, as GL buffers."""
