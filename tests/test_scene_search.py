@@ -546,3 +546,35 @@ def test_a_spatula_mostly_behind_a_box_is_added_from_its_visible_end(kitchen, mo
     centred = model.infer(images).scenes
     assert _same_objects(found[0], truth[0], kitchen)
     assert len(centred[0]["objects"]) == 4
+
+
+def test_a_swapped_object_is_put_with_its_middle_on_the_old_objects_middle(kitchen):
+    """The swap tries every other object at the old one's place: with the middles of their surfaces together, not
+    their frames' origins (a spatula's is 2 cm along its handle; on the unseen desk world an L bracket's is its
+    corner, 2.5 cm from its middle: a pen swapped in there started off the pen in the image)."""
+    from inverse_graphics.tabletop import scene_search, world3d
+
+    t = world3d.scenes_to_tensors(kitchen, [{"objects": [{"shape": "spatula", "position": [0.02, -0.01], "yaw": 0.7}]}])
+    middles = torch.tensor(np.array([o.mesh.centroid[:2] for o in kitchen.objects]), dtype=torch.float32)
+    seen = []
+
+    def render(s, rows):
+        seen.append(world3d.rows_of(s, torch.arange(len(rows))))
+        return torch.zeros(len(rows), 2, 3, 96, 128)
+
+    def fit(s, rows, slots):
+        return s
+
+    images, current = torch.zeros(1, 3, 96, 128), torch.zeros(1, 2, 3, 96, 128)
+    moved = torch.zeros(1, dtype=torch.bool)
+    cfg = scene_search.SearchConfig()
+    scene_search._swap(
+        kitchen, t, images, current, moved, torch.tensor([0]), torch.tensor([0]), render, fit, cfg, middles
+    )
+    trials = seen[0]
+    where = trials.positions[:, 0] + scene_search._turned(middles[trials.shape_ids[:, 0]], trials.yaws[:, 0])
+    middle = t.positions[0, 0] + scene_search._turned(middles[t.shape_ids[:, 0]], t.yaws[:, 0])[0]
+    others = set(range(len(kitchen.objects))) - {int(t.shape_ids[0, 0])}
+    assert set(trials.shape_ids[:, 0].tolist()) == others
+    torch.testing.assert_close(where, middle.expand_as(where), atol=1e-6, rtol=0)
+    assert float(middles[kitchen.shape_names.index("spatula")].norm()) > 0.015  # the spatula's middle is off its origin

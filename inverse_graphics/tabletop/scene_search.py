@@ -9,14 +9,15 @@ generative model instead, one move per scene per round, each kept only when the 
   supports most is removed. An object the image cannot see (its own signal at most MIN_SIGNAL: it could not be
   added either) is removed first, and in a scene whose footprints interpenetrate (which the world never draws) one
   of the interpenetrating objects, the one the image supports least, is removed whatever the test says.
-- swap: an object whose silhouette leaves more than `margin` of its own signal unexplained is tried as every
-  other object of the world at its place (at `yaws` turns and at its own yaw); the best, refined by LM, is kept when
-  the image favours it over the object it replaces: the test below with `swap_margin` (0, the likelihood ratio of
-  the two). A swap leaves the count as it is, so the margin that keeps half-right objects out has no work to do
-  there, and with it a wrong object of another colour stayed: its albedo fitted towards the image's colour took up
-  the losses' difference, while the yardstick, the two objects' difference in their nominal colours, stayed large
-  (on an unseen world's 96 scenes, blue blocks kept as grey nuts or green brackets: identity 97.0% clean, 84.5%
-  under JPEG with the margin, 99.6% and 98.7% without; benchmarks/results/search_probe_swap.notes.md).
+- swap: an object whose silhouette leaves more than `margin` of its own signal unexplained is tried as every other
+  object of the world at its place, the middles of their surfaces together (an L bracket's frame origin can be its
+  corner), at `yaws` turns and at its own yaw; the best, refined by LM, is kept when the image favours it over the
+  object it replaces: the test below with `swap_margin` (0, the likelihood ratio of the two). A swap leaves the count
+  as it is, so the margin that keeps half-right objects out has no work to do there, and with it a wrong object of
+  another colour stayed: its albedo fitted towards the image's colour took up the losses' difference, while the
+  yardstick, the two objects' difference in their nominal colours, stayed large (on an unseen world's 96 scenes, blue
+  blocks kept as grey nuts or green brackets: identity 97.0% clean, 84.5% under JPEG with the margin, 99.6% and 98.7%
+  without; benchmarks/results/search_probe_swap.notes.md).
 - turn: in a scene the round has not moved, each object with a symmetry period is tried at turns of 45 degrees (2 pi /
   `turn_yaws`) about its place, those a turn short of its period (a mug at 7, a box at 3, a cube at 1); the
   `turn_candidates` best-fitting turns of each are refined by LM (alone, the others held), and the best that the image
@@ -293,7 +294,7 @@ def search_scenes(
                     moved[b] = True
             if cfg.swap and len(world.objects) > 1:
                 doubtful = (unexplained > cfg.margin) & ~moved[scene]
-                _swap(world, t, images, current, moved, scene[doubtful], slots[doubtful], render, fit, cfg)
+                _swap(world, t, images, current, moved, scene[doubtful], slots[doubtful], render, fit, cfg, middles)
             if cfg.turn:
                 _turn(world, t, images, current, moved, scene, slots, render, fit, cfg)
         # -- add: every object at the residual's peak, at `yaws` turns
@@ -335,9 +336,7 @@ def search_scenes(
             xy, yaw = xy.flatten(0, 1), yaw.flatten()
             # the object's own middle (its surface's centroid on the table plane), not its frame's origin, on the
             # region's: a spatula's blade puts it 2 cm along the handle, a miss for a thin object
-            mid = middles[shape]  # (R C, 2) in the object's frame
-            cos, sin = torch.cos(yaw), torch.sin(yaw)
-            xy = xy - torch.stack([cos * mid[:, 0] - sin * mid[:, 1], sin * mid[:, 0] + cos * mid[:, 1]], 1)
+            xy = xy - _turned(middles[shape], yaw)  # middles: (R C, 2) in the object's frame
             trial = world3d.rows_of(t, owner)
             slot = (trial.shape_ids < 0).int().argmax(1)  # the first empty slot
             ar = torch.arange(R * C)
@@ -455,8 +454,10 @@ def _swap(
     render: Renderer,
     fit: Fit,
     cfg: SearchConfig,
+    middles: torch.Tensor,
 ) -> None:
-    """The swap move on objects (scene[i], slots[i]), in place: at most one per scene, the best the image favours."""
+    """The swap move on objects (scene[i], slots[i]), in place: at most one per scene, the best the image favours.
+    middles: FloatTensor (S, 2), each object's middle in its frame (the new object is put with its middle there)."""
     if len(scene) == 0:
         return
     owner: list[int] = []
@@ -477,8 +478,14 @@ def _swap(
     owner_t, slot_t = torch.tensor(owner), torch.tensor(slot)
     trial = world3d.rows_of(t, owner_t)
     ar = torch.arange(len(owner))
-    trial.shape_ids[ar, slot_t] = torch.tensor(shape)
-    trial.yaws[ar, slot_t] = torch.tensor(yaw, dtype=torch.float32)
+    # the new object's middle (its surface's centroid on the table) on the old one's, not its frame's origin on the
+    # old origin: an L bracket's origin is its corner, 2.5 cm from its middle, a pen's its middle
+    old_ids, new_ids = trial.shape_ids[ar, slot_t], torch.tensor(shape)
+    new_yaw = torch.tensor(yaw, dtype=torch.float32)
+    middle = trial.positions[ar, slot_t] + _turned(middles[old_ids], trial.yaws[ar, slot_t])
+    trial.shape_ids[ar, slot_t] = new_ids
+    trial.positions[ar, slot_t] = middle - _turned(middles[new_ids], new_yaw)
+    trial.yaws[ar, slot_t] = new_yaw
     trial = SceneTensors(
         trial.shape_ids, world3d.clamp_to_table(world, trial.shape_ids, trial.positions, trial.yaws), trial.yaws
     )
@@ -608,6 +615,12 @@ def _long_axes(world: World) -> tuple[list[float], list[bool]]:
         angles.append(float(math.atan2(vectors[1, 1], vectors[0, 1])))
         elongated.append(bool(values[1] > 1.5**2 * max(values[0], 1e-12)))
     return angles, elongated
+
+
+def _turned(xy: torch.Tensor, yaw: torch.Tensor) -> torch.Tensor:
+    """Points (M, 2) of object frames turned by their objects' yaws (M,): where they lie relative to the origins."""
+    cos, sin = torch.cos(yaw), torch.sin(yaw)
+    return torch.stack([cos * xy[:, 0] - sin * xy[:, 1], sin * xy[:, 0] + cos * xy[:, 1]], 1)
 
 
 def _length_along(obj, angle: float) -> float:
