@@ -184,8 +184,7 @@ def desk_meshes() -> dict[str, trimesh.Trimesh]:
     arm.apply_translation([0.03, 0.0075, 0.01])
     leg = trimesh.creation.box(extents=[0.015, 0.045, 0.02])
     leg.apply_translation([0.0075, 0.0225, 0.01])
-    bracket = trimesh.boolean.union([arm, leg]) if trimesh.boolean.engines_available else None
-    bracket = bracket if bracket is not None else trimesh.util.concatenate([arm, leg])
+    bracket = trimesh.util.concatenate([arm, leg])  # overlapping at the corner: no boolean engine, the same anywhere
     die = trimesh.creation.box(extents=[0.024, 0.024, 0.024])  # metres
     die.apply_translation([0, 0, 0.012])
     die.apply_transform(trimesh.transformations.rotation_matrix(-np.pi / 2, [1, 0, 0]))  # z up -> y up (glTF)
@@ -216,23 +215,21 @@ def meshes() -> dict[str, trimesh.Trimesh]:
     return {"nut.stl": nut, "block.ply": block, "wedge_stop.obj": wedge, "spool.glb": spool}
 
 
-def write(directory: Path) -> Path:
+def write(directory: Path) -> list[Path]:
+    """The two world files and their meshes under `directory`; their paths."""
     (directory / "meshes").mkdir(parents=True, exist_ok=True)
-    for name, mesh in meshes().items():
+    for name, mesh in {**meshes(), **desk_meshes()}.items():
         mesh.export(directory / "meshes" / name)
-    for name, mesh in desk_meshes().items():
-        mesh.export(directory / "meshes" / name)
-    (directory / "desk.toml").write_text(DESK)
-    path = directory / "workshop.toml"
-    path.write_text(WORLD)
-    return path
+    paths = [directory / "workshop.toml", directory / "desk.toml"]
+    for path, text in zip(paths, (WORLD, DESK)):
+        path.write_text(text)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("directory")
-    path = write(Path(p.parse_args(argv).directory))
-    print(f"wrote {path} and {path.parent / 'desk.toml'}")
+    print("wrote " + " and ".join(str(path) for path in write(Path(p.parse_args(argv).directory))))
 
 
 if __name__ == "__main__":
